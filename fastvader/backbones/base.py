@@ -1,0 +1,112 @@
+"""The interface between the training loop and a text-to-video model.
+
+The loop never touches a model family's classes directly: it encodes prompts once, calls
+``denoise`` inside the sampler, hands latents to ``decode_frames`` with ``backbone.vae``, and
+injects LoRA into ``backbone.denoiser``. Each family (ModelScope, VideoCrafter2, AnimateDiff,
+Wan, Open-Sora, the embedded toy world) is one adapter implementing this class.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class PromptEmbeddings:
+    """Text conditioning for a batch of prompts. ``uncond`` is the empty-prompt embedding used
+    by classifier-free guidance (same shape as ``cond``); ``extra`` holds anything else a family
+    needs (attention masks, pooled embeddings), batched along dim 0 like ``cond``."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to(self, device=None, dtype=None) -> "PromptEmbeddings":
+        def move(t):
+            if t is None:
+                return None
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+        return PromptEmbeddings(move(self.cond), move(self.uncond),
+                                {k: move(v) for k, v in self.extra.items()})
+
+    def select(self, index: torch.Tensor | list[int]) -> "PromptEmbeddings":
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.cond.device)
+        return PromptEmbeddings(self.cond[idx], None if self.uncond is None else self.uncond[idx],
+                                {k: v[idx] for k, v in self.extra.items()})
+
+
+class Backbone(nn.Module):
+    """A text-to-video diffusion model as fastvader trains it.
+
+    Subclasses set the class attributes and implement the four methods. ``denoiser`` is the
+    module LoRA is injected into; ``vae`` and ``text_encoder`` stay frozen.
+    """
+
+    family: ClassVar[str] = "base"
+    #: what ``denoise`` predicts: "epsilon", "v_prediction" or "flow" (velocity, rectified flow)
+    prediction_type: ClassVar[str] = "epsilon"
+    #: module-name patterns LoRA targets by default (peft ``target_modules``)
+    default_lora_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]
+    #: the defaults a preset starts from (resolution, frames, sampler, guidance)
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: height and width must be multiples of this (VAE downsampling x patch size)
+    spatial_multiple: ClassVar[int] = 8
+
+    @classmethod
+    def from_config(cls, cfg) -> "Backbone":
+        """Build from a BackboneConfig: pretrained weights (hub id or local path) or, with
+        ``random_init``, the real architecture with random weights."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_video_size(cls, num_frames: int, height: int, width: int) -> None:
+        """Raise ValueError naming what to change when a video size does not fit the model."""
+        m = cls.spatial_multiple
+        for name, v in (("video.height", height), ("video.width", width)):
+            if v % m:
+                raise ValueError(f"{name}={v} does not fit {cls.family}: it must be a multiple of {m} "
+                                 f"(try {max(m, round(v / m) * m)})")
+
+    denoiser: nn.Module
+    vae: nn.Module
+
+    # -- the four things the loop calls --------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeddings:
+        """Embed prompts (and the empty prompt for guidance). Called once per prompt set; the
+        loop caches the result, so the text encoder may be offloaded afterwards."""
+        raise NotImplementedError
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(channels, latent_frames, latent_height, latent_width) for a video of this size.
+        Raises ValueError naming what to change when the size does not fit the model."""
+        raise NotImplementedError
+
+    def denoise(self, latents: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+        """One denoiser call on latents (B, C, f, h, w); returns a prediction of the same shape."""
+        raise NotImplementedError
+
+    def make_scheduler(self, name: str):
+        """A diffusers scheduler of the given family ('ddim', 'dpm++', 'euler_flow') configured
+        for this model's training noise schedule."""
+        raise NotImplementedError
+
+    # -- helpers shared by all families --------------------------------------------------------
+    def frozen_modules(self) -> list[nn.Module]:
+        """Everything but the denoiser: never trained, never holding gradients."""
+        return [m for name, m in self.named_children() if name != "denoiser"]
+
+    def freeze(self) -> "Backbone":
+        self.requires_grad_(False)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def num_video_frames(self, latent_frames: int) -> int:
+        """Decoded frames for a latent video of ``latent_frames`` (1:1 for per-frame VAEs)."""
+        return latent_frames

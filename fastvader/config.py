@@ -1,0 +1,518 @@
+"""The typed configuration: one dataclass per section, loaded from YAML plus ``--set`` overrides
+and validated before any model is built. Every error names the field, the bad value and what
+is allowed."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work. The message says which field and what to do."""
+
+
+def _err(field_name: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"config: {field_name}={value!r} is invalid: {allowed}")
+
+
+# ---------------------------------------------------------------------------------------------
+# sections
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class BackboneConfig:
+    name: str = "toy"
+    #: hub id or local folder/file; None = the family's default weights
+    pretrained: Optional[str] = None
+    #: build the real architecture with random weights (benchmarks, tests); no download
+    random_init: bool = False
+    #: a config file (JSON/YAML) for random_init, e.g. ../shared/model-configs/...
+    config_path: Optional[str] = None
+    #: dtype of frozen parts and the denoiser's base weights: auto (bf16 on GPU, fp32 on CPU)
+    dtype: str = "auto"
+    #: family-specific keyword arguments
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class VideoConfig:
+    frames: int = 8
+    height: int = 32
+    width: int = 32
+    fps: int = 8
+
+
+TRUNCATION_RE = re.compile(r"^(last|rand|specific:(\d+)|range:(\d+)-(\d+))$")
+
+
+@dataclass
+class SamplerConfig:
+    #: ddim | dpm++ | euler_flow
+    name: str = "ddim"
+    steps: int = 25
+    eta: float = 0.0
+    guidance_scale: float = 7.5
+    #: which denoising steps carry gradients: last (K=1), rand (K drawn in 1..steps once per
+    #: video), specific:K (the last K), range:A-B (K drawn in A..B once per video)
+    truncation: str = "last"
+
+
+FRAME_SPEC_RE = re.compile(r"^(all|same|random:(\d+)|stride:(\d+)|list:(\d+(?:,\d+)*))$")
+
+
+@dataclass
+class FramesConfig:
+    """Which decoded frames the reward sees, and which of those carry gradients.
+
+    ``reward``: all | random:K | stride:S | list:0,5,9 (VADER: random:1).
+    ``grad``: same (every frame the reward sees carries gradients) or a spec applied to the
+    reward's frames (e.g. random:2: the reward sees all selected frames, gradients flow through
+    two of them; the rest are decoded without gradients)."""
+
+    reward: str = "random:1"
+    grad: str = "same"
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    #: peft target_modules; empty = the backbone's default
+    target_modules: list = field(default_factory=list)
+    init_weights: bool = True
+
+
+@dataclass
+class RewardConfig:
+    #: a reward or preset name (shorthand for terms={name: 1.0})
+    name: Optional[str] = "target_color"
+    #: weighted sum {name: weight}; overrides name when given
+    terms: dict = field(default_factory=dict)
+    #: constructor arguments per reward: {target_color: {color: red}}
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    #: adamw | adamw8bit | paged_adamw8bit
+    name: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class PromptConfig:
+    #: an explicit list of training prompts
+    items: list = field(default_factory=list)
+    #: a text file, one prompt a line
+    file: Optional[str] = None
+    #: a generator template such as "<animal> <activity>", filled from `vocab`
+    template: Optional[str] = None
+    vocab: dict = field(default_factory=dict)
+
+
+@dataclass
+class ValidationConfig:
+    prompts: list = field(default_factory=list)
+    seeds: list = field(default_factory=lambda: [0])
+    #: validate every N steps (0 = only before and after training)
+    every: int = 0
+    #: write before/after sample videos (mp4 + gif)
+    save_videos: bool = True
+
+
+@dataclass
+class MemoryConfig:
+    #: denoiser checkpointing during grad steps: none | block | sub_block | step
+    checkpointing: str = "sub_block"
+    #: frames decoded per checkpointed chunk in decode_frames
+    decode_chunk: int = 1
+    #: move saved activations of the grad steps to (pinned) CPU memory
+    offload_activations: bool = False
+    #: frozen models (VAE, reward, text encoder): resident | on_demand
+    frozen_placement: str = "resident"
+    #: a memory budget such as "24GiB": the planner picks settings that fit
+    gpu_memory: Optional[str] = None
+
+
+@dataclass
+class KernelConfig:
+    #: fastvader.apply on the denoiser and VAE: auto (on CUDA) | on | off
+    enabled: str = "auto"
+    #: which ops; empty = all registered
+    ops: list = field(default_factory=list)
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 100
+    batch_size: int = 1
+    seed: int = 0
+    #: auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"
+    #: auto | cpu | cuda | cuda:N
+    device: str = "auto"
+    output_dir: str = "runs"
+    run_name: str = "run"
+    log_every: int = 1
+    checkpoint_every: int = 0
+    #: keep at most this many step checkpoints (0 = all)
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. Build with ``TrainConfig.from_yaml`` or ``load_config``."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    frames: FramesConfig = field(default_factory=FramesConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict | None, *, base_dir: str | Path | None = None) -> "TrainConfig":
+        cfg = _build(cls, data or {}, "")
+        cfg._base_dir = str(base_dir) if base_dir else None  # type: ignore[attr-defined]
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "TrainConfig":
+        return load_config(path, overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **sections) -> "TrainConfig":
+        return dataclasses.replace(self, **sections)
+
+    # -- derived values ------------------------------------------------------------------------
+    @property
+    def reward_terms(self) -> dict[str, float]:
+        if self.reward.terms:
+            return {str(k): float(v) for k, v in self.reward.terms.items()}
+        return {str(self.reward.name): 1.0}
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.output_dir) / self.train.run_name
+
+    def validate(self) -> "TrainConfig":
+        validate(self)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# building dataclasses from plain data, with type checks
+# ---------------------------------------------------------------------------------------------
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(tp, value, where: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _err(where, value, f"expected a mapping of {tp.__name__} fields")
+        return _build(tp, value, where + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _err(where, value, "expected true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _err(where, value, "expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _err(where, value, "expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _err(where, value, "expected a string")
+        return value
+    if tp is list or origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise _err(where, value, "expected a list")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise _err(where, value, "expected a mapping")
+        return value
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise _err(prefix.rstrip(".") or "config", data, "expected a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"config: unknown key(s) {[prefix + k for k in unknown]}; "
+                          f"{(prefix.rstrip('.') or 'the top level')} accepts {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML and overrides
+# ---------------------------------------------------------------------------------------------
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.steps=50' -> (['train', 'steps'], 50). Values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.steps=50)")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return path, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    for text in overrides or []:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                *, validate_now: bool = True) -> TrainConfig:
+    """Read YAML (or start from defaults when ``path`` is None), apply overrides, validate."""
+    data: dict = {}
+    base_dir = None
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        with open(p) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+        base_dir = p.parent
+    data = apply_overrides(data, overrides)
+    cfg = TrainConfig.from_dict(data, base_dir=base_dir)
+    if validate_now:
+        validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# semantic validation
+# ---------------------------------------------------------------------------------------------
+def parse_truncation(spec: str, steps: int) -> tuple[str, int, int]:
+    """-> (mode, k_min, k_max): the number of grad steps is drawn in [k_min, k_max]."""
+    m = TRUNCATION_RE.match(spec)
+    if not m:
+        raise _err("sampler.truncation", spec, "use last, rand, specific:K or range:A-B")
+    if spec == "last":
+        return "last", 1, 1
+    if spec == "rand":
+        return "rand", 1, steps
+    if m.group(2) is not None:
+        k = int(m.group(2))
+        if not 1 <= k <= steps:
+            raise _err("sampler.truncation", spec, f"K must be between 1 and sampler.steps={steps}")
+        return "specific", k, k
+    a, b = int(m.group(3)), int(m.group(4))
+    if not 1 <= a <= b <= steps:
+        raise _err("sampler.truncation", spec, f"need 1 <= A <= B <= sampler.steps={steps}")
+    return "range", a, b
+
+
+def parse_frame_spec(spec: str, num_frames: int, field_name: str) -> tuple[str, Any]:
+    """'random:2' -> ('random', 2); checks the frames exist in a video of ``num_frames``."""
+    if isinstance(spec, list):
+        spec = "list:" + ",".join(str(i) for i in spec)
+    m = FRAME_SPEC_RE.match(str(spec))
+    if not m:
+        raise _err(field_name, spec, "use all, random:K, stride:S or list:I,J,... (grad also takes same)")
+    if spec in ("all", "same"):
+        return spec, None
+    if m.group(2) is not None:
+        k = int(m.group(2))
+        if not 1 <= k <= num_frames:
+            raise _err(field_name, spec, f"K must be between 1 and video.frames={num_frames}")
+        return "random", k
+    if m.group(3) is not None:
+        s = int(m.group(3))
+        if s < 1:
+            raise _err(field_name, spec, "the stride must be at least 1")
+        return "stride", s
+    idx = [int(i) for i in m.group(4).split(",")]
+    bad = [i for i in idx if i >= num_frames]
+    if bad:
+        raise _err(field_name, spec, f"frames {bad} are outside the video (video.frames={num_frames}, "
+                                     f"indices 0..{num_frames - 1})")
+    if len(set(idx)) != len(idx):
+        raise _err(field_name, spec, "frame indices must not repeat")
+    return "list", idx
+
+
+def _positive(name: str, value, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise _err(name, value, "must be " + ("zero or positive" if allow_zero else "a positive number"))
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise _err(name, value, f"choose one of {list(allowed)}")
+
+
+def resolve_path(cfg: TrainConfig, path: str) -> Path:
+    p = Path(os.path.expanduser(path))
+    base = getattr(cfg, "_base_dir", None)
+    if not p.is_absolute() and not p.exists() and base is not None and (Path(base) / p).exists():
+        return Path(base) / p
+    return p
+
+
+def validate(cfg: TrainConfig) -> None:
+    from .backbones import available_backbones, backbone_class
+    from .rewards import available_rewards
+
+    v = cfg.video
+    for name in ("frames", "height", "width", "fps"):
+        _positive(f"video.{name}", getattr(v, name))
+
+    _choice("backbone.name", cfg.backbone.name, available_backbones())
+    _choice("backbone.dtype", cfg.backbone.dtype, ["auto", "fp32", "bf16", "fp16"])
+    if cfg.backbone.config_path and not cfg.backbone.random_init:
+        raise _err("backbone.config_path", cfg.backbone.config_path, "only used with backbone.random_init=true")
+    try:
+        backbone_class(cfg.backbone.name).check_video_size(v.frames, v.height, v.width)
+    except ValueError as e:
+        raise ConfigError(f"config: {e}") from None
+
+    s = cfg.sampler
+    _choice("sampler.name", s.name, ["ddim", "dpm++", "euler_flow"])
+    _positive("sampler.steps", s.steps)
+    if not 0.0 <= s.eta <= 1.0:
+        raise _err("sampler.eta", s.eta, "must be in [0, 1]")
+    _positive("sampler.guidance_scale", s.guidance_scale, allow_zero=True)
+    parse_truncation(s.truncation, s.steps)
+
+    parse_frame_spec(cfg.frames.reward, v.frames, "frames.reward")
+    if cfg.frames.reward == "same":
+        raise _err("frames.reward", "same", "'same' is only for frames.grad")
+    parse_frame_spec(cfg.frames.grad, v.frames, "frames.grad")
+
+    lo = cfg.lora
+    _positive("lora.rank", lo.rank)
+    _positive("lora.alpha", lo.alpha)
+    if not 0.0 <= lo.dropout < 1.0:
+        raise _err("lora.dropout", lo.dropout, "must be in [0, 1)")
+
+    r = cfg.reward
+    if not r.terms and not r.name:
+        raise _err("reward.name", r.name, "name a reward or give reward.terms")
+    known = available_rewards()
+    for name, weight in cfg.reward_terms.items():
+        if name not in known:
+            raise _err("reward.terms" if r.terms else "reward.name", name, f"choose from {known}")
+        if not isinstance(weight, (int, float)):
+            raise _err(f"reward.terms.{name}", weight, "weights are numbers")
+    for name in r.options:
+        if name not in cfg.reward_terms:
+            raise _err(f"reward.options.{name}", r.options[name], f"options name a reward in use: {list(cfg.reward_terms)}")
+
+    o = cfg.optim
+    _choice("optim.name", o.name, ["adamw", "adamw8bit", "paged_adamw8bit"])
+    _positive("optim.lr", o.lr)
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    _positive("optim.grad_accum", o.grad_accum)
+    _positive("optim.max_grad_norm", o.max_grad_norm, allow_zero=True)
+    if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
+        raise _err("optim.betas", o.betas, "two numbers in [0, 1)")
+
+    p = cfg.prompts
+    sources = sum(bool(x) for x in (p.items, p.file, p.template))
+    if sources == 0:
+        raise _err("prompts", "(none)", "give prompts.items, prompts.file or prompts.template")
+    if sources > 1:
+        raise _err("prompts", "(several)", "give only one of prompts.items, prompts.file, prompts.template")
+    if p.file and not resolve_path(cfg, p.file).is_file():
+        raise _err("prompts.file", p.file, "the file does not exist")
+    if p.template:
+        slots = re.findall(r"<(\w+)>", p.template)
+        if not slots:
+            raise _err("prompts.template", p.template, "use <slot> markers, e.g. '<animal> <activity>'")
+        missing = [s_ for s_ in slots if not p.vocab.get(s_)]
+        if missing:
+            raise _err("prompts.vocab", p.vocab, f"needs a non-empty list for each slot: {missing}")
+
+    va = cfg.validation
+    _positive("validation.every", va.every, allow_zero=True)
+    if not va.seeds or not all(isinstance(x, int) for x in va.seeds):
+        raise _err("validation.seeds", va.seeds, "a non-empty list of integers")
+
+    m = cfg.memory
+    _choice("memory.checkpointing", m.checkpointing, ["none", "block", "sub_block", "step"])
+    _positive("memory.decode_chunk", m.decode_chunk)
+    _choice("memory.frozen_placement", m.frozen_placement, ["resident", "on_demand"])
+    if m.gpu_memory is not None:
+        parse_bytes(m.gpu_memory, "memory.gpu_memory")
+
+    _choice("kernels.enabled", str(cfg.kernels.enabled).lower(), ["auto", "on", "off", "true", "false"])
+
+    t = cfg.train
+    _positive("train.steps", t.steps)
+    _positive("train.batch_size", t.batch_size)
+    _choice("train.precision", t.precision, ["auto", "fp32", "bf16", "fp16"])
+    if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", t.device):
+        raise _err("train.device", t.device, "auto, cpu, cuda or cuda:N")
+    _positive("train.log_every", t.log_every)
+    _positive("train.checkpoint_every", t.checkpoint_every, allow_zero=True)
+    _positive("train.keep_checkpoints", t.keep_checkpoints, allow_zero=True)
+    if not re.match(r"^[\w.\-]+$", t.run_name):
+        raise _err("train.run_name", t.run_name, "letters, digits, '.', '_' and '-' only")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int, field_name: str = "size") -> int:
+    """'24GiB' -> 25769803776."""
+    if isinstance(text, int):
+        return text
+    m = re.match(r"^\s*([\d.]+)\s*([a-zA-Z]*)\s*$", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise _err(field_name, text, "a size such as 24GiB, 22.5GB or 8000MiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

@@ -1,0 +1,1 @@
+"""Memory techniques as named, composable pieces around the training loop."""

@@ -1,0 +1,103 @@
+"""The Reward interface: decoded videos in, one differentiable score per video out.
+
+Videos arrive as (B, F, 3, H, W) float tensors in [0, 1] with gradients attached to the
+frames that carry them. Preprocessing (resize, crop, normalise) happens inside the reward, in
+torch, so gradients reach the pixels. Image rewards implement ``score_frames`` and are averaged
+over the frames they receive; video rewards implement ``score_videos`` over all frames.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Sequence
+
+import torch
+import torch.nn as nn
+
+
+class Reward(nn.Module):
+    """Base class. Subclasses set ``name`` and implement ``score_frames`` (image rewards) or
+    ``score_videos`` (video rewards, ``is_video_reward = True``)."""
+
+    name: ClassVar[str] = "reward"
+    is_video_reward: ClassVar[bool] = False
+    #: True when the reward needs no downloaded weights (usable in tests and the toy world)
+    weightless: ClassVar[bool] = False
+
+    def score_frames(self, frames: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """frames (B, F, 3, H, W) in [0, 1] -> per-frame scores (B, F)."""
+        raise NotImplementedError(f"{type(self).__name__} scores whole videos, not frames")
+
+    def score_videos(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """videos (B, F, 3, H, W) in [0, 1] -> scores (B,)."""
+        return self.score_frames(videos, prompts).mean(dim=1)
+
+    def forward(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        check_videos(videos, prompts)
+        scores = self.score_videos(videos, prompts)
+        if scores.shape != (videos.shape[0],):
+            raise RuntimeError(f"{type(self).__name__} returned shape {tuple(scores.shape)}, "
+                               f"expected ({videos.shape[0]},)")
+        return scores
+
+    def freeze(self) -> "Reward":
+        """Frozen reward models never accumulate parameter gradients."""
+        self.requires_grad_(False)
+        self.eval()
+        return self
+
+
+def check_videos(videos: torch.Tensor, prompts: Sequence[str]) -> None:
+    if videos.ndim != 5 or videos.shape[2] != 3:
+        raise ValueError(f"rewards take videos shaped (B, F, 3, H, W); got {tuple(videos.shape)}")
+    if len(prompts) != videos.shape[0]:
+        raise ValueError(f"got {len(prompts)} prompts for {videos.shape[0]} videos")
+
+
+class WeightedSum(Reward):
+    """sum_i w_i * reward_i: VADER's ``aesthetic_hps`` is {aesthetic: 1.0, hpsv2: 15.0}."""
+
+    name = "weighted_sum"
+
+    def __init__(self, terms: dict[str, Reward], weights: dict[str, float]):
+        super().__init__()
+        if set(terms) != set(weights):
+            raise ValueError("terms and weights must name the same rewards")
+        self.terms = nn.ModuleDict(terms)
+        self.weights = dict(weights)
+        self.is_video_reward = any(r.is_video_reward for r in terms.values())  # type: ignore[misc]
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def score_videos(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        total = 0.0
+        self.last_terms = {}
+        for key, reward in self.terms.items():
+            score = reward(videos, prompts)
+            self.last_terms[key] = score.detach()
+            total = total + self.weights[key] * score
+        return total  # type: ignore[return-value]
+
+
+REWARDS: dict[str, type[Reward]] = {}
+
+
+def register_reward(cls: type[Reward]) -> type[Reward]:
+    """Class decorator: makes a reward available by its ``name`` in configs."""
+    if cls.name in REWARDS and REWARDS[cls.name] is not cls:
+        raise ValueError(f"a reward named {cls.name!r} is already registered")
+    REWARDS[cls.name] = cls
+    return cls
+
+
+def build_reward_from_spec(terms: dict[str, float], options: dict[str, dict[str, Any]] | None = None) -> Reward:
+    """One reward for ``{name: weight}``; a WeightedSum when there are several (or a weight != 1).
+    ``options[name]`` are keyword arguments of that reward's constructor (paths, targets)."""
+    from . import available_rewards  # registers the built-ins
+
+    options = options or {}
+    built: dict[str, Reward] = {}
+    for key in terms:
+        if key not in REWARDS:
+            raise ValueError(f"reward {key!r} does not exist; choose from {available_rewards()}")
+        built[key] = REWARDS[key](**options.get(key, {})).freeze()
+    if len(built) == 1 and next(iter(terms.values())) == 1.0:
+        return next(iter(built.values()))
+    return WeightedSum(built, terms).freeze()

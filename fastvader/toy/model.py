@@ -1,0 +1,121 @@
+"""The embedded world's models: a word-level tokenizer over a fixed vocabulary, a small text
+encoder, a small UNet3DConditionModel and a small AutoencoderKL."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+@dataclass
+class ToyWorldConfig:
+    vocab: list = field(default_factory=lambda: ["<pad>", "<unk>"])
+    max_length: int = 8
+    text_dim: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    frames: int = 8
+    height: int = 32
+    width: int = 32
+    unet: dict = field(default_factory=lambda: dict(
+        sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=["CrossAttnDownBlock3D", "DownBlock3D"],
+        up_block_types=["UpBlock3D", "CrossAttnUpBlock3D"],
+        block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8,
+        cross_attention_dim=64, attention_head_dim=8))
+    vae: dict = field(default_factory=lambda: dict(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+        block_out_channels=[32, 64, 64], layers_per_block=1, norm_num_groups=8,
+        sample_size=32, scaling_factor=1.0))
+    scheduler: dict = field(default_factory=lambda: dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon"))
+
+
+class WordTokenizer:
+    """Lower-cased words -> ids over a fixed vocabulary; 0 pads, 1 is unknown."""
+
+    def __init__(self, vocab: list[str], max_length: int):
+        self.vocab = list(vocab)
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.max_length = max_length
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        ids = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
+        for row, text in enumerate(prompts):
+            words = text.lower().replace(",", " ").split()[: self.max_length]
+            for col, word in enumerate(words):
+                ids[row, col] = self.index.get(word, 1)
+        return ids
+
+
+class ToyTextEncoder(nn.Module):
+    """Token + position embeddings and a small transformer: (B, L) ids -> (B, L, D)."""
+
+    def __init__(self, vocab_size: int, max_length: int, dim: int, layers: int, heads: int):
+        super().__init__()
+        self.token = nn.Embedding(vocab_size, dim)
+        self.position = nn.Parameter(torch.zeros(1, max_length, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, dim * 4, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.encoder(self.token(ids) + self.position[:, : ids.shape[1]]))
+
+
+@dataclass
+class ToyWorld:
+    config: ToyWorldConfig
+    tokenizer: WordTokenizer
+    text_encoder: ToyTextEncoder
+    unet: nn.Module
+    vae: nn.Module
+
+
+def build_toy_world(config: ToyWorldConfig | None = None, seed: int = 0) -> ToyWorld:
+    """The toy architecture with random weights."""
+    from diffusers import AutoencoderKL, UNet3DConditionModel
+
+    config = config or ToyWorldConfig()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        text = ToyTextEncoder(len(config.vocab), config.max_length, config.text_dim,
+                              config.text_layers, config.text_heads)
+        unet = UNet3DConditionModel(**config.unet)
+        vae = AutoencoderKL(**config.vae)
+    return ToyWorld(config, WordTokenizer(config.vocab, config.max_length), text, unet, vae)
+
+
+def save_toy_world(world: ToyWorld, path: str | Path = WEIGHTS_DIR) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "world.json").write_text(json.dumps(asdict(world.config), indent=1))
+    for name in ("text_encoder", "unet", "vae"):
+        state = {k: v.detach().contiguous() for k, v in getattr(world, name).state_dict().items()}
+        save_file(state, str(path / f"{name}.safetensors"))
+
+
+def load_toy_world(path: str | Path | None = None) -> ToyWorld:
+    """Load the shipped (or a given) toy world. Raises FileNotFoundError naming what is missing."""
+    from safetensors.torch import load_file
+
+    path = Path(path) if path is not None else WEIGHTS_DIR
+    needed = ["world.json", "text_encoder.safetensors", "unet.safetensors", "vae.safetensors"]
+    missing = [n for n in needed if not (path / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"toy world at {path} is missing {missing}; "
+                                "run `python -m fastvader.toy.train_world` to create it")
+    config = ToyWorldConfig(**json.loads((path / "world.json").read_text()))
+    world = build_toy_world(config)
+    for name in ("text_encoder", "unet", "vae"):
+        getattr(world, name).load_state_dict(load_file(str(path / f"{name}.safetensors")), strict=True)
+    return world

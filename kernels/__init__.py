@@ -1,0 +1,15 @@
+"""Fused Triton kernels, installed as ``fastvader.kernels``.
+
+One file per op: the ``@triton.jit`` kernels, a launcher that checks shapes and picks block
+sizes, a ``torch.autograd.Function``, a plain-PyTorch reference, and a functional entry point
+that picks Triton on CUDA and the reference elsewhere (the Triton interpreter when
+``TRITON_INTERPRET=1``).
+"""
+if __name__ != "fastvader.kernels":
+    # Reached as a top-level `kernels` (the repository root on sys.path): pretend to be absent,
+    # so probes for Hugging Face's `kernels` package (bitsandbytes, diffusers) see no such module.
+    raise ModuleNotFoundError("fastvader's kernels/ is only importable as fastvader.kernels", name="kernels")
+
+from ._backend import active_backend, triton_available
+
+__all__ = ["active_backend", "triton_available"]
