@@ -58,13 +58,31 @@ _LOG2E = 1.4426950408889634
 _GPU_FWD_TILE_ELEMS = 8192
 _GPU_BWD_TILE_ELEMS = 4096
 # Under the interpreter every program costs ~2 ms of Python, whatever its size: take many rows.
-_INTERPRETER_TILE_ELEMS = 1 << 22
+_INTERPRETER_TILE_ELEMS = 1 << 20  # the interpreter refuses tensors over 2^20 elements
 
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 if _HAVE_TRITON:
+
+    @triton.jit
+    def _upcast(x, BF16_BITS: tl.constexpr):
+        """fp32 copy of a loaded tile. With BF16_BITS (interpreter only) the tile holds bf16 bit
+        patterns as int16, widened by moving bits: the interpreter's float conversions (also of
+        a masked load's ``other``) are slow Python loops over every element."""
+        if BF16_BITS:
+            return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        return x.to(tl.float32)
+
+    @triton.jit
+    def _downcast(x, dtype: tl.constexpr, BF16_BITS: tl.constexpr):
+        """``x.to(dtype)``; with BF16_BITS, fp32 -> bf16 bits (int16) rounded to nearest even."""
+        if BF16_BITS:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = bits + (((bits >> 16) & 1) + 0x7FFF)
+            return (bits >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
+        return x.to(dtype)
 
     @triton.jit
     def _temporal_attn_fwd_kernel(
@@ -77,7 +95,9 @@ if _HAVE_TRITON:
         son, sof,
         qk_scale_log2,
         HAS_BIAS: tl.constexpr,
+        BIAS_BF16_BITS: tl.constexpr,
         UPCAST: tl.constexpr,
+        BF16_BITS: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr,
         F_PAD: tl.constexpr,
@@ -100,9 +120,9 @@ if _HAVE_TRITON:
         v = tl.load(V + r3 * svn + f3 * svf + chan * svc, mask=tile_mask, other=0.0)
         out_dtype = q.dtype
         if UPCAST:  # the interpreter multiplies raw bits for bf16 dots: compute in fp32 there
-            q = q.to(tl.float32)
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+            q = _upcast(q, BF16_BITS)
+            k = _upcast(k, BF16_BITS)
+            v = _upcast(v, BF16_BITS)
 
         # Scores in log2 units: s2 = (q k^T * scale + bias) * log2(e), so softmax uses exp2.
         s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=INPUT_PRECISION) * qk_scale_log2
@@ -111,7 +131,7 @@ if _HAVE_TRITON:
         if HAS_BIAS:
             b_mask = (r3 < N) & (fi < F) & (fj < F)
             b = tl.load(Bias + r3 * sbn + head * sbh + fi * sbi + fj * sbj, mask=b_mask, other=0.0)
-            s = s + b.to(tl.float32) * 1.4426950408889634
+            s = s + _upcast(b, BIAS_BF16_BITS) * 1.4426950408889634
         s = tl.where(fj < F, s, float("-inf"))  # padded key frames take no weight
 
         m = tl.max(s, axis=2)
@@ -120,7 +140,7 @@ if _HAVE_TRITON:
         l = tl.sum(p, axis=2)
         l_safe = tl.where(l == 0.0, 1.0, l)
         o = tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION) / l_safe[:, :, None]
-        tl.store(Out + r3 * son + f3 * sof + chan, o.to(out_dtype), mask=tile_mask)
+        tl.store(Out + r3 * son + f3 * sof + chan, _downcast(o, out_dtype, BF16_BITS), mask=tile_mask)
 
         # Fully masked rows store lse = +inf, so the backward's exp2(s - lse) gives p = 0 there.
         lse = tl.where(l == 0.0, float("inf"), m_safe + tl.log2(l_safe))
@@ -141,9 +161,11 @@ if _HAVE_TRITON:
         sdbn, sdbh,
         qk_scale_log2, scale,
         HAS_BIAS: tl.constexpr,
+        BIAS_BF16_BITS: tl.constexpr,
         BIAS_GRAD: tl.constexpr,
         BIAS_GRAD_PER_ROW: tl.constexpr,
         UPCAST: tl.constexpr,
+        BF16_BITS: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr,
         F_PAD: tl.constexpr,
@@ -168,10 +190,11 @@ if _HAVE_TRITON:
         do = tl.load(DOut + r3 * sdon + f3 * sdof + chan * sdoc, mask=tile_mask, other=0.0)
         grad_dtype = q.dtype
         if UPCAST:
-            q = q.to(tl.float32)
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-            do = do.to(tl.float32)
+            q = _upcast(q, BF16_BITS)
+            k = _upcast(k, BF16_BITS)
+            v = _upcast(v, BF16_BITS)
+            do = _upcast(do, BF16_BITS)
+            o = _upcast(o, BF16_BITS)
 
         r2 = rows.to(tl.int64)[:, None]
         f2 = frames[None, :]
@@ -185,7 +208,7 @@ if _HAVE_TRITON:
         if HAS_BIAS:
             b_mask = (r3 < N) & (fi < F) & (fj < F)
             b = tl.load(Bias + r3 * sbn + head * sbh + fi * sbi + fj * sbj, mask=b_mask, other=0.0)
-            s = s + b.to(tl.float32) * 1.4426950408889634
+            s = s + _upcast(b, BIAS_BF16_BITS) * 1.4426950408889634
         s = tl.where(fj < F, s, float("-inf"))
         p = tl.exp2(s - lse[:, :, None])
 
@@ -200,9 +223,9 @@ if _HAVE_TRITON:
 
         # dq/dk/dv are fresh contiguous (N, F, C) tensors: strides F*C, C, 1.
         g_off = r3 * F * (HEADS * HEAD_DIM) + f3 * (HEADS * HEAD_DIM) + chan
-        tl.store(DQ + g_off, dq.to(grad_dtype), mask=tile_mask)
-        tl.store(DK + g_off, dk.to(grad_dtype), mask=tile_mask)
-        tl.store(DV + g_off, dv.to(grad_dtype), mask=tile_mask)
+        tl.store(DQ + g_off, _downcast(dq, grad_dtype, BF16_BITS), mask=tile_mask)
+        tl.store(DK + g_off, _downcast(dk, grad_dtype, BF16_BITS), mask=tile_mask)
+        tl.store(DV + g_off, _downcast(dv, grad_dtype, BF16_BITS), mask=tile_mask)
 
         if BIAS_GRAD:
             # DBias is an fp32 (Nb, Hb, F, F) buffer, Nb in {1, N} and Hb in {1, HEADS}; a zero
@@ -323,6 +346,14 @@ def _bias_view(bias4: torch.Tensor | None, n: int, heads: int, f: int):
     return expanded, tuple(expanded.stride())
 
 
+def _as_bits(t: torch.Tensor | None, enabled: bool) -> torch.Tensor | None:
+    """Under the interpreter, bf16 tensors go in as int16 views of the same memory (no copy);
+    the kernel moves the bits itself (see ``_upcast``)."""
+    if t is None or not enabled or t.dtype != torch.bfloat16:
+        return t
+    return t.view(torch.int16)
+
+
 def _launch_forward(q, k, v, bias4, heads, scale, block_rows=None):
     n, f, c = q.shape
     head_dim = c // heads
@@ -334,9 +365,13 @@ def _launch_forward(q, k, v, bias4, heads, scale, block_rows=None):
     bias_t, bstr = _bias_view(bias4, n, heads, f)
     if n == 0:
         return out, lse
+    bits = interpret and q.dtype == torch.bfloat16
+    bias_bits = interpret and bias_t is not None and bias_t.dtype == torch.bfloat16
     grid = (triton.cdiv(n, bn), heads)
     _temporal_attn_fwd_kernel[grid](
-        q, k, v, bias_t if bias_t is not None else q, out, lse,
+        _as_bits(q, bits), _as_bits(k, bits), _as_bits(v, bits),
+        _as_bits(bias_t, bias_bits) if bias_t is not None else q,
+        _as_bits(out, bits), lse,
         n, f, heads, head_dim,
         *q.stride(), *k.stride(), *v.stride(),
         *bstr,
@@ -344,6 +379,8 @@ def _launch_forward(q, k, v, bias4, heads, scale, block_rows=None):
         scale * _LOG2E,
         HAS_BIAS=bias_t is not None,
         UPCAST=interpret,
+        BF16_BITS=bits,
+        BIAS_BF16_BITS=bias_bits,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_N=bn, F_PAD=f_pad, D_PAD=d_pad,
         num_warps=warps, num_stages=1,
@@ -371,9 +408,15 @@ def _launch_backward(q, k, v, bias4, out, lse, dout, heads, scale, bias_needs_gr
                                 dtype=torch.float32, device=q.device)
         dbstr = (dbias_buf.stride(0) if per_row else 0, dbias_buf.stride(1) if per_head else 0)
     if n > 0:
+        bits = interpret and q.dtype == torch.bfloat16
+        bias_bits = interpret and bias_t is not None and bias_t.dtype == torch.bfloat16
+        dout = dout.to(q.dtype)
         grid = (triton.cdiv(n, bn), heads)
         _temporal_attn_bwd_kernel[grid](
-            q, k, v, bias_t if bias_t is not None else q, out, dout, lse, dq, dk, dv,
+            *(_as_bits(t, bits) for t in (q, k, v)),
+            _as_bits(bias_t, bias_bits) if bias_t is not None else q,
+            *(_as_bits(t, bits) for t in (out, dout)), lse,
+            *(_as_bits(t, bits) for t in (dq, dk, dv)),
             dbias_buf if dbias_buf is not None else lse,
             n, f, heads, head_dim,
             *q.stride(), *k.stride(), *v.stride(),
@@ -386,6 +429,8 @@ def _launch_backward(q, k, v, bias4, out, lse, dout, heads, scale, bias_needs_gr
             BIAS_GRAD=dbias_buf is not None,
             BIAS_GRAD_PER_ROW=per_row,
             UPCAST=interpret,
+        BF16_BITS=bits,
+        BIAS_BF16_BITS=bias_bits,
             INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             BLOCK_N=bn, F_PAD=f_pad, D_PAD=d_pad,
             num_warps=warps, num_stages=1,
