@@ -12,4 +12,18 @@ if __name__ != "fastvader.kernels":
 
 from ._backend import active_backend, triton_available
 
-__all__ = ["active_backend", "triton_available"]
+__all__ = ["active_backend", "triton_available", "temporal_attention", "temporal_attention_reference"]
+
+# Ops load on first use, so that importing fastvader.kernels does not import triton.
+_LAZY = {
+    "temporal_attention": ".temporal_attention",
+    "temporal_attention_reference": ".temporal_attention",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

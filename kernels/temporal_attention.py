@@ -76,13 +76,14 @@ if _HAVE_TRITON:
         return x.to(tl.float32)
 
     @triton.jit
-    def _downcast(x, dtype: tl.constexpr, BF16_BITS: tl.constexpr):
-        """``x.to(dtype)``; with BF16_BITS, fp32 -> bf16 bits (int16) rounded to nearest even."""
+    def _downcast(x, Ptr, BF16_BITS: tl.constexpr):
+        """``x`` in the element type of ``Ptr``, for a store; with BF16_BITS, fp32 -> bf16 bit
+        patterns (int16), rounded to nearest even."""
         if BF16_BITS:
             bits = x.to(tl.uint32, bitcast=True)
             bits = bits + (((bits >> 16) & 1) + 0x7FFF)
             return (bits >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
-        return x.to(dtype)
+        return x.to(Ptr.dtype.element_ty)
 
     @triton.jit
     def _temporal_attn_fwd_kernel(
@@ -118,7 +119,6 @@ if _HAVE_TRITON:
         q = tl.load(Q + r3 * sqn + f3 * sqf + chan * sqc, mask=tile_mask, other=0.0)
         k = tl.load(K + r3 * skn + f3 * skf + chan * skc, mask=tile_mask, other=0.0)
         v = tl.load(V + r3 * svn + f3 * svf + chan * svc, mask=tile_mask, other=0.0)
-        out_dtype = q.dtype
         if UPCAST:  # the interpreter multiplies raw bits for bf16 dots: compute in fp32 there
             q = _upcast(q, BF16_BITS)
             k = _upcast(k, BF16_BITS)
@@ -140,7 +140,7 @@ if _HAVE_TRITON:
         l = tl.sum(p, axis=2)
         l_safe = tl.where(l == 0.0, 1.0, l)
         o = tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION) / l_safe[:, :, None]
-        tl.store(Out + r3 * son + f3 * sof + chan, _downcast(o, out_dtype, BF16_BITS), mask=tile_mask)
+        tl.store(Out + r3 * son + f3 * sof + chan, _downcast(o, Out, BF16_BITS), mask=tile_mask)
 
         # Fully masked rows store lse = +inf, so the backward's exp2(s - lse) gives p = 0 there.
         lse = tl.where(l == 0.0, float("inf"), m_safe + tl.log2(l_safe))
@@ -188,7 +188,6 @@ if _HAVE_TRITON:
         v = tl.load(V + r3 * svn + f3 * svf + chan * svc, mask=tile_mask, other=0.0)
         o = tl.load(Out + r3 * son + f3 * sof + chan, mask=tile_mask, other=0.0)
         do = tl.load(DOut + r3 * sdon + f3 * sdof + chan * sdoc, mask=tile_mask, other=0.0)
-        grad_dtype = q.dtype
         if UPCAST:
             q = _upcast(q, BF16_BITS)
             k = _upcast(k, BF16_BITS)
@@ -223,9 +222,9 @@ if _HAVE_TRITON:
 
         # dq/dk/dv are fresh contiguous (N, F, C) tensors: strides F*C, C, 1.
         g_off = r3 * F * (HEADS * HEAD_DIM) + f3 * (HEADS * HEAD_DIM) + chan
-        tl.store(DQ + g_off, _downcast(dq, grad_dtype, BF16_BITS), mask=tile_mask)
-        tl.store(DK + g_off, _downcast(dk, grad_dtype, BF16_BITS), mask=tile_mask)
-        tl.store(DV + g_off, _downcast(dv, grad_dtype, BF16_BITS), mask=tile_mask)
+        tl.store(DQ + g_off, _downcast(dq, DQ, BF16_BITS), mask=tile_mask)
+        tl.store(DK + g_off, _downcast(dk, DK, BF16_BITS), mask=tile_mask)
+        tl.store(DV + g_off, _downcast(dv, DV, BF16_BITS), mask=tile_mask)
 
         if BIAS_GRAD:
             # DBias is an fp32 (Nb, Hb, F, F) buffer, Nb in {1, N} and Hb in {1, HEADS}; a zero
