@@ -22,7 +22,8 @@ patch is registered at the bottom of this file.
 """
 from __future__ import annotations
 
-import math
+import sys
+import types
 
 import torch
 
@@ -556,3 +557,14 @@ def _register() -> None:
 
 
 _register()
+
+
+class _CallableModule(types.ModuleType):
+    """``fastvader.kernels.temporal_attention`` names both this module and its function; when
+    the package attribute is the module (it was imported first), calling it calls the function."""
+
+    def __call__(self, q, k, v, heads, scale=None, bias=None):
+        return temporal_attention(q, k, v, heads, scale=scale, bias=bias)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -438,3 +438,13 @@ def test_processor_falls_back_for_cross_attention():
         got = attn(x, encoder_hidden_states=ctx)
     assert any("cross-attention" in str(w.message) for w in caught)
     torch.testing.assert_close(got, want)
+
+
+def test_public_name_is_callable_however_it_was_imported():
+    import fastvader.kernels as kernels
+    import fastvader.kernels.temporal_attention as module  # the submodule shares the name
+
+    q = torch.randn(3, 4, 8)
+    want = temporal_attention_reference(q, q, q, 2)
+    for entry in (kernels.temporal_attention, module):
+        torch.testing.assert_close(entry(q, q, q, 2), want, rtol=1e-5, atol=1e-5)
