@@ -242,12 +242,12 @@ def test_importable_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
         "import torch\n"
-        "from fastvader.kernels import temporal_attention as ta\n"
+        "from fastvader.kernels.temporal_attention import temporal_attention, temporal_attention_reference\n"
         "from fastvader.kernels._backend import triton_available\n"
         "assert not triton_available()\n"
         "q = torch.randn(2, 3, 8)\n"
-        "out = ta.temporal_attention(q, q, q, 2)\n"
-        "torch.testing.assert_close(out, ta.temporal_attention_reference(q, q, q, 2))\n"
+        "out = temporal_attention(q, q, q, 2)\n"
+        "torch.testing.assert_close(out, temporal_attention_reference(q, q, q, 2))\n"
         "print('ok')\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
