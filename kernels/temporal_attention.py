@@ -496,6 +496,22 @@ def temporal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return out.to(q.dtype)
 
 
+def _temporal_attention_sdpa(q, k, v, heads, scale, bias):
+    """The PyTorch path of :func:`temporal_attention` (CPU without the interpreter, or no
+    triton): SDPA on head-split views, same semantics as the reference (several times faster
+    than it on CPU, where SDPA has a fused kernel)."""
+    n, f, c = q.shape
+
+    def split(t):  # (N, F, C) -> (N, heads, F, hd), a view
+        return t.view(n, f, heads, c // heads).transpose(1, 2) if t.stride(-1) == 1 else \
+            t.reshape(n, f, heads, c // heads).transpose(1, 2)
+
+    mask = None if bias is None else bias.to(q.dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask,
+                                                           scale=scale)
+    return out.transpose(1, 2).reshape(n, f, c)
+
+
 # ----------------------------------------------------------------------------------------------
 # Public entry
 # ----------------------------------------------------------------------------------------------
@@ -515,7 +531,7 @@ def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
         (N, F, C) contiguous output in the dtype of q.
 
     Runs the Triton kernel on CUDA tensors (and under the Triton interpreter on CPU when
-    TRITON_INTERPRET=1); otherwise the PyTorch reference. On the Triton path, inputs the kernel
+    TRITON_INTERPRET=1); otherwise PyTorch's SDPA with the reference's semantics. On the Triton path, inputs the kernel
     cannot take (F > 128, head_dim > 256, float64) raise ValueError: call
     :func:`temporal_attention_reference` for those.
     """
@@ -524,7 +540,7 @@ def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
     scale = _scale_for(q, heads, scale)
     backend = active_backend(q.device)
     if backend == "reference":
-        return temporal_attention_reference(q, k, v, heads, scale=scale, bias=bias)
+        return _temporal_attention_sdpa(q, k, v, heads, scale, bias)
     why_not = kernel_supports(q, heads)
     if why_not is not None:
         raise ValueError(f"temporal_attention ({backend} path): {why_not}; "
