@@ -54,12 +54,17 @@ MAX_HEAD_DIM = 256
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 
-# Register budget per program (elements of the largest (BLOCK_N, F, D) tile) on a real GPU.
-# The backward holds about twice as many tiles as the forward, so it gets half the rows.
-_GPU_FWD_TILE_ELEMS = 8192
-_GPU_BWD_TILE_ELEMS = 4096
-# Under the interpreter every program costs ~2 ms of Python, whatever its size: take many rows.
-_INTERPRETER_TILE_ELEMS = 1 << 20  # the interpreter refuses tensors over 2^20 elements
+# Register budget on a real GPU, in elements per thread of the tiles a program keeps live: per
+# row, F x head_dim (q, k, v, out, ...) plus F x F (scores, probabilities). Calibrated on sm_90
+# cubins (cuobjdump resource usage, bf16, with bias): F=16 forward 80-125 registers, backward
+# 90-160, no spills; F=24 (padded to 32) spills 64 bytes in the backward; F > 32 (one row of
+# 64 x 64 tiles is already over budget) spills heavily in the backward, and 16 warps do not help.
+_FWD_ELEMS_PER_THREAD = 40
+_BWD_ELEMS_PER_THREAD = 24
+_MAX_WARPS = 8
+# Under the interpreter every program costs ~2 ms of Python, whatever its size: take many rows
+# (the interpreter refuses tensors of more than 2^20 elements).
+_INTERPRETER_TILE_ELEMS = 1 << 20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,18 +262,21 @@ def _padded_dims(frames: int, head_dim: int) -> tuple[int, int]:
 def _pick_block_rows(n_rows: int, f_pad: int, d_pad: int, backward: bool, interpret: bool,
                      block_rows: int | None = None) -> tuple[int, int]:
     """Rows per program (a power of two) and warps per program."""
-    tile = f_pad * max(d_pad, f_pad)
+    row_elems = f_pad * (d_pad + f_pad)  # live tile elements per row
+    per_thread = _BWD_ELEMS_PER_THREAD if backward else _FWD_ELEMS_PER_THREAD
     if block_rows is not None:
         if block_rows < 1 or block_rows & (block_rows - 1):
             raise ValueError(f"block_rows must be a power of two >= 1, got {block_rows}")
         bn = block_rows
     else:
-        budget = _INTERPRETER_TILE_ELEMS if interpret else (
-            _GPU_BWD_TILE_ELEMS if backward else _GPU_FWD_TILE_ELEMS)
-        bn = max(1, budget // tile)
+        if interpret:
+            bn = max(1, _INTERPRETER_TILE_ELEMS // (f_pad * max(d_pad, f_pad)))
+        else:
+            bn = max(1, per_thread * 32 * _MAX_WARPS // row_elems)
         bn = 1 << (bn.bit_length() - 1)  # round down to a power of two
         bn = min(bn, _next_pow2(n_rows))
-    warps = 4 if bn * tile <= 4096 else 8
+    warps_needed = -(-bn * row_elems // (32 * per_thread))
+    warps = min(_MAX_WARPS, max(4, _next_pow2(warps_needed)))
     return bn, warps
 
 
