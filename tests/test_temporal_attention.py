@@ -18,7 +18,7 @@ import torch
 
 from fastvader.kernels import _backend
 from fastvader.kernels.temporal_attention import (
-    TemporalAttentionFunction,
+    kernel_supports,
     temporal_attention,
     temporal_attention_reference,
 )
@@ -448,3 +448,33 @@ def test_public_name_is_callable_however_it_was_imported():
     want = temporal_attention_reference(q, q, q, 2)
     for entry in (kernels.temporal_attention, module):
         torch.testing.assert_close(entry(q, q, q, 2), want, rtol=1e-5, atol=1e-5)
+
+
+def _shared_model_configs() -> Path | None:
+    """../shared/model-configs next to the repository, falling back to /work/shared."""
+    for base in (_REPO_ROOT.parent / "shared", Path("/work/shared")):
+        if (base / "model-configs").is_dir():
+            return base / "model-configs"
+    return None
+
+
+@pytest.mark.parametrize("kind, path, n_modules, head_shapes", [
+    ("unet3d", "modelscope_t2v_1.7b/unet_config.json", 34, {(5, 64), (10, 64), (20, 64), (8, 64)}),
+    ("motion", "animatediff_v1-5-2/unet_motion_model_config.json", 42, {(8, 40), (8, 80), (8, 160)}),
+])
+def test_full_size_architectures_are_found_and_fit_the_kernel(kind, path, n_modules, head_shapes):
+    import json
+
+    configs = _shared_model_configs()
+    if configs is None or not (configs / path).is_file():
+        pytest.skip(f"shared model configs not found ({path})")
+    cls = diffusers.UNet3DConditionModel if kind == "unet3d" else diffusers.UNetMotionModel
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):  # the real architecture, no weights
+            model = cls.from_config(json.loads((configs / path).read_text()))
+    found = temporal_attention_modules(model)
+    assert len(found) == n_modules
+    assert {(m.heads, m.to_q.out_features // m.heads) for m in found} == head_shapes
+    for m in found:  # 16 frames of bf16, the training setting: the kernel takes every one
+        assert kernel_supports(torch.empty(0, 16, m.to_q.out_features, dtype=torch.bfloat16), m.heads) is None
