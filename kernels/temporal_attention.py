@@ -410,8 +410,10 @@ def _launch_backward(q, k, v, bias4, out, lse, dout, heads, scale, bias_needs_gr
     per_row = False
     dbstr = (0, 0)
     if bias_needs_grad:
-        per_row = bstr[0] != 0
-        per_head = bstr[1] != 0
+        # One gradient slot per row / head the bias actually has (by shape: a bias that is itself
+        # an expanded view still gets a per-element gradient, as autograd expects).
+        per_row = bias4.shape[0] != 1
+        per_head = bias4.shape[1] != 1
         dbias_buf = torch.zeros((n if per_row else 1, heads if per_head else 1, f, f),
                                 dtype=torch.float32, device=q.device)
         dbstr = (dbias_buf.stride(0) if per_row else 0, dbias_buf.stride(1) if per_head else 0)

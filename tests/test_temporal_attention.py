@@ -119,12 +119,16 @@ def test_fp16_inputs():
 
 
 @needs_kernel
-@pytest.mark.parametrize("bias_shape", ["heads", "rows", "full", "row-vector"])
+@pytest.mark.parametrize("bias_shape", ["heads", "rows", "full", "row-vector", "expanded-view"])
 def test_bias_broadcast_shapes_and_grads(bias_shape):
     n, f, heads, hd = 7, 5, 3, 8
     shapes = {"heads": (heads, f, f), "rows": (n, 1, f, f), "full": (n, heads, f, f),
-              "row-vector": (1, f)}  # the same additive bias on every query frame
-    bias = torch.randn(shapes[bias_shape], device=DEVICE).requires_grad_()
+              "row-vector": (1, f),  # the same additive bias on every query frame
+              "expanded-view": (n, heads, f, f)}  # stride-0 view of one (f, f) bias
+    if bias_shape == "expanded-view":
+        bias = torch.randn(f, f, device=DEVICE).expand(n, heads, f, f).detach().requires_grad_()
+    else:
+        bias = torch.randn(shapes[bias_shape], device=DEVICE).requires_grad_()
     qkv, (q, k, v) = _packed_qkv(n, f, heads, hd, torch.float32)
     out = temporal_attention(q, k, v, heads, bias=bias)
     out.square().sum().backward()
