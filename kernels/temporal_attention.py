@@ -343,7 +343,9 @@ def _scale_for(q: torch.Tensor, heads: int, scale: float | None) -> float:
 
 
 def _use_interpreter(device: torch.device) -> bool:
-    return device.type != "cuda" and interpreter_enabled()
+    # TRITON_INTERPRET=1 interprets every launch, CUDA tensors included: the bf16 workarounds
+    # must follow the variable, not the device.
+    return interpreter_enabled()
 
 
 def _bias_view(bias4: torch.Tensor | None, n: int, heads: int, f: int):
