@@ -108,9 +108,9 @@ def test_forward_and_grads_match_float64(shape, dtype):
 
 @needs_kernel
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_largest_odd_shape(dtype):
-    _check_against_float64(300, 24, 64, 5, dtype, with_bias=True)
+def test_largest_odd_shape():
+    # every largest value at once; bf16, the dtype of training (fp32 runs on the shapes above)
+    _check_against_float64(300, 24, 64, 5, torch.bfloat16, with_bias=True)
 
 
 @needs_kernel
