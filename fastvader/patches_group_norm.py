@@ -87,9 +87,9 @@ def _patch_resnet_block(block: nn.Module) -> Undo | None:
 
     if (type(block).forward is not ResnetBlock2D.forward  # a subclass with its own forward
             or "forward" in block.__dict__  # hooked by someone else (accelerate offload, ...)
-            or not isinstance(block.norm1, nn.GroupNorm) or type(block.norm2) is not nn.GroupNorm
-            or type(block.nonlinearity) is not nn.SiLU
-            or block.time_embedding_norm not in ("default", "scale_shift")):
+            # "ada_group"/"spatial" blocks carry other norm classes: left alone
+            or type(block.norm1) is not nn.GroupNorm or type(block.norm2) is not nn.GroupNorm
+            or type(block.nonlinearity) is not nn.SiLU):
         return None
     block.forward = types.MethodType(_fused_resnet_forward, block)
 
