@@ -7,6 +7,7 @@ over the frames they receive; video rewards implement ``score_videos`` over all 
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -38,11 +39,32 @@ class Reward(nn.Module):
                                f"expected ({videos.shape[0]},)")
         return scores
 
+    @classmethod
+    def describe(cls) -> dict:
+        """What ``fastvader models`` lists: name, kind (image | video | detection), the weights it
+        expects, its constructor defaults (the YAML ``reward.options.<name>`` keys) and the
+        parameter count of the real architecture (0 for weightless rewards, None if unknown)."""
+        return {
+            "name": cls.name,
+            "kind": "video" if cls.is_video_reward else "image",
+            "weights": "none (needs no downloaded weights)" if cls.weightless else "",
+            "defaults": constructor_defaults(cls),
+            "params": 0 if cls.weightless else None,
+        }
+
     def freeze(self) -> "Reward":
         """Frozen reward models never accumulate parameter gradients."""
         self.requires_grad_(False)
         self.eval()
         return self
+
+
+def constructor_defaults(cls: type) -> dict[str, Any]:
+    """Keyword options of ``cls.__init__`` with their defaults (what a YAML config may set)."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in params
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            and p.default is not p.empty}
 
 
 def check_videos(videos: torch.Tensor, prompts: Sequence[str]) -> None:
