@@ -63,42 +63,42 @@ class ClipBpeTokenizer:
 
 
 def load_tokenizer(source: str | os.PathLike | None, *, reward: str, context_length: int,
-                   vocab_size: int, random_init: bool, fallback_source: str | os.PathLike | None = None):
-    """The tokenizer named by ``reward.options.<reward>.tokenizer`` (a folder or hub id), else
-    the one saved next to the weights (``fallback_source``); a ByteTokenizer for random_init."""
-    for candidate in (source, fallback_source):
-        if candidate is None:
-            continue
-        path = Path(os.path.expanduser(os.fspath(candidate)))
+                   vocab_size: int, random_init: bool, fallbacks: Sequence = ()):
+    """The tokenizer named by ``reward.options.<reward>.tokenizer`` (a folder or hub id; errors
+    if it is not there), else the first of ``fallbacks`` that holds one (the weights folder,
+    then the reward's default hub id); a ByteTokenizer for random_init."""
+    tried: list[str] = []
+    for candidate in ([source] if source is not None else []) + [f for f in fallbacks if f is not None]:
+        strict = candidate is source
+        name = os.fspath(candidate)
+        path = Path(os.path.expanduser(name))
         if path.is_dir() and (path / BYTE_TOKENIZER_FILE).is_file():
             meta = json.loads((path / BYTE_TOKENIZER_FILE).read_text())
             return ByteTokenizer(int(meta["vocab_size"]), int(meta["context_length"]))
-        if path.is_dir() and not any((path / f).is_file() for f in HF_TOKENIZER_FILES):
-            if candidate is source:
+        has_files = path.is_dir() and any((path / f).is_file() for f in HF_TOKENIZER_FILES)
+        if (path.is_dir() and not has_files) or (not path.is_dir() and is_local(name)):
+            if strict:
                 raise RewardWeightsError(
-                    f"reward {reward!r}: reward.options.{reward}.tokenizer={os.fspath(candidate)!r} "
-                    f"holds no tokenizer; expected {HF_TOKENIZER_FILES[0]} or vocab.json + merges.txt")
-            continue
-        if not path.is_dir() and is_local(os.fspath(candidate)):
-            if candidate is source:
-                raise RewardWeightsError(
-                    f"reward {reward!r}: tokenizer folder {os.fspath(candidate)!r} does not exist")
+                    f"reward {reward!r}: reward.options.{reward}.tokenizer={name!r} holds no tokenizer; "
+                    f"expected a folder with {HF_TOKENIZER_FILES[0]} (or vocab.json + merges.txt), or a hub id")
+            tried.append(f"{name} (no tokenizer files)")
             continue
         tf = transformers_module()
         try:
-            tok = tf.CLIPTokenizer.from_pretrained(os.fspath(candidate))
-        except OSError as e:
-            raise RewardWeightsError(
-                f"reward {reward!r}: could not load a CLIP tokenizer from {os.fspath(candidate)!r}: "
-                f"{e}. Set reward.options.{reward}.tokenizer to a local folder holding "
-                f"tokenizer.json (or vocab.json + merges.txt)") from e
+            tok = tf.CLIPTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            if strict:
+                raise RewardWeightsError(
+                    f"reward {reward!r}: could not load a CLIP tokenizer from {name!r}: {e}") from e
+            tried.append(f"{name} ({type(e).__name__})")
+            continue
         return ClipBpeTokenizer(tok, context_length)
     if random_init:
         return ByteTokenizer(vocab_size, context_length)
     raise RewardWeightsError(
-        f"reward {reward!r}: no tokenizer found next to the weights; set "
-        f"reward.options.{reward}.tokenizer to a folder or hub id holding the CLIP tokenizer "
-        f"(e.g. openai/clip-vit-large-patch14)")
+        f"reward {reward!r}: no tokenizer found (tried {tried}); set reward.options.{reward}.tokenizer "
+        f"to a local folder holding the CLIP tokenizer (tokenizer.json, or vocab.json + merges.txt), "
+        f"e.g. a download of openai/clip-vit-large-patch14")
 
 
 def eos_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
