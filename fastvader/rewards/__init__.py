@@ -8,10 +8,23 @@ from .base import REWARDS, Reward, WeightedSum, build_reward_from_spec, register
 
 # Modules whose import registers rewards. Real-model rewards import transformers lazily inside
 # their constructors, so listing them here stays cheap.
-_BUILTIN_MODULES = ["fastvader.rewards.toy"]
+_BUILTIN_MODULES = [
+    "fastvader.rewards.toy",
+    "fastvader.rewards.aesthetic",
+    "fastvader.rewards.hps",
+    "fastvader.rewards.pickscore",
+    "fastvader.rewards.clip_score",
+    "fastvader.rewards.viclip",
+    "fastvader.rewards.action",
+    "fastvader.rewards.objectness",
+    "fastvader.rewards.vjepa",
+]
 
 # Named combinations usable as reward.name in a config.
-PRESETS: dict[str, dict[str, float]] = {}
+PRESETS: dict[str, dict[str, float]] = {
+    # VADER's aesthetic + HPSv2 combination
+    "aesthetic_hps": {"aesthetic": 1.0, "hpsv2": 15.0},
+}
 
 
 def _load_builtins() -> None:

@@ -280,3 +280,35 @@ class PretrainedReward(Reward):
     def freeze(self) -> "PretrainedReward":
         super().freeze()
         return self
+
+
+def processor_config(source: str | os.PathLike | None) -> dict | None:
+    """The checkpoint's ``preprocessor_config.json`` (local folder, or fetched for a hub id);
+    None when there is none, so the reference processor's defaults apply."""
+    from .preprocess import read_processor_config
+
+    if source is None:
+        return None
+    s = os.path.expanduser(os.fspath(source))
+    if os.path.isdir(s) or is_local(s):
+        return read_processor_config(s)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        with open(hf_hub_download(s, "preprocessor_config.json")) as f:
+            return json.load(f)
+    except Exception:  # noqa: BLE001 - offline or absent: fall back to the processor defaults
+        return None
+
+
+def label_index(id2label: dict, name: str, *, reward: str, option: str = "target") -> int:
+    """The class id of ``name`` (case-insensitive), with close matches named when it is absent."""
+    import difflib
+
+    by_name = {str(v).lower(): int(k) for k, v in id2label.items()}
+    key = name.strip().lower()
+    if key in by_name:
+        return by_name[key]
+    close = difflib.get_close_matches(key, list(by_name), n=5, cutoff=0.5)
+    raise ValueError(f"reward.options.{reward}.{option}={name!r} is not a class of this model; "
+                     f"closest: {close or 'none'} (of {len(by_name)} classes)")
