@@ -149,13 +149,13 @@ class ClipReward(PretrainedReward):
         self.vision_only = vision_only
         model_cls = tf.CLIPVisionModelWithProjection if vision_only else tf.CLIPModel
         processor_cfg = None
-        if random_init or config is not None:
+        if random_init:
             cfg = clip_config(config if config is not None else real_config, reward=self.name)
             cfg.vision_config.projection_dim = cfg.projection_dim
             cfg.text_config.projection_dim = cfg.projection_dim
             self.clip = model_cls(cfg.vision_config if vision_only else cfg).to(self.model_dtype)
         else:
-            self.clip = self.load_pretrained(model_cls, pretrained)
+            self.clip = self.load_pretrained(model_cls, pretrained, config)
             processor_cfg = read_processor_config(pretrained)
         if processor_cfg is None:  # no processor file: crop to the size the model was built for
             vcfg = self.clip.config if vision_only else self.clip.config.vision_config
@@ -164,14 +164,15 @@ class ClipReward(PretrainedReward):
         self.tokenizer = None
         if not vision_only:
             text_cfg = self.clip.config.text_config
-            built_random = random_init or config is not None
+            built_random = random_init
             self.tokenizer = load_tokenizer(
                 tokenizer, reward=self.name, context_length=text_cfg.max_position_embeddings,
                 vocab_size=text_cfg.vocab_size, random_init=built_random,
                 fallbacks=() if built_random else (_folder_of(pretrained), self.default_tokenizer))
         self._prompt_cache: dict[str, torch.Tensor] = {}
 
-    def load_pretrained(self, model_cls, pretrained):
+    def load_pretrained(self, model_cls, pretrained, config):
+        self.reject_config_with_weights(config)
         return from_pretrained(model_cls, pretrained, reward=self.name, dtype=self.model_dtype)
 
     # -- embeddings ----------------------------------------------------------------------------

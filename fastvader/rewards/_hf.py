@@ -260,6 +260,13 @@ class PretrainedReward(Reward):
         super().__init__()
         self.model_dtype = resolve_dtype(dtype, self.name)
 
+    def reject_config_with_weights(self, config: Any) -> None:
+        """``config`` describes an architecture to build with random weights; a checkpoint in
+        transformers' format brings its own config.json."""
+        if config is not None:
+            raise ValueError(f"reward.options.{self.name}.config applies only with random_init: true; "
+                             f"the checkpoint folder carries its own config.json")
+
     def to_model(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.model_dtype)
 

@@ -86,10 +86,11 @@ class ActionReward(PretrainedReward):
             raise ValueError(f"reward.options.action.score={score!r}: use prob or log_prob")
         self.score_kind = score
         processor_cfg = None
-        if random_init or config is not None:
+        if random_init:
             cfg = strip_private(read_config(config, self.name)) if config is not None else videomae_base_k400_config()
             self.model = tf.VideoMAEForVideoClassification(tf.VideoMAEConfig(**cfg)).to(self.model_dtype)
         else:
+            self.reject_config_with_weights(config)
             self.model = from_pretrained(tf.VideoMAEForVideoClassification, pretrained, reward=self.name,
                                          dtype=self.model_dtype)
             processor_cfg = processor_config(pretrained)

@@ -52,7 +52,7 @@ class AestheticReward(ClipReward):
         super().__init__(pretrained, random_init=random_init, config=config, tokenizer=None, dtype=dtype,
                          vision_only=True, real_config=OPENCLIP_VIT_L_14)
         self.mlp = AestheticMLP(self.clip.config.projection_dim)
-        if mlp_path is None and not (random_init or config is not None):
+        if mlp_path is None and not random_init:
             mlp_path = self._saved_mlp(pretrained)
         if mlp_path is not None:
             path = find_weight_file(mlp_path, MLP_FILES, reward=self.name, what="aesthetic MLP weights",

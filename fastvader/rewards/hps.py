@@ -37,15 +37,18 @@ class HPSv2Reward(ClipReward):
                          real_config=OPENCLIP_VIT_H_14)
         self.scale = float(scale)
 
-    def load_pretrained(self, model_cls, pretrained):
+    def load_pretrained(self, model_cls, pretrained, config):
+        """A folder written by save_pretrained, or the published OpenCLIP-layout checkpoint
+        (architecture: ``config`` if given, else ViT-H-14)."""
         folder = os.path.expanduser(pretrained)
         if os.path.isfile(os.path.join(folder, "config.json")):  # converted and saved with save_pretrained
+            self.reject_config_with_weights(config)
             return from_pretrained(model_cls, folder, reward=self.name, dtype=self.model_dtype)
         path = find_weight_file(pretrained, self.checkpoint_files, reward=self.name,
                                 what=f"{self.name} checkpoint (OpenCLIP ViT-H-14 state dict)")
         state = open_clip_state_to_hf(load_state_dict_file(path, reward=self.name))
         with _fast_init():
-            model = model_cls(clip_config(OPENCLIP_VIT_H_14, reward=self.name))
+            model = model_cls(clip_config(OPENCLIP_VIT_H_14 if config is None else config, reward=self.name))
         check_state_dict(model, state, reward=self.name, source=path)
         return model.to(self.model_dtype)
 

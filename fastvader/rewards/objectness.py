@@ -60,13 +60,14 @@ class ObjectnessReward(PretrainedReward):
         self.mode = mode
         self.threshold = float(threshold)
         processor_cfg = None
-        if random_init or config is not None:
+        if random_init:
             if config is not None:
                 cfg = tf.YolosConfig(**strip_private(read_config(config, self.name)))
             else:
                 cfg = tf.YolosConfig(id2label=dict(enumerate(COCO_LABELS)), **YOLOS_ARCHITECTURES[self.default_pretrained])
             self.model = tf.YolosForObjectDetection(cfg).to(self.model_dtype)
         else:
+            self.reject_config_with_weights(config)
             self.model = from_pretrained(tf.YolosForObjectDetection, pretrained, reward=self.name,
                                          dtype=self.model_dtype)
             processor_cfg = processor_config(pretrained)

@@ -168,11 +168,11 @@ class ViCLIPReward(PretrainedReward):
     def __init__(self, pretrained: str = "OpenGVLab/ViCLIP", tokenizer: str | None = None, scale: float = 1.0,
                  random_init: bool = False, config: Any = None, dtype: str = "auto"):
         super().__init__(dtype)
-        built_random = random_init or config is not None
+        built_random = random_init
         if built_random:
             self.model = ViCLIPModel(viclip_config(config if config is not None else VICLIP_L14_CONFIG))
         else:
-            self.model = self._load(pretrained)
+            self.model = self._load(pretrained, config)
         self.model.to(self.model_dtype)
         text = self.model.text_encoder
         folder = pretrained if not built_random and os.path.isdir(os.path.expanduser(pretrained)) else None
@@ -188,10 +188,13 @@ class ViCLIPReward(PretrainedReward):
         self.scale = float(scale)
         self._prompt_cache: dict[str, torch.Tensor] = {}
 
-    def _load(self, pretrained: str) -> ViCLIPModel:
+    def _load(self, pretrained: str, config: Any) -> ViCLIPModel:
+        """The published .pth (architecture: ``config`` if given, else ViCLIP-L/14) or a folder
+        written by save_pretrained (model.safetensors + its config.json)."""
         path = find_weight_file(pretrained, CHECKPOINT_FILES, reward=self.name, what="ViCLIP checkpoint")
         cfg_file = path.parent / "config.json"
-        config = viclip_config(cfg_file) if path.suffix == ".safetensors" and cfg_file.is_file() else VICLIP_L14_CONFIG
+        if config is None:
+            config = cfg_file if path.suffix == ".safetensors" and cfg_file.is_file() else VICLIP_L14_CONFIG
         model = ViCLIPModel(viclip_config(config))
         check_state_dict(model, load_state_dict_file(path, reward=self.name), reward=self.name, source=path)
         return model

@@ -79,11 +79,12 @@ class VJEPAReward(PretrainedReward):
         super().__init__(dtype)
         tf = transformers_module()
         processor_cfg = None
-        if random_init or config is not None:
+        if random_init:
             cfg = strip_private(read_config(config, self.name)) if config is not None else dict(VJEPA2_VITL_CONFIG)
             cfg.pop("architectures", None)
             self.model = tf.VJEPA2Model(tf.VJEPA2Config(**cfg)).to(self.model_dtype)
         else:
+            self.reject_config_with_weights(config)
             self.model = from_pretrained(tf.VJEPA2Model, pretrained, reward=self.name, dtype=self.model_dtype)
             processor_cfg = processor_config(pretrained)
         mcfg = self.model.config
