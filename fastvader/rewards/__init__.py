@@ -37,14 +37,30 @@ def available_rewards() -> list[str]:
     return sorted(REWARDS) + sorted(PRESETS)
 
 
-def build_reward(cfg) -> Reward:
-    """Build from a RewardConfig: ``cfg.terms`` ({name: weight}) and ``cfg.options``."""
+def describe_rewards() -> list[dict]:
+    """``describe()`` of every registered reward, for ``fastvader models`` (and its --json)."""
     _load_builtins()
-    terms = dict(cfg.terms)
-    if len(terms) == 1 and next(iter(terms)) in PRESETS:
-        (preset, scale), = terms.items()
-        terms = {k: w * scale for k, w in PRESETS[preset].items()}
-    return build_reward_from_spec(terms, cfg.options)
+    return [REWARDS[name].describe() for name in sorted(REWARDS)]
 
 
-__all__ = ["Reward", "WeightedSum", "register_reward", "available_rewards", "build_reward", "REWARDS", "PRESETS"]
+def expand_terms(terms: dict[str, float]) -> dict[str, float]:
+    """Replace preset names by their members, scaled by the preset's weight:
+    {aesthetic_hps: 2.0, viclip: 1.0} -> {aesthetic: 2.0, hpsv2: 30.0, viclip: 1.0}."""
+    out: dict[str, float] = {}
+    for name, weight in terms.items():
+        members = PRESETS.get(name, {name: 1.0})
+        for member, w in members.items():
+            out[member] = out.get(member, 0.0) + float(weight) * w
+    return out
+
+
+def build_reward(cfg) -> Reward:
+    """Build from a RewardConfig: ``cfg.terms`` ({name: weight}, presets allowed) or, when it is
+    empty, ``cfg.name``; ``cfg.options`` ({reward: {option: value}}) go to the constructors."""
+    _load_builtins()
+    terms = dict(cfg.terms) if getattr(cfg, "terms", None) else {cfg.name: 1.0}
+    return build_reward_from_spec(expand_terms(terms), getattr(cfg, "options", None))
+
+
+__all__ = ["Reward", "WeightedSum", "register_reward", "available_rewards", "build_reward", "expand_terms",
+           "describe_rewards", "REWARDS", "PRESETS"]

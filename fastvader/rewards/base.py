@@ -119,7 +119,13 @@ def build_reward_from_spec(terms: dict[str, float], options: dict[str, dict[str,
     for key in terms:
         if key not in REWARDS:
             raise ValueError(f"reward {key!r} does not exist; choose from {available_rewards()}")
-        built[key] = REWARDS[key](**options.get(key, {})).freeze()
+        kwargs = dict(options.get(key) or {})
+        accepted = constructor_defaults(REWARDS[key])
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise ValueError(f"reward.options.{key}: {unknown} are not options of {key!r}; "
+                             f"its options are {sorted(accepted)}")
+        built[key] = REWARDS[key](**kwargs).freeze()
     if len(built) == 1 and next(iter(terms.values())) == 1.0:
         return next(iter(built.values()))
     return WeightedSum(built, terms).freeze()

@@ -84,6 +84,10 @@ class ObjectnessReward(PretrainedReward):
     def confidence(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [0, 1] -> target confidence per image (N,); 0 where nothing is detected."""
         logits = self.model(pixel_values=self.to_model(self.transform(images.float()))).logits.float()
+        return self.confidence_from_logits(logits)
+
+    def confidence_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, tokens, classes + 1) detection logits -> (N,) target confidence."""
         probs = logits.softmax(-1)[..., :-1]  # drop "no object"
         best, labels = probs.max(-1)
         hit = (labels == self.target) & (best > self.threshold)
