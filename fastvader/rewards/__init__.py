@@ -58,7 +58,7 @@ def build_reward(cfg) -> Reward:
     """Build from a RewardConfig: ``cfg.terms`` ({name: weight}, presets allowed) or, when it is
     empty, ``cfg.name``; ``cfg.options`` ({reward: {option: value}}) go to the constructors."""
     _load_builtins()
-    terms = dict(cfg.terms) if getattr(cfg, "terms", None) else {cfg.name: 1.0}
+    terms = {str(k): float(v) for k, v in cfg.terms.items()} if getattr(cfg, "terms", None) else {str(cfg.name): 1.0}
     return build_reward_from_spec(expand_terms(terms), getattr(cfg, "options", None))
 
 

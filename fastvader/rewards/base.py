@@ -89,6 +89,8 @@ class WeightedSum(Reward):
         self.last_terms: dict[str, torch.Tensor] = {}
 
     def score_videos(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        if not self.terms:
+            raise ValueError("a weighted sum needs at least one reward")
         total = 0.0
         self.last_terms = {}
         for key, reward in self.terms.items():
