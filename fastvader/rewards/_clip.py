@@ -9,7 +9,6 @@ convert the same way, so the ViT-H-14 JSON builds the same 986,109,441 parameter
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import replace
 import os
 from pathlib import Path
@@ -18,10 +17,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._hf import (PretrainedReward, RewardWeightsError, from_pretrained, read_config,
+from ._hf import (PretrainedReward, RewardWeightsError, from_pretrained, processor_config, read_config,
                   strip_private, transformers_module)
 from ._text import eos_positions, load_tokenizer
-from .preprocess import CLIP_TRANSFORM, ImageTransform, frames_to_images, read_processor_config
+from .preprocess import CLIP_TRANSFORM, ImageTransform, frames_to_images, write_processor_config
 
 # open_clip/src/open_clip/model_configs (EXACT copies in ../shared/model-configs/open_clip)
 OPENCLIP_VIT_L_14 = {
@@ -115,13 +114,16 @@ def open_clip_state_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 @contextlib.contextmanager
-def _fast_init():
+def fast_init():
     """Skip random initialisation when real weights are loaded right after."""
-    try:
-        from transformers.modeling_utils import no_init_weights
-    except ImportError:  # pragma: no cover
-        yield
-        return
+    try:  # transformers 5 moved it from modeling_utils to initialization
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:  # pragma: no cover - then weights are initialised, only slower
+            yield
+            return
     with no_init_weights():
         yield
 
@@ -156,7 +158,7 @@ class ClipReward(PretrainedReward):
             self.clip = model_cls(cfg.vision_config if vision_only else cfg).to(self.model_dtype)
         else:
             self.clip = self.load_pretrained(model_cls, pretrained, config)
-            processor_cfg = read_processor_config(pretrained)
+            processor_cfg = processor_config(pretrained)
         if processor_cfg is None:  # no processor file: crop to the size the model was built for
             vcfg = self.clip.config if vision_only else self.clip.config.vision_config
             transform = replace(transform, shortest_edge=vcfg.image_size, crop=(vcfg.image_size, vcfg.image_size))
@@ -164,11 +166,10 @@ class ClipReward(PretrainedReward):
         self.tokenizer = None
         if not vision_only:
             text_cfg = self.clip.config.text_config
-            built_random = random_init
             self.tokenizer = load_tokenizer(
                 tokenizer, reward=self.name, context_length=text_cfg.max_position_embeddings,
-                vocab_size=text_cfg.vocab_size, random_init=built_random,
-                fallbacks=() if built_random else (_folder_of(pretrained), self.default_tokenizer))
+                vocab_size=text_cfg.vocab_size, random_init=random_init,
+                fallbacks=() if random_init else (_folder_of(pretrained), self.default_tokenizer))
         self._prompt_cache: dict[str, torch.Tensor] = {}
 
     def load_pretrained(self, model_cls, pretrained, config):
@@ -216,22 +217,6 @@ class ClipReward(PretrainedReward):
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)
         write_processor_config(self.transform, folder)
-
-
-def write_processor_config(transform: ImageTransform, folder) -> None:
-    resample = {"bilinear": 2, "bicubic": 3, "nearest": 0}[transform.resample]
-    cfg: dict[str, Any] = {"resample": resample, "image_mean": list(transform.mean), "image_std": list(transform.std),
-                           "do_normalize": True, "do_resize": True}
-    if transform.size is not None:
-        cfg["size"] = {"height": transform.size[0], "width": transform.size[1]}
-    elif transform.shortest_edge is not None:
-        cfg["size"] = {"shortest_edge": transform.shortest_edge}
-        if transform.longest_edge is not None:
-            cfg["size"]["longest_edge"] = transform.longest_edge
-    cfg["do_center_crop"] = transform.crop is not None
-    if transform.crop is not None:
-        cfg["crop_size"] = {"height": transform.crop[0], "width": transform.crop[1]}
-    Path(folder, "preprocessor_config.json").write_text(json.dumps(cfg, indent=2))
 
 
 def clip_param_count_builder(open_clip_cfg: dict, vision_only: bool = False):

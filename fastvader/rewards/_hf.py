@@ -177,8 +177,10 @@ def from_pretrained(cls, source: str | os.PathLike, *, reward: str, dtype: torch
             f"reward {reward!r}: reward.options.{reward}.{option}={s!r} does not exist; expected a "
             f"hub id such as the default, or a folder saved with save_pretrained "
             f"(config.json + model.safetensors)")
+    # transformers < 4.56 names the argument torch_dtype
+    dtype_arg = "dtype" if int(transformers_module().__version__.split(".")[0]) >= 5 else "torch_dtype"
     try:
-        return cls.from_pretrained(s, dtype=dtype, **kwargs)
+        return cls.from_pretrained(s, **{dtype_arg: dtype}, **kwargs)
     except OSError as e:
         raise RewardWeightsError(
             f"reward {reward!r}: could not load {cls.__name__} from {s!r}: {e}. Without network "

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch.nn as nn
 
-from ._clip import OPENCLIP_VIT_H_14, ClipReward, _fast_init, clip_config, clip_param_count_builder, open_clip_state_to_hf
+from ._clip import (OPENCLIP_VIT_H_14, ClipReward, clip_config, clip_param_count_builder, fast_init,
+                    open_clip_state_to_hf)
 from ._hf import check_state_dict, find_weight_file, from_pretrained, load_state_dict_file
 from .base import register_reward
 
@@ -47,7 +48,7 @@ class HPSv2Reward(ClipReward):
         path = find_weight_file(pretrained, self.checkpoint_files, reward=self.name,
                                 what=f"{self.name} checkpoint (OpenCLIP ViT-H-14 state dict)")
         state = open_clip_state_to_hf(load_state_dict_file(path, reward=self.name))
-        with _fast_init():
+        with fast_init():
             model = model_cls(clip_config(OPENCLIP_VIT_H_14 if config is None else config, reward=self.name))
         check_state_dict(model, state, reward=self.name, source=path)
         return model.to(self.model_dtype)

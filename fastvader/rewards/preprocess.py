@@ -215,6 +215,27 @@ def read_processor_config(folder) -> dict | None:
     return None
 
 
+def write_processor_config(transform: ImageTransform, folder) -> None:
+    """Save ``transform`` as a preprocessor_config.json that ``updated_from_processor_config``
+    (and the transformers processors) read back to the same steps."""
+    import json
+    from pathlib import Path
+
+    resample = {"bilinear": 2, "bicubic": 3, "nearest": 0}[transform.resample]
+    cfg: dict[str, Any] = {"resample": resample, "image_mean": list(transform.mean), "image_std": list(transform.std),
+                           "do_normalize": True, "do_resize": True}
+    if transform.size is not None:
+        cfg["size"] = {"height": transform.size[0], "width": transform.size[1]}
+    elif transform.shortest_edge is not None:
+        cfg["size"] = {"shortest_edge": transform.shortest_edge}
+        if transform.longest_edge is not None:
+            cfg["size"]["longest_edge"] = transform.longest_edge
+    cfg["do_center_crop"] = transform.crop is not None
+    if transform.crop is not None:
+        cfg["crop_size"] = {"height": transform.crop[0], "width": transform.crop[1]}
+    Path(folder, "preprocessor_config.json").write_text(json.dumps(cfg, indent=2))
+
+
 # Presets of the reference processors' defaults
 CLIP_TRANSFORM = ImageTransform()
 VIDEOMAE_TRANSFORM = ImageTransform(shortest_edge=224, crop=(224, 224), resample="bilinear",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._hf import (PretrainedReward, RewardWeightsError, check_state_dict, find_weight_file,
+from ._hf import (PretrainedReward, check_state_dict, find_weight_file,
                   load_state_dict_file, read_config, strip_private)
 from ._text import eos_positions, load_tokenizer
 from .base import register_reward
@@ -181,8 +182,6 @@ class ViCLIPReward(PretrainedReward):
                                         fallbacks=() if built_random else (folder, self.default_tokenizer))
         vision = self.model.vision_encoder
         size = vision.input_resolution
-        from dataclasses import replace
-
         self.transform = replace(VICLIP_TRANSFORM, size=(size, size))
         self.num_frames = vision.num_frames
         self.scale = float(scale)
