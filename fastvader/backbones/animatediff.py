@@ -19,15 +19,18 @@ from .diffusers_common import (BYTE_TOKENIZER_VOCAB, MissingWeightsError, PerFra
 DEFAULT_MOTION_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
 
 # AnimateDiff's training schedule (configs/inference/inference-v2.yaml: linear betas, not SD's
-# scaled_linear) with the spacing diffusers' AnimateDiff docs use.
+# scaled_linear; steps_offset 1 and diffusers' default "leading" spacing, as its own inference
+# script). Not "linspace", which diffusers' docs suggest: it ends DDIM on t=0, where the update
+# with set_alpha_to_one=False is the identity, and the one step that carries gradients in
+# VADER (truncation "last") would pass none to the denoiser.
 ANIMATEDIFF_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
                              steps_offset=1, clip_sample=False, set_alpha_to_one=False,
-                             timestep_spacing="linspace", prediction_type="epsilon")
+                             timestep_spacing="leading", prediction_type="epsilon")
 
 TINY_UNET = dict(sample_size=4, in_channels=4, out_channels=4,
                  down_block_types=["CrossAttnDownBlockMotion", "DownBlockMotion"],
                  up_block_types=["UpBlockMotion", "CrossAttnUpBlockMotion"],
-                 block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+                 block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
                  num_attention_heads=2, motion_num_attention_heads=2, motion_max_seq_length=32,
                  use_motion_mid_block=True)
 TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4,

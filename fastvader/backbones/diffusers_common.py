@@ -117,19 +117,19 @@ def is_local(pretrained: str) -> bool:
     return p.exists() or pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1
 
 
-def check_local_component(root: Path, subfolder: str | None, kind: str) -> dict[str, Any]:
+def check_local_component(root: Path, subfolder: str | None, kind: str, what: str = "model") -> dict[str, Any]:
     """Raise MissingWeightsError naming the expected files when a local component is absent;
     return extra from_pretrained kwargs (``variant='fp16'`` when only fp16 files exist)."""
     folder = root / subfolder if subfolder else root
     if not root.is_dir():
-        raise MissingWeightsError(f"backbone.pretrained={str(root)!r} is not a folder (give a hub id such as "
-                                  "'org/name' or a local diffusers pipeline folder)")
+        raise MissingWeightsError(f"the {what}: {str(root)!r} is not a folder (give a hub id such as "
+                                  "'org/name' or a local folder in the diffusers layout)")
     if not (folder / "config.json").is_file():
-        raise MissingWeightsError(f"{folder}/config.json is missing: expected a diffusers pipeline layout with "
-                                  f"'{subfolder}/config.json' under {root}")
+        layout = f"'{subfolder}/config.json' under {root}" if subfolder else f"config.json in {root}"
+        raise MissingWeightsError(f"the {what}: {folder / 'config.json'} is missing (expected {layout})")
     present = [n for n in WEIGHT_FILES[kind] if (folder / n).is_file()]
     if not present:
-        raise MissingWeightsError(f"no weights in {folder}: expected one of {WEIGHT_FILES[kind]}")
+        raise MissingWeightsError(f"the {what}: no weights in {folder}: expected one of {WEIGHT_FILES[kind]}")
     if all(".fp16." in n for n in present):
         return {"variant": "fp16"}
     return {}
@@ -143,7 +143,7 @@ def load_pretrained(cls, pretrained: str, subfolder: str | None, *, kind: str, d
     random with only a warning)."""
     extra: dict[str, Any] = {}
     if is_local(pretrained):
-        extra = check_local_component(Path(os.path.expanduser(pretrained)), subfolder, kind)
+        extra = check_local_component(Path(os.path.expanduser(pretrained)), subfolder, kind, what)
         pretrained = str(Path(os.path.expanduser(pretrained)))
     if subfolder:
         extra["subfolder"] = subfolder

@@ -15,8 +15,10 @@ from .diffusers_common import (BYTE_TOKENIZER_VOCAB, PerFrameVaeBackbone, byte_l
 
 _CONFIG_DIR = "modelscope_t2v_1.7b"
 
-# ModelScope's training schedule (SD-style scaled-linear betas, epsilon prediction). The pipeline
-# publishes no scheduler file we could check; these are the values diffusers' own tests used.
+# ModelScope's training schedule (SD-style scaled-linear betas, epsilon prediction). No published
+# scheduler file could be checked; betas are the values diffusers' own tests used, steps_offset 1
+# as in SD-derived pipelines. steps_offset 0 with "leading" spacing would end DDIM on t=0, an
+# identity update (set_alpha_to_one=False) that passes no gradient from the last step.
 MODELSCOPE_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                             beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                             steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
@@ -70,12 +72,11 @@ class ModelScopeBackbone(PerFrameVaeBackbone):
     @classmethod
     def build_random(cls, config_dir, options, dtype):
         parts = {k: build().to(dtype) for k, build in cls.component_builders(config_dir).items()}
-        sched_file = None
-        try:
-            sched_file = find_config_file("scheduler", config_dir, [f"{_CONFIG_DIR}/scheduler_config.json"])
-        except FileNotFoundError:
-            pass
-        sched = read_json(sched_file) if sched_file else cls.scheduler_defaults
+        # A user's config folder may carry its own schedule; the shared folder's ModelScope file is
+        # a reconstruction (steps_offset 0, see above), so the family schedule is used instead.
+        sched = cls.scheduler_defaults
+        if config_dir is not None and (config_dir / "scheduler_config.json").is_file():
+            sched = read_json(config_dir / "scheduler_config.json")
         max_len = parts["text_encoder"].config.max_position_embeddings
         return cls(denoiser=parts["unet"], vae=parts["vae"], text_encoder=parts["text_encoder"],
                    tokenizer=byte_level_clip_tokenizer(max_len), scheduler_config=sched, options=options)
