@@ -217,6 +217,14 @@ def test_decode_selected_frames_matches_full_decode(name):
     with pytest.raises(ValueError, match="outside"):
         bb.decode_latents(x, [frames])
 
+    # the loop's decode: same pixels, gradients only through the frames that carry them
+    x.requires_grad_(True)
+    mixed = bb.decode_frames(x, [0, 1], grad_frames=[1])
+    torch.testing.assert_close(mixed.detach(), full[:, :2], atol=1e-5, rtol=1e-4)
+    (g_no_grad_frame,) = torch.autograd.grad(mixed[:, 0].sum(), x, retain_graph=True)
+    (g_grad_frame,) = torch.autograd.grad(mixed[:, 1].sum(), x)
+    assert g_no_grad_frame.abs().sum() == 0 and g_grad_frame.abs().sum() > 0
+
 
 def last_step_sensitivity(sched, steps: int) -> float:
     """How much the final sample moves when the last prediction changes by 1."""
@@ -276,7 +284,7 @@ def vader_step(bb, sampler: str, size, steps: int = 2, guidance: float = 5.0):
         with torch.set_grad_enabled(i == len(sched.timesteps) - 1):
             uncond, cond = bb.denoise(torch.cat([x, x]), t.expand(2), context).chunk(2)
             x = sched.step(uncond + guidance * (cond - uncond), t, x).prev_sample
-    video = bb.decode_latents(x, [size[0] - 1])
+    video = bb.decode_frames(x, [size[0] - 1])
     loss = -TargetColorReward("red")(video, ["a red ball"]).mean()
     loss.backward()
     return loss, lora
