@@ -352,7 +352,15 @@ def test_checkpoint_of_another_shape_names_the_key(tmp_path):
     cfg = json.loads(cfg_file.read_text())
     cfg["cross_attention_dim"] = 16  # a UNet for another text encoder
     cfg_file.write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointMismatchError, match="attn2.to_k.weight"):
+    with pytest.raises(CheckpointMismatchError, match=r"attn2.to_k.weight: checkpoint \[16, 32\] vs model \[16, 16\]"):
+        build_backbone(BackboneConfig(name="modelscope", pretrained=str(tmp_path), dtype="fp32"))
+    cfg["cross_attention_dim"] = 32
+    cfg_file.write_text(json.dumps(cfg))
+    te_file = tmp_path / "text_encoder" / "config.json"  # the transformers side says the same
+    te = json.loads(te_file.read_text())
+    te["intermediate_size"] = 48
+    te_file.write_text(json.dumps(te))
+    with pytest.raises(CheckpointMismatchError, match=r"mlp.fc1.bias: checkpoint \[64\] vs model \[48\]"):
         build_backbone(BackboneConfig(name="modelscope", pretrained=str(tmp_path), dtype="fp32"))
 
 

@@ -155,11 +155,45 @@ def load_pretrained(cls, pretrained: str, subfolder: str | None, *, kind: str, d
             f"could not load the {what} from {where}: {e}. Without network access, download it first "
             f"(`huggingface-cli download {pretrained}`) or pass a local folder as backbone.pretrained") from e
     except (ValueError, RuntimeError) as e:
-        if "shape" in str(e) or "size mismatch" in str(e):
-            raise CheckpointMismatchError(f"the {what} checkpoint at {where} does not fit {cls.__name__}: {e}") from e
+        text = str(e)
+        if "shape" in text or "mismatch" in text:
+            folder = Path(pretrained) / subfolder if subfolder else Path(pretrained)
+            details = compare_checkpoint(cls, folder, kind) if folder.is_dir() else None
+            raise CheckpointMismatchError(f"the {what} checkpoint at {where} does not fit {cls.__name__}: "
+                                          f"{details or text}") from e
         raise
     check_loading_info(info, cls.__name__, where)
     return model
+
+
+def compare_checkpoint(cls, folder: Path, kind: str) -> str | None:
+    """The first missing, unexpected and mis-shaped keys of the safetensors files in ``folder``
+    against ``cls`` built from the folder's config on the meta device (reads headers only)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    shapes: dict[str, tuple] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                shapes[k] = tuple(st.get_slice(k).get_shape())
+    with torch.device("meta"):
+        if kind == "diffusers":
+            model = cls.from_config(cls.load_config(str(folder)))
+        else:
+            model = cls(cls.config_class.from_pretrained(str(folder)))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(k for k in set(shapes) - set(expected) if not k.endswith(_HARMLESS_UNEXPECTED))
+    bad = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k])
+    parts = [f"{k}: checkpoint {list(shapes[k])} vs model {list(expected[k])}" for k in bad[:5]]
+    if missing:
+        parts.append(f"missing {missing[:5]}")
+    if unexpected:
+        parts.append(f"unexpected {unexpected[:5]}")
+    return (f"{len(bad)} mis-shaped keys, first: " if bad else "") + "; ".join(parts) if parts else None
 
 
 def check_loading_info(info: dict, cls_name: str, where: str) -> None:
