@@ -7,6 +7,8 @@ from .base import Backbone, PromptEmbeddings
 # name -> "module:Class". The class implements Backbone and ``from_config(BackboneConfig)``.
 _REGISTRY: dict[str, str] = {
     "toy": "fastvader.backbones.toy:ToyBackbone",
+    "videocrafter2": "fastvader.backbones.videocrafter2:VideoCrafter2Backbone",
+    "opensora": "fastvader.backbones.opensora:OpenSoraBackbone",
 }
 
 
