@@ -62,6 +62,13 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """What ``fastvader models`` lists: defaults and parameters per component (subclasses
+        count them from the real configuration on the meta device)."""
+        return {"name": cls.family, "family": cls.family, "prediction_type": cls.prediction_type,
+                "defaults": dict(cls.defaults), "params": None}
+
+    @classmethod
     def check_video_size(cls, num_frames: int, height: int, width: int) -> None:
         """Raise ValueError naming what to change when a video size does not fit the model."""
         m = cls.spatial_multiple

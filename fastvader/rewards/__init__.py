@@ -25,9 +25,10 @@ def available_rewards() -> list[str]:
 
 
 def build_reward(cfg) -> Reward:
-    """Build from a RewardConfig: ``cfg.terms`` ({name: weight}) and ``cfg.options``."""
+    """Build from a RewardConfig: ``cfg.terms`` ({name: weight}, or ``cfg.name`` alone) and
+    ``cfg.options``."""
     _load_builtins()
-    terms = dict(cfg.terms)
+    terms = {str(k): float(v) for k, v in cfg.terms.items()} if cfg.terms else {str(cfg.name): 1.0}
     if len(terms) == 1 and next(iter(terms)) in PRESETS:
         (preset, scale), = terms.items()
         terms = {k: w * scale for k, w in PRESETS[preset].items()}

@@ -22,6 +22,14 @@ class Reward(nn.Module):
     #: True when the reward needs no downloaded weights (usable in tests and the toy world)
     weightless: ClassVar[bool] = False
 
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """What ``fastvader models`` lists: kind, expected weights, default options, and the
+        parameter count of the real architecture (built on the meta device)."""
+        return {"name": cls.name, "kind": "video" if cls.is_video_reward else "image",
+                "weights": "none (computed from pixels)" if cls.weightless else "see docs/rewards.md",
+                "defaults": {}, "params": 0 if cls.weightless else None}
+
     def score_frames(self, frames: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """frames (B, F, 3, H, W) in [0, 1] -> per-frame scores (B, F)."""
         raise NotImplementedError(f"{type(self).__name__} scores whole videos, not frames")
@@ -67,6 +75,8 @@ class WeightedSum(Reward):
         self.last_terms: dict[str, torch.Tensor] = {}
 
     def score_videos(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        if not self.terms:
+            raise ValueError("a weighted sum needs at least one reward")
         total = 0.0
         self.last_terms = {}
         for key, reward in self.terms.items():
