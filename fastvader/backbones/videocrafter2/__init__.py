@@ -175,7 +175,7 @@ class VideoCrafter2Backbone(Backbone):
                   "text_encoder": count_parameters(model.text_encoder)}
         params["total"] = sum(params.values())
         return dict(name="videocrafter2", family=cls.family, prediction_type=model.prediction_type,
-                    defaults=dict(cls.defaults), parameters=params,
+                    defaults=dict(cls.defaults), params=params,
                     weights=f"hub {HUB_ID} (model.ckpt) or a local model.ckpt / .safetensors",
                     notes="fastvader's own LVDM modules; the original checkpoint loads with strict key matching")
 
@@ -209,7 +209,6 @@ class VideoCrafter2Backbone(Backbone):
         return PromptEmbeddings(cond, uncond.contiguous())
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        self.check_video_size(num_frames, height, width)
         vae_factor = self.config.vae.downsample_factor
         unet_factor = self.denoiser.downsample_factor
         need = vae_factor * unet_factor

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 from diffusers import DDIMScheduler
-from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -15,13 +14,21 @@ class LVDMScaledDDIMScheduler(DDIMScheduler):
     """DDIM with LVDM's ``use_scale`` step:
     ``x_prev = sqrt(abar_prev) * s_prev * x0_hat / s_t + dir_xt + sigma_t * z``,
     where ``x0_hat`` is the usual DDIM estimate (which carries the factor ``s_t``). With
-    ``scale_b=1`` it is exactly diffusers' DDIM step (tests check this)."""
+    ``scale_b=1`` it is exactly diffusers' DDIM step (tests check this). Build it with
+    :meth:`from_ddim_config`."""
 
-    @register_to_config
-    def __init__(self, *args, scale_b: float = 0.7, fix_scale_bug: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        cfg = DiffusionConfig(timesteps=self.config.num_train_timesteps, scale_b=scale_b, fix_scale_bug=fix_scale_bug)
-        self.scale_arr = torch.tensor(scale_array(cfg), dtype=torch.float32)
+    scale_arr: torch.Tensor
+
+    @classmethod
+    def from_ddim_config(cls, config: dict, scale_b: float, fix_scale_bug: bool) -> "LVDMScaledDDIMScheduler":
+        # DDIMScheduler's own __init__ keeps its explicit signature (from_config relies on it);
+        # the scale settings are recorded in the config afterwards.
+        scheduler = cls.from_config({k: v for k, v in dict(config).items() if not k.startswith("_")})
+        scheduler.register_to_config(scale_b=scale_b, fix_scale_bug=fix_scale_bug)
+        cfg = DiffusionConfig(timesteps=scheduler.config.num_train_timesteps, scale_b=scale_b,
+                              fix_scale_bug=fix_scale_bug)
+        scheduler.scale_arr = torch.tensor(scale_array(cfg), dtype=torch.float32)
+        return scheduler
 
     def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
              generator=None, variance_noise=None, return_dict: bool = True):

@@ -76,5 +76,4 @@ def scaled_ddim_from_config(config: dict, scale_b: float, fix_scale_bug: bool):
     ``config`` (a diffusers DDIM config dict). Imported lazily: diffusers loads slowly."""
     from .ddim import LVDMScaledDDIMScheduler
 
-    clean = {k: v for k, v in dict(config).items() if not k.startswith("_")}
-    return LVDMScaledDDIMScheduler.from_config(clean, scale_b=scale_b, fix_scale_bug=fix_scale_bug)
+    return LVDMScaledDDIMScheduler.from_ddim_config(config, scale_b=scale_b, fix_scale_bug=fix_scale_bug)

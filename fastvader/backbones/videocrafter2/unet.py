@@ -10,7 +10,7 @@ Same computation and the same state-dict names as ``lvdm.modules.networks.openai
 - activations stay in the original's layout: ``(batch * frames, C, H, W)`` between blocks,
   ``(batch * H * W, frames, C)`` inside temporal attention.
 
-Layout of one level (``input_blocks.N``): ``0`` ResBlock (with ``temopral_conv`` — sic, the
+Layout of one level (``input_blocks.N``): ``0`` LVDMResBlock (with ``temopral_conv`` — sic, the
 original's spelling is part of the checkpoint), ``1`` SpatialTransformer (self-attention +
 cross-attention to the text), ``2`` TemporalTransformer (two self-attentions over frames).
 """
@@ -81,7 +81,7 @@ class TemporalConvBlock(nn.Module):
         return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
 
 
-class ResBlock(nn.Module):
+class LVDMResBlock(nn.Module):
     """GN-SiLU-conv, + time embedding, GN-SiLU-dropout-conv, skip; then the temporal conv block."""
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int, cfg: UNetConfig):
@@ -211,7 +211,7 @@ class UNetStage(nn.ModuleList):
         return x
 
     def _call(self, layer, x, emb, context, num_frames):
-        if isinstance(layer, ResBlock):
+        if isinstance(layer, LVDMResBlock):
             fn, args = layer, (x, emb, num_frames)
         elif isinstance(layer, SpatialTransformer):
             fn, args = layer, (x, context)
@@ -257,7 +257,7 @@ class LVDMUNet3D(nn.Module):
         ch, ds = mc, 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, cfg)]
+                layers: list[nn.Module] = [LVDMResBlock(ch, emb_dim, mult * mc, cfg)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
                     layers += attention_layers(ch)
@@ -268,13 +268,13 @@ class LVDMUNet3D(nn.Module):
                 skip_channels.append(ch)
                 ds *= 2
 
-        self.middle_block = UNetStage([ResBlock(ch, emb_dim, ch, cfg), *attention_layers(ch),
-                                       ResBlock(ch, emb_dim, ch, cfg)])
+        self.middle_block = UNetStage([LVDMResBlock(ch, emb_dim, ch, cfg), *attention_layers(ch),
+                                       LVDMResBlock(ch, emb_dim, ch, cfg)])
 
         self.output_blocks = nn.ModuleList()
         for level, mult in list(enumerate(cfg.channel_mult))[::-1]:
             for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, cfg)]
+                layers = [LVDMResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, cfg)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
                     layers += attention_layers(ch)
@@ -290,7 +290,7 @@ class LVDMUNet3D(nn.Module):
 
     # -- gradient checkpointing ---------------------------------------------------------------
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute each ResBlock / transformer in backward (sub-block checkpointing)."""
+        """Recompute each LVDMResBlock / transformer in backward (sub-block checkpointing)."""
         self._set_checkpointing(True)
 
     def disable_gradient_checkpointing(self) -> None:
