@@ -116,6 +116,9 @@ class VideoCrafter2Backbone(Backbone):
             with torch.random.fork_rng():
                 torch.manual_seed(int(options.get("seed", 0)))
                 model = cls(arch, **kwargs)
+                # random weights everywhere, the original's zero-initialised output layers too:
+                # otherwise the UNet outputs zeros and LoRA gradients vanish
+                model.denoiser.randomize_zero_initialized_layers()
         else:
             path = find_weights_file(cfg.pretrained, family="videocrafter2", candidates=WEIGHT_CANDIDATES,
                                      default_hub_id=HUB_ID, local_files_only=kwargs["local_files_only"])

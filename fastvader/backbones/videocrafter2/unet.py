@@ -288,6 +288,25 @@ class LVDMUNet3D(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
+    def zero_initialized_layers(self) -> list[nn.Module]:
+        """The layers the original starts at zero (so a fresh block is the identity): the last
+        conv of each temporal conv block and resblock, each transformer's proj_out, the output conv."""
+        layers: list[nn.Module] = [self.out[-1]]
+        for m in self.modules():
+            if isinstance(m, TemporalConvBlock):
+                layers.append(m.conv4[-1])
+            elif isinstance(m, LVDMResBlock):
+                layers.append(m.out_layers[-1])
+            elif isinstance(m, (SpatialTransformer, TemporalTransformer)):
+                layers.append(m.proj_out)
+        return layers
+
+    def randomize_zero_initialized_layers(self) -> None:
+        """Give those layers PyTorch's default random init: a random-weight model (benchmarks,
+        tests) then computes, and backpropagates, through every block instead of through zeros."""
+        for layer in self.zero_initialized_layers():
+            layer.reset_parameters()
+
     # -- gradient checkpointing ---------------------------------------------------------------
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each LVDMResBlock / transformer in backward (sub-block checkpointing)."""
