@@ -71,6 +71,12 @@ class T5TextEncoder:
                     "a T5 v1.1 XXL encoder (config.json, weights, spiece.model).") from e
         self.model.requires_grad_(False).eval().to(device=device, dtype=dtype)
 
+    def to(self, *args, **kwargs) -> "T5TextEncoder":
+        """Move the loaded encoder (the loop moves text encoders off the GPU after caching)."""
+        if self.model is not None:
+            self.model.to(*args, **kwargs)
+        return self
+
     def release(self) -> None:
         self.model = None
         gc.collect()
