@@ -429,6 +429,7 @@ def test_opensora_describe_and_json_configs(os_meta):
 
     info = backbone_class("opensora").describe()
     assert info["params"]["stdit3"] == 1_207_643_972 and info["params"]["vae"] == 393_341_007
+    assert info["params"]["text_encoder"] == 4_762_310_656  # T5 v1.1 XXL encoder (SOURCES.md)
     assert info["prediction_type"] == "flow" and info["defaults"]["steps"] == 30
     cfg = load_json_configs(_shared.require_shared("opensora_v1.2"))
     assert cfg.stdit == STDiT3Config() and cfg.vae.temporal == TemporalVAEConfig()

@@ -154,13 +154,20 @@ class OpenSoraBackbone(Backbone):
     def describe(cls, config: OpenSoraConfig | None = None) -> dict[str, Any]:
         with torch.device("meta"):
             model = cls(config)
+        from transformers import T5Config, T5EncoderModel
+
+        from .config import T5_V1_1_XXL
+
+        text = (config or OpenSoraConfig()).text
+        with torch.device("meta"):
+            t5 = T5EncoderModel(T5Config(**(text.t5_config or T5_V1_1_XXL)))
         params = {"stdit3": count_parameters(model.denoiser), "vae": count_parameters(model.vae),
-                  "text_encoder": 4_762_310_656}
+                  "text_encoder": count_parameters(t5)}
         params["total"] = sum(params.values())
         return dict(name="opensora", family=cls.family, prediction_type=cls.prediction_type,
                     defaults=dict(cls.defaults), params=params,
                     weights=f"hub {STDIT_HUB_ID} + {VAE_HUB_ID} (+ DeepFloyd/t5-v1_1-xxl, loaded per prompt set)",
-                    notes="text_encoder: T5 v1.1 XXL encoder, counted from its config (not built)")
+                    notes="text_encoder: T5 v1.1 XXL encoder, loaded only to encode prompts, then freed")
 
     # -- the interface the loop calls --------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeddings:

@@ -79,6 +79,13 @@ class VAEConfig:
         return 2 ** (len(self.spatial["block_out_channels"]) - 1)
 
 
+#: T5 v1.1 XXL encoder hyperparameters (google/t5-v1_1-xxl = DeepFloyd/t5-v1_1-xxl), used to count
+#: its parameters on the meta device without a download
+T5_V1_1_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+                   relative_attention_max_distance=128, is_encoder_decoder=False)
+
+
 @dataclass
 class TextConfig:
     """T5 v1.1 XXL encoder (``DeepFloyd/t5-v1_1-xxl``), 300 tokens."""
