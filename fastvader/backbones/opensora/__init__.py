@@ -129,6 +129,12 @@ class OpenSoraBackbone(Backbone):
 
     def load_state_dicts(self, stdit: dict, vae: dict, *, sources=("the STDiT3 state dict", "the VAE state dict"),
                          assign: bool = False) -> None:
+        if "rope.freqs" not in stdit:
+            # a frozen, deterministic parameter that a transformers-format export may leave out
+            # (from_pretrained would only warn): recompute it rather than refuse the file
+            from .stdit3 import RotaryEmbedding
+
+            stdit = {**stdit, "rope.freqs": RotaryEmbedding(self.config.stdit.head_dim).freqs.detach()}
         for module, state, source, family in ((self.denoiser, stdit, sources[0], "opensora (STDiT3)"),
                                               (self.vae, vae, sources[1], "opensora (VAE)")):
             expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
