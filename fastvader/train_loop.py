@@ -22,7 +22,6 @@ from .config import TrainConfig
 from .frames import FrameSelector
 from .lora import add_lora, lora_metadata, lora_state_dict, save_lora
 from .memory.checkpointing import enable_checkpointing
-from .memory.decode import decode_frames
 from .memory.optim import build_optimizer
 from .prompts import PromptSource
 from .rewards import Reward, build_reward
@@ -191,7 +190,7 @@ class Trainer:
         with self.autocast():
             latents = self.sampler.sample(embeds, noise, grad_steps=k, generator=self.generator)
             t1 = self._sync()
-            video = decode_frames(self.backbone.vae, latents, frames, grad_frames, chunk=cfg.memory.decode_chunk)
+            video = self.backbone.decode_frames(latents, frames, grad_frames, chunk=cfg.memory.decode_chunk)
             t2 = self._sync()
         rewards = self.reward(video.float(), prompts)
         t3 = self._sync()
@@ -235,7 +234,7 @@ class Trainer:
         noise = self.sampler.initial_noise(len(prompts), self.latent_shape, generator, self.device, self.weight_dtype)
         with self.autocast():
             latents = self.sampler.sample(embeds, noise, grad_steps=0, generator=generator)
-            return decode_frames(self.backbone.vae, latents).float()
+            return self.backbone.decode_frames(latents).float()
 
     def validate(self, tag: str, save_videos: bool = False) -> dict[str, Any]:
         """Mean reward over the validation prompts and seeds (and sample videos under samples/)."""
