@@ -6,9 +6,12 @@ that picks Triton on CUDA and the reference elsewhere (the Triton interpreter wh
 ``TRITON_INTERPRET=1``).
 """
 if __name__ != "fastvader.kernels":
-    # Reached as a top-level `kernels` (the repository root on sys.path): pretend to be absent,
-    # so probes for Hugging Face's `kernels` package (bitsandbytes, diffusers) see no such module.
-    raise ModuleNotFoundError("fastvader's kernels/ is only importable as fastvader.kernels", name="kernels")
+    # Reached as a top-level `kernels` because the repository root is on sys.path (`python -m`
+    # from the checkout). transformers and diffusers probe for Hugging Face's own `kernels`
+    # package by importing that name; a module with neither __file__ nor __version__ reads to
+    # them as a namespace-package shadow, i.e. "not installed". Raising here instead would break
+    # `import transformers`.
+    __file__ = None  # noqa: F811
 
 from ._backend import active_backend, triton_available
 
