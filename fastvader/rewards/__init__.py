@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import importlib
 
+from ._hf import hide_repo_kernels_package
 from .base import REWARDS, Reward, WeightedSum, build_reward_from_spec, register_reward
+
+# Run from the repository root, transformers' probe for Hugging Face's `kernels` package finds
+# fastvader's kernels/ folder and every transformers model import fails (see _hf). Until
+# fastvader/__init__.py does this for the whole package, importing the rewards does it.
+hide_repo_kernels_package()
 
 # Modules whose import registers rewards. Real-model rewards import transformers lazily inside
 # their constructors, so listing them here stays cheap.
@@ -37,6 +43,14 @@ def available_rewards() -> list[str]:
     return sorted(REWARDS) + sorted(PRESETS)
 
 
+def reward_class(name: str) -> type[Reward]:
+    """The registered class of reward ``name`` (built-ins are loaded first)."""
+    _load_builtins()
+    if name not in REWARDS:
+        raise ValueError(f"reward {name!r} does not exist; choose from {available_rewards()}")
+    return REWARDS[name]
+
+
 def describe_rewards() -> list[dict]:
     """``describe()`` of every registered reward, for ``fastvader models`` (and its --json)."""
     _load_builtins()
@@ -63,4 +77,4 @@ def build_reward(cfg) -> Reward:
 
 
 __all__ = ["Reward", "WeightedSum", "register_reward", "available_rewards", "build_reward", "expand_terms",
-           "describe_rewards", "REWARDS", "PRESETS"]
+           "describe_rewards", "reward_class", "REWARDS", "PRESETS"]
