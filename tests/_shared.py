@@ -1,6 +1,5 @@
-"""Where the shared, read-only model configs live for tests: ``../shared/model-configs`` next to
-the repository root, falling back to /work/shared/model-configs (worktrees sit one level deeper
-than the main checkout, so the relative path does not exist there)."""
+"""Where the shared real-architecture configs live: ``../shared/model-configs`` next to the
+repository root, falling back to /work/shared (git worktrees sit elsewhere)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,16 +8,14 @@ import pytest
 
 
 def model_configs_dir() -> Path | None:
-    for candidate in (Path(__file__).resolve().parents[1].parent / "shared" / "model-configs",
-                      Path("/work/shared/model-configs")):
-        if candidate.is_dir():
-            return candidate
+    for root in (Path(__file__).resolve().parents[1].parent / "shared", Path("/work/shared")):
+        if (root / "model-configs").is_dir():
+            return root / "model-configs"
     return None
 
 
 def require_model_configs() -> Path:
-    """The folder, or skip the calling test saying why."""
-    path = model_configs_dir()
-    if path is None:
-        pytest.skip("the shared model-configs folder (../shared/model-configs or /work/shared/model-configs) is absent")
-    return path
+    folder = model_configs_dir()
+    if folder is None:
+        pytest.skip("../shared/model-configs is absent: the real-architecture configs are not available here")
+    return folder

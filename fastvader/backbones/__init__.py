@@ -11,6 +11,8 @@ _REGISTRY: dict[str, str] = {
     "zeroscope": "fastvader.backbones.modelscope:ZeroScopeBackbone",
     "animatediff": "fastvader.backbones.animatediff:AnimateDiffBackbone",
     "wan": "fastvader.backbones.wan:WanBackbone",
+    "videocrafter2": "fastvader.backbones.videocrafter2:VideoCrafter2Backbone",
+    "opensora": "fastvader.backbones.opensora:OpenSoraBackbone",
 }
 
 

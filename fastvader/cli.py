@@ -1,0 +1,191 @@
+"""The ``fastvader`` command: train, sample, eval, models, env (and more as they land).
+
+Every config field can be overridden with ``--set section.key=value``; ``fastvader train --help``
+lists every field with its default.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError, TrainConfig, load_config
+
+
+def config_reference() -> str:
+    """Every config field with its default, for --help."""
+    lines = ["config fields (override with --set section.key=value):"]
+    for section in dataclasses.fields(TrainConfig):
+        obj = getattr(TrainConfig(), section.name)
+        for f in dataclasses.fields(obj):
+            lines.append(f"  {section.name}.{f.name} = {getattr(obj, f.name)!r}")
+    return "\n".join(lines)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.yaml", default=None,
+                   help="YAML config (sections as in the reference below); defaults when omitted")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set train.steps=50 (repeatable)")
+    p.add_argument("--device", default=None, help="shorthand for --set train.device=DEVICE (auto, cpu, cuda)")
+
+
+def _load(args) -> TrainConfig:
+    overrides = list(args.overrides)
+    if args.device:
+        overrides.append(f"train.device={args.device}")
+    return load_config(args.config, overrides)
+
+
+def _load_trained_lora(trainer, path: str) -> None:
+    """Load a LoRA file written by ``train`` into a trainer's (already injected) adapters."""
+    from peft.utils import set_peft_model_state_dict
+
+    from .lora import read_lora
+
+    state, _ = read_lora(path)
+    result = set_peft_model_state_dict(trainer.backbone.denoiser, {k: v.to(trainer.device) for k, v in state.items()})
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"{path} does not match this model's LoRA layout (e.g. {result.unexpected_keys[:2]}); "
+                         "use the same backbone and lora settings it was trained with")
+
+
+def cmd_train(args) -> int:
+    from .train_loop import train
+
+    cfg = _load(args)
+    if args.resume:
+        resumed = Path(args.resume)
+        saved = resumed / "config.yaml"
+        if args.config is None and saved.is_file():
+            cfg = load_config(saved, args.overrides)
+    summary = train(cfg, resume=args.resume)
+    print(json.dumps({k: summary[k] for k in ("run", "steps", "reward_before", "reward_after", "wall_time_s")},
+                     indent=2))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .media import frame_grid, write_video
+    from .train_loop import Trainer
+
+    cfg = _load(args)
+    prompts = args.prompt or list(cfg.validation.prompts) or None
+    if prompts:
+        cfg = dataclasses.replace(cfg, validation=dataclasses.replace(cfg.validation, prompts=prompts))
+    trainer = Trainer(cfg)
+    if args.lora:
+        _load_trained_lora(trainer, args.lora)
+    out = Path(args.out)
+    videos = []
+    for seed in args.seed:
+        batch = trainer.sample_videos(trainer.val_prompts, seed)
+        for i, prompt in enumerate(trainer.val_prompts):
+            files = write_video(batch[i], out / f"seed{seed}_{i:02d}_{'_'.join(prompt.split())[:40]}", cfg.video.fps)
+            print("wrote", *[str(f) for f in files])
+            videos.append(batch[i])
+    frame_grid(videos, out / "grid.png")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .train_loop import Trainer
+
+    cfg = _load(args)
+    trainer = Trainer(cfg)
+    if args.lora:
+        _load_trained_lora(trainer, args.lora)
+    result = trainer.validate("eval")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_env(args) -> int:
+    from .env import environment_report
+
+    report = environment_report()
+    print(json.dumps(report, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in report.items()))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .catalog import catalog
+
+    data = catalog()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for kind in ("backbones", "rewards"):
+        print(f"{kind}:")
+        for entry in data[kind]:
+            params = entry.get("params")
+            if isinstance(params, dict):
+                params = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in params.items())
+            elif isinstance(params, int):
+                params = f"{params:,}"
+            print(f"  {entry['name']:<16} params: {params}")
+            if entry.get("defaults"):
+                print(f"  {'':<16} defaults: {entry['defaults']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastvader", description=__doc__, formatter_class=_HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="align a video model with a reward", formatter_class=_HelpFormatter,
+                       epilog=config_reference())
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its latest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate videos (optionally with a trained LoRA)",
+                       formatter_class=_HelpFormatter, epilog=config_reference())
+    _add_config_args(p)
+    p.add_argument("--lora", default=None, help="LoRA safetensors written by train (runs/<name>/lora.safetensors)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt (repeatable); default: validation prompts")
+    p.add_argument("--seed", type=int, action="append", default=None, help="seed (repeatable)")
+    p.add_argument("--out", default="samples", help="output folder for mp4/gif files and a frame grid")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="score the validation prompts with the configured reward",
+                       formatter_class=_HelpFormatter, epilog=config_reference())
+    _add_config_args(p)
+    p.add_argument("--lora", default=None, help="LoRA safetensors to evaluate")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("env", help="versions, devices and active kernel paths (for bug reports)",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_env)
+
+    p = sub.add_parser("models", help="list backbones and rewards with defaults and parameter counts",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "seed", 0) is None:
+        args.seed = [0]
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"fastvader: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"fastvader: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
