@@ -67,6 +67,16 @@ def scheduler_factory():
     del sys.modules["fastvader.sampling"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are all small ops: a second intra-op thread only adds synchronisation, and on
+    shared, busy cores it spins. Restored after this module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 _TINY_CACHE: dict[str, object] = {}
 
 
@@ -162,7 +172,7 @@ def test_text_encoder_stays_off_the_module_tree_and_can_be_freed():
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_denoise_shape_and_batch_independence(name):
-    """Output shaped like the latents, scalar and per-video timesteps agree, and each video sees
+    """Output shaped like the latents, a scalar timestep acts as one per video, and each video sees
     its own text: a wrong per-frame repeat (e.g. AnimateDiff's context tiled instead of
     interleaved) would mix prompts across the batch."""
     bb = tiny(name)
@@ -171,10 +181,8 @@ def test_denoise_shape_and_batch_independence(name):
     x = torch.randn(2, *shape)
     with torch.no_grad():
         both = bb.denoise(x, torch.tensor([500.0, 500.0]), emb.cond)
-        scalar_t = bb.denoise(x, torch.tensor(500.0), emb.cond)
-        second = bb.denoise(x[1:], torch.tensor([500.0]), emb.cond[1:])
+        second = bb.denoise(x[1:], torch.tensor(500.0), emb.cond[1:])  # alone, scalar timestep
     assert both.shape == x.shape and both.dtype == x.dtype and torch.isfinite(both).all()
-    torch.testing.assert_close(both, scalar_t)
     torch.testing.assert_close(both[1:], second, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(both[0], both[1])
 
@@ -205,13 +213,12 @@ def test_config_validation_uses_the_family_size_rules():
 @pytest.mark.parametrize("name", FAMILIES)
 def test_decode_selected_frames_matches_full_decode(name):
     bb = tiny(name)
-    shape = bb.latent_shape(*TINY_SIZE[name])
-    x = torch.randn(1, *shape)
+    frames = TINY_SIZE[name][0]
+    x = torch.randn(1, *bb.latent_shape(frames, 16, 16))
     with torch.no_grad():
         full = bb.decode_latents(x)
         some = bb.decode_latents(x, [1])
-    frames = TINY_SIZE[name][0]
-    assert full.shape == (1, frames, 3, 32, 32) and some.shape == (1, 1, 3, 32, 32)
+    assert full.shape == (1, frames, 3, 16, 16) and some.shape == (1, 1, 3, 16, 16)
     assert 0 <= full.min() and full.max() <= 1
     torch.testing.assert_close(some[:, 0], full[:, 1], atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="outside"):
@@ -302,16 +309,18 @@ def test_one_training_step_reaches_lora_only(name):
     assert all(p.grad is None for p in bb.vae.parameters())
 
 
-def test_training_step_through_the_real_loop():
-    """The lead's Trainer with each tiny preset (active once fastvader.train_loop is merged)."""
+@pytest.mark.parametrize("name", ["modelscope", "animatediff", "wan"])
+def test_training_step_through_the_real_loop(name, tmp_path):
+    """The lead's Trainer with each tiny preset (runs once fastvader.train_loop is merged)."""
     train_loop = pytest.importorskip("fastvader.train_loop")
-    for name in ("modelscope", "animatediff", "wan"):
-        cfg = load_config(REPO / "configs" / f"tiny_{name}.yaml", ["train.steps=1", "validation.prompts=[]"])
-        trainer = train_loop.Trainer(cfg)
-        metrics = trainer.train_step()
-        metrics = metrics if isinstance(metrics, dict) else metrics.as_dict()
-        assert torch.isfinite(torch.tensor(float(metrics["loss"]))), name
-        assert float(metrics["grad_norm"]) > 0, name
+    cfg = load_config(REPO / "configs" / f"tiny_{name}.yaml", ["train.steps=1", f"train.output_dir={tmp_path}"])
+    trainer = train_loop.Trainer(cfg)
+    metrics = trainer.train_step()
+    metrics = metrics if isinstance(metrics, dict) else metrics.as_dict()
+    assert torch.isfinite(torch.tensor(float(metrics["loss"])))
+    assert float(metrics["grad_norm"]) > 0
+    for n, p in trainer.backbone.named_parameters():
+        assert p.grad is None or "lora_" in n, n
 
 
 # ---------------------------------------------------------------------------------------------
