@@ -357,7 +357,7 @@ def _loop_config(name: str, options: dict, frames: int, height: int, width: int,
         "reward": {"name": "target_color"},
         "optim": {"lr": 1e-2},
         "prompts": {"items": ["a red fox", "a cat in the snow"]},
-        "memory": {"checkpointing": "sub_block"},
+        "memory": {"checkpointing": "block"},
         "train": {"steps": 1, "device": "cpu", "output_dir": str(tmp_path), "run_name": "t", "progress": False},
     }).validate()
 
@@ -586,3 +586,31 @@ def test_opensora_tiny_trains_one_step_in_the_loop(tmp_path, monkeypatch):
     cfg = _loop_config("opensora", {"tiny": True}, frames=7, height=16, width=16, sampler="euler_flow",
                        tmp_path=tmp_path)
     _check_one_training_step(cfg, backbone)
+
+
+# ---------------------------------------------------------------------------------------------
+# presets
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["videocrafter2", "videocrafter2_tiny", "opensora", "opensora_tiny"])
+def test_presets_are_complete_valid_configs(name):
+    import yaml
+
+    from fastvader.backbones import backbone_class
+    from fastvader.config import load_config
+    from fastvader.rewards import available_rewards
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    reward = yaml.safe_load(path.read_text())["reward"]["name"]
+    # the real presets name VADER's aesthetic+HPS reward, registered by the rewards package
+    overrides = [] if reward in available_rewards() else ["reward.name=target_color"]
+    cfg = load_config(path, overrides)
+    family = name.split("_")[0]
+    assert cfg.backbone.name == family
+    if name == family:  # the real presets carry the family's defaults
+        d = backbone_class(family).defaults
+        assert (cfg.video.frames, cfg.video.height, cfg.video.width) == (d["frames"], d["height"], d["width"])
+        assert (cfg.sampler.name, cfg.sampler.steps, cfg.sampler.guidance_scale) == (
+            d["sampler"], d["steps"], d["guidance_scale"])
+        assert not cfg.backbone.random_init and cfg.backbone.pretrained
+    else:
+        assert cfg.backbone.random_init and cfg.backbone.options["tiny"] and cfg.train.device == "cpu"
