@@ -10,7 +10,9 @@ One trap on meta/CPU: ``scaled_dot_product_attention`` dispatches to the math pa
 keeps the (tokens x tokens) probability matrix for backward; on a GPU the flash/efficient
 kernels keep only q, k, v, the output and a log-sum-exp row. ``gpu_like_attention()`` swaps in an
 attention that keeps exactly what the GPU kernels keep (and recomputes the rest in backward), so
-meta measurements describe the GPU. ``saved_bytes`` uses it unless told otherwise.
+meta measurements describe the GPU. ``saved_bytes`` uses it unless told otherwise. On meta
+it also skips building the probability matrix in no-grad calls (only shapes exist there), so
+working-set measurements do not see a matrix the GPU kernels never build.
 """
 from __future__ import annotations
 
@@ -102,6 +104,14 @@ def saved_bytes(fn: Callable[..., Any], *args, **kwargs) -> int:
 _original_sdpa = F.scaled_dot_product_attention
 
 
+def _attention(q, k, v, attn_mask, is_causal, scale):
+    """The attention output without the (tokens x tokens) matrix on the meta device, where
+    only the shape matters; the real thing elsewhere."""
+    if q.device.type == "meta":
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return _original_sdpa(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal, scale=scale)
+
+
 class _FlashLikeAttention(torch.autograd.Function):
     """Saves q, k, v, out and a float32 log-sum-exp per query row, like FlashAttention; backward
     recomputes the probabilities."""
@@ -109,7 +119,7 @@ class _FlashLikeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, attn_mask, dropout_p, is_causal, scale):
         with torch.no_grad():
-            out = _original_sdpa(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal, scale=scale)
+            out = _attention(q, k, v, attn_mask, is_causal, scale)
         lse = q.new_empty(q.shape[:-1], dtype=torch.float32)  # what the kernel keeps; unused here
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.attn_mask, ctx.is_causal, ctx.scale = attn_mask, is_causal, scale
@@ -127,9 +137,11 @@ class _FlashLikeAttention(torch.autograd.Function):
 
 
 def flash_like_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-    if kw or dropout_p or not torch.is_grad_enabled() or not any(t.requires_grad for t in (query, key, value)):
+    if kw or dropout_p:
         return _original_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                               is_causal=is_causal, scale=scale, **kw)
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (query, key, value)):
+        return _attention(query, key, value, attn_mask, is_causal, scale)
     return _FlashLikeAttention.apply(query, key, value, attn_mask, dropout_p, is_causal, scale)
 
 
