@@ -91,10 +91,12 @@ class Measurements:
     unit_peak: dict[str, int]          # largest unit a policy recomputes (block, sub_block)
     nograd_working: int                # working set of one no-grad CFG call
     latent_bytes: int                  # one latent batch (B, C, F, h, w)
-    decode_kept_per_frame: int         # decode_frames, per grad frame
+    decode_kept_first: int             # decode_frames with one grad frame
+    decode_kept_per_frame: int         # each further grad frame
     decode_recompute: int              # peak while one decode chunk is recomputed with grad
     reward_kept_per_frame: int
     reward_fixed: int
+    scheduler_fixed: int               # the scheduler's tables: grad steps index into them
     params: dict[str, int]             # parameter counts: denoiser, lora, vae, reward, text_encoder
     lora_tensor_sizes: list[int] = field(default_factory=list)
 
@@ -130,7 +132,7 @@ def _geometry_key(cfg: TrainConfig, dtype: torch.dtype) -> dict:
             "lora": [cfg.lora.rank, list(cfg.lora.target_modules)], "reward": cfg.reward_terms,
             "reward_options": cfg.reward.options, "decode_chunk": cfg.memory.decode_chunk, "dtype": str(dtype),
             "decode_impl": getattr(decode_frames, "__module__", "") + str(decode_frames.__code__.co_firstlineno),
-            "version": 1}
+            "version": 4}
 
 
 def cache_path() -> Path:
@@ -191,8 +193,14 @@ def _meta_embeddings(backbone, batch: int, dtype):
         return PromptEmbeddings(cond, torch.empty_like(cond))
 
 
-def measure(cfg: TrainConfig, *, use_cache: bool = True, device_type: str = "cuda") -> Measurements:
+def target_device_type(cfg: TrainConfig) -> str:
+    """Plans are for the GPU unless the config pins training to the CPU."""
+    return "cpu" if cfg.train.device == "cpu" else "cuda"
+
+
+def measure(cfg: TrainConfig, *, use_cache: bool = True, device_type: str | None = None) -> Measurements:
     """Measure (or read from the cache) the per-component figures for ``cfg``'s geometry."""
+    device_type = device_type or target_device_type(cfg)
     dtype = activation_dtype(cfg, device_type)
     key = hashlib.sha1(json.dumps(_geometry_key(cfg, dtype), sort_keys=True, default=str).encode()).hexdigest()
     path = cache_path()
@@ -273,7 +281,6 @@ def _measure(cfg: TrainConfig, dtype: torch.dtype) -> Measurements:
             with record_saved([vae]) as log:
                 decode_frames(vae, lat, list(range(n)), list(range(n)), chunk=cfg.memory.decode_chunk)
             kept.append(log.total)
-        decode_per_frame = max(kept[1] - kept[0], kept[0])
         # backward recomputes one chunk of frames through the VAE with gradients
         chunk = min(cfg.memory.decode_chunk, shape[1])
         z = lat[:, :, :chunk].transpose(1, 2).reshape(batch * chunk, shape[0], *shape[2:])
@@ -293,10 +300,13 @@ def _measure(cfg: TrainConfig, dtype: torch.dtype) -> Measurements:
         reward_fixed = max(rk[0] - reward_per_frame, 0)
 
     text = getattr(backbone, "text_encoder", None)
+    scheduler = backbone.make_scheduler(cfg.sampler.name)
+    table = getattr(scheduler, "alphas_cumprod", None)  # DDIM/DPM index it with each timestep
     return Measurements(
+        scheduler_fixed=0 if table is None else table.numel() * table.element_size(),
         call_kept=call_kept, call_forward_peak=call_peak, unit_peak=unit_peak, nograd_working=nograd,
         latent_bytes=latents.numel() * latents.element_size(),
-        decode_kept_per_frame=decode_per_frame, decode_recompute=decode_recompute,
+        decode_kept_first=kept[0], decode_kept_per_frame=kept[1] - kept[0], decode_recompute=decode_recompute,
         reward_kept_per_frame=reward_per_frame, reward_fixed=reward_fixed,
         params={"denoiser": _count(backbone.denoiser) - sum(p.numel() for p in lora),
                 "lora": sum(p.numel() for p in lora), "vae": _count(backbone.vae), "reward": _count(reward),
@@ -378,8 +388,9 @@ def _frames_with_grad(cfg: TrainConfig) -> tuple[int, int]:
 def predict(cfg: TrainConfig, m: Measurements, setting: Setting | None = None) -> Prediction:
     """The peak of one training step of ``cfg`` under ``setting`` (default: the config's own)."""
     s = setting or Setting.from_config(cfg)
-    wbytes = _DTYPE_BYTES[weight_dtype_name(cfg)]
-    act_bytes = torch.tensor([], dtype=activation_dtype(cfg)).element_size()
+    target = target_device_type(cfg)
+    wbytes = _DTYPE_BYTES[weight_dtype_name(cfg, target)]
+    act_bytes = torch.tensor([], dtype=activation_dtype(cfg, target)).element_size()
     _, k = parse_truncation(cfg.sampler.truncation, cfg.sampler.steps)[1:]
     seen, grad_frames = _frames_with_grad(cfg)
     p = m.params
@@ -391,21 +402,21 @@ def predict(cfg: TrainConfig, m: Measurements, setting: Setting | None = None) -
     static = parts["denoiser weights"] + parts["lora + grads + optimizer"]
     resident_frozen = frozen if s.frozen_placement == "resident" else 0
 
-    scheduler_latents = 2 * m.latent_bytes  # the step's output and the scheduler's saved input
-    per_step = m.call_kept[s.checkpointing] + scheduler_latents
+    # the scheduler's update multiplies by constants: it keeps nothing latent-sized
+    per_step = m.call_kept[s.checkpointing]
     if s.offload_activations:
-        per_step = scheduler_latents  # everything large moves to the host
+        per_step = m.latent_bytes  # everything large moves to the host; count one latent for small leftovers
     # fp32 base weights under half autocast: each linear/conv keeps a half copy of its weight
     # for backward, once per grad step without checkpointing (once per unit otherwise)
     weight_copies = p["denoiser"] * act_bytes if wbytes > act_bytes else 0
     if s.checkpointing == "none":
         per_step += weight_copies
-    kept = k * per_step
+    kept = k * per_step + m.scheduler_fixed
     recompute = {"none": 0, "block": m.unit_peak["block"], "sub_block": m.unit_peak["sub_block"],
                  "step": m.call_kept["sub_block"] + m.unit_peak["sub_block"]}[s.checkpointing]
     if s.offload_activations:
         recompute += m.call_kept[s.checkpointing] if s.checkpointing != "step" else 0
-    decode_kept = grad_frames * m.decode_kept_per_frame
+    decode_kept = m.decode_kept_first + (grad_frames - 1) * m.decode_kept_per_frame
     reward_kept = m.reward_fixed + seen * m.reward_kept_per_frame
     parts["activations kept (K grad steps)"] = kept
     parts["decode kept"] = decode_kept
@@ -506,6 +517,10 @@ def apply_best_plan(cfg: TrainConfig, verbose: bool = True) -> TrainConfig:
     return apply_setting(cfg, plan.best.setting)
 
 
+def format_size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2 ** 20:.1f} MiB"
+
+
 def oom_message(cfg: TrainConfig, err: BaseException, device: torch.device) -> str:
     """What to say when a step runs out of GPU memory: the card, the prediction, and what the
     planner would change to fit it."""
@@ -517,13 +532,17 @@ def oom_message(cfg: TrainConfig, err: BaseException, device: torch.device) -> s
         m = measure(cfg)
         budget = total or parse_bytes(cfg.memory.gpu_memory or "24GiB")
         plan = make_plan(cfg, budget, m)
-        lines = [head, f"The planner predicts {plan.current.peak / GiB:.1f} GiB for this config on a "
-                       f"{budget / GiB:.0f} GiB budget."]
-        if plan.best is not None:
+        lines = [head, f"The planner predicts {format_size(plan.current.peak)} for this config on a "
+                       f"{format_size(budget)} budget."]
+        if plan.best is not None and plan.best.setting == Setting.from_config(cfg):
+            lines.append(f"The planner expects this config to fit; the difference is fragmentation or memory "
+                         "outside the step: try PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, fewer "
+                         "frames.grad or memory.decode_chunk=1.")
+        elif plan.best is not None:
             lines.append("It would change: " + " ".join(
                 o for o, cur in zip(plan.best.setting.overrides(), Setting.from_config(cfg).overrides()) if o != cur)
-                + f" (predicted {plan.best.peak / GiB:.1f} GiB). Pass these with --set, or run with "
-                f"--gpu-memory {budget / GiB:.0f}GiB to apply it.")
+                + f" (predicted {format_size(plan.best.peak)}). Pass these with --set, or run with "
+                f"--gpu-memory {budget}B to apply it.")
         else:
             lines.append("No memory setting fits: lower video size, frames.grad or sampler.truncation.")
         return "\n".join(lines)
