@@ -138,6 +138,11 @@ class Trainer:
         self.latent_shape = self.backbone.latent_shape(cfg.video.frames, cfg.video.height, cfg.video.width)
 
         self.optimizer = build_optimizer(cfg.optim, self.lora_params)
+        self.zero = None
+        if cfg.memory.zero_stage:  # DeepSpeed ZeRO owns gradient reduction and the update
+            from .memory.zero import ZeroOptimizer
+
+            self.zero = ZeroOptimizer(cfg, self.backbone.denoiser, self.optimizer, self.amp_dtype, self.dist.world_size)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
@@ -234,18 +239,24 @@ class Trainer:
             reward, k = self.forward_reward(prompts, timings, draws)
             loss = -reward.mean() / accum
             t0 = self._sync()
-            self.scaler.scale(loss).backward()
+            if self.zero is not None:
+                self.zero.backward(loss)
+            else:
+                self.scaler.scale(loss).backward()
             timings["backward"] = timings.get("backward", 0.0) + self._sync() - t0
             self.frozen.park()
             rewards.append(reward.detach().mean().item())
             losses.append(loss.item() * accum)
             ks.append(k)
-        self.dist.all_reduce_mean(self.lora_params)
-        self.scaler.unscale_(self.optimizer)
-        max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.lora_params, max_norm))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.zero is not None:
+            grad_norm = self.zero.step()
+        else:
+            self.dist.all_reduce_mean(self.lora_params)
+            self.scaler.unscale_(self.optimizer)
+            max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.lora_params, max_norm))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
