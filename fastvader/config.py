@@ -144,6 +144,10 @@ class MemoryConfig:
     frozen_placement: str = "resident"
     #: a memory budget such as "24GiB": the planner picks settings that fit
     gpu_memory: Optional[str] = None
+    #: DeepSpeed ZeRO stage for the trainable weights' optimizer: 0 (off) | 2 | 3
+    zero_stage: int = 0
+    #: with ZeRO: none | optimizer (states on the CPU) | optimizer+params (stage 3 only)
+    zero_offload: str = "none"
 
 
 @dataclass
@@ -493,6 +497,17 @@ def validate(cfg: TrainConfig) -> None:
     _choice("memory.frozen_placement", m.frozen_placement, ["resident", "on_demand"])
     if m.gpu_memory is not None:
         parse_bytes(m.gpu_memory, "memory.gpu_memory")
+    _choice("memory.zero_stage", m.zero_stage, [0, 2, 3])
+    _choice("memory.zero_offload", m.zero_offload, ["none", "optimizer", "optimizer+params"])
+    if m.zero_offload != "none" and m.zero_stage == 0:
+        raise _err("memory.zero_offload", m.zero_offload, "offload is a ZeRO feature: set memory.zero_stage=2 or 3")
+    if m.zero_offload == "optimizer+params" and m.zero_stage != 3:
+        raise _err("memory.zero_offload", m.zero_offload, "parameter offload needs memory.zero_stage=3")
+    if m.zero_stage and cfg.optim.name != "adamw":
+        raise _err("optim.name", cfg.optim.name,
+                   f"a bitsandbytes optimizer cannot run under DeepSpeed ZeRO (memory.zero_stage={m.zero_stage}): "
+                   "DeepSpeed raises for it with ZeRO offload and does not partition its 8-bit states; "
+                   "use optim.name=adamw with ZeRO, or memory.zero_stage=0 to keep the 8-bit optimizer")
 
     _choice("kernels.enabled", str(cfg.kernels.enabled).lower(), ["auto", "on", "off", "true", "false"])
 
