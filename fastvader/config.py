@@ -313,6 +313,11 @@ def _coerce(tp, value, where: str):
             raise _err(where, value, "expected an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _err(where, value, "expected a number")
         return float(value)
