@@ -11,7 +11,7 @@ end-of-run summary that warns when they sit near zero.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -38,24 +38,30 @@ def lora_delta_norm(denoiser: nn.Module) -> float:
 class LearnMonitor:
     """Snapshots the LoRA at the start; ``observe`` returns the signals for one step."""
 
-    def __init__(self, denoiser: nn.Module, params: Sequence[torch.Tensor], guards_cfg):
+    def __init__(self, denoiser: nn.Module, params: Sequence[torch.Tensor], guards_cfg,
+                 store: Callable[[], dict] | None = None):
         self.denoiser = denoiser
         self.params = list(params)
         self.cfg = guards_cfg
         self.start = [p.detach().float().clone() for p in self.params]
         self.start_norm = self._norm(self.start)
-        self.rewards: list[float] = []
-        self.grad_norms: list[float] = []
+        # the per-step history lives in ``store()`` (the trainer's checkpointed history), so a
+        # resumed run compares its reward against the same first steps as an uninterrupted one
+        own: dict = {}
+        self._store = store or (lambda: own)
         self.last: dict[str, float] = {}
+
+    @property
+    def rewards(self) -> list[float]:
+        return self._store().setdefault("rewards", [])
+
+    @property
+    def grad_norms(self) -> list[float]:
+        return self._store().setdefault("grad_norms", [])
 
     @staticmethod
     def _norm(tensors) -> float:
         return math.sqrt(sum(float(t.detach().float().pow(2).sum()) for t in tensors))
-
-    def reset_start(self) -> None:
-        """Take the current weights as the start (after resuming from a checkpoint)."""
-        self.start = [p.detach().float().clone() for p in self.params]
-        self.start_norm = self._norm(self.start)
 
     def observe(self, reward: float, grad_norm: float, skipped: bool) -> dict[str, float]:
         if not skipped:

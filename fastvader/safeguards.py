@@ -14,6 +14,7 @@ plus a first/middle/last-frame grid per validation round under ``samples/`` and 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -157,7 +158,11 @@ class Safeguards:
         if loggers is not None:
             loggers.log_validation(trainer.step, tag, result, videos, trainer.cfg.video.fps)
         if tag != "after":  # the final round does not decide anything any more
+            saved = trainer.history.get("early_stop")
+            if saved and not self.stopper.history:  # resumed: continue the curves of the first run
+                self.stopper = EarlyStopper(**saved)
             self.stopper.update(trainer.step, result["reward"], result.get("second_reward"))
+            trainer.history["early_stop"] = dataclasses.asdict(self.stopper)
 
     def summary(self) -> dict[str, Any]:
         return {"rounds": self.stopper.history, "best_heldout_reward": self.stopper.best,

@@ -151,9 +151,13 @@ class Trainer:
         (docs/trust.md)."""
         cfg = self.cfg
         self.guard = NumericalGuard(cfg.guards.max_bad_steps, cfg.train.precision)
-        self.learn = LearnMonitor(self.backbone.denoiser, self.lora_params, cfg.guards)
+        self.learn = LearnMonitor(self.backbone.denoiser, self.lora_params, cfg.guards,
+                                  store=lambda: self.history.setdefault("learn", {}))
         self.selfcheck.watch_checkpointing(self.backbone.denoiser, cfg.memory.checkpointing, self.sampler)
-        self.selfcheck.arm() if cfg.guards.self_check else self.selfcheck.release()
+        if cfg.guards.self_check:
+            self.selfcheck.arm()
+        else:
+            self.selfcheck.release()
         self.safeguards = Safeguards(cfg, self.prompts.prompts, self.val_prompts, self.device)
         self.sampler.grad_step_wrapper = self.safeguards.step_wrapper(self.backbone.denoiser,
                                                                       self.sampler.grad_step_wrapper)
@@ -229,7 +233,7 @@ class Trainer:
         accum = cfg.optim.grad_accum
         timings: dict[str, float] = {}
         rewards, losses, ks = [], [], []
-        loss_ok, grad_norm, skip = True, float("nan"), None
+        loss_ok, grad_norm = True, float("nan")
         for _ in range(accum):
             prompts = self.prompts.sample(cfg.train.batch_size, self.generator)
             reward, k = self.forward_reward(prompts, timings)

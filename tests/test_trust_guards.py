@@ -64,7 +64,7 @@ def test_nan_gradient_norm_skips_the_step(tmp_path):
 def test_consecutive_bad_steps_stop_the_run_and_nothing_is_written(tmp_path):
     cfg = tiny_config(tmp_path, name="stuck", train={"steps": 5, "checkpoint_every": 1},
                       guards={"max_bad_steps": 2})
-    with pytest.raises(NonFiniteError) as err:
+    with pytest.raises(NonFiniteError) as err, pytest.warns(UserWarning, match="every step was skipped"):
         train(cfg, reward=ScriptedReward(always_nan=True))
     message = str(err.value)
     assert "2 training steps in a row" in message
