@@ -23,11 +23,7 @@ from fastvader.kernels.temporal_attention import (
     temporal_attention_reference,
 )
 
-# `python -m pytest` puts the repository root on sys.path, where kernels/ shadows Hugging Face's
-# `kernels` package, which transformers (imported by peft) probes and then fails to import.
-# fastvader itself is found through its editable install, not through that entry.
 _REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _REPO_ROOT]
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KERNEL_BACKEND = _backend.active_backend(DEVICE)
