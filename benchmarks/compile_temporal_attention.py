@@ -24,6 +24,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fastvader.kernels.temporal_attention import (  # noqa: E402
+    _BWD_Q_BLOCK,
     _padded_dims,
     _pick_block_rows,
     _temporal_attn_bwd_kernel,
@@ -75,7 +76,7 @@ def compile_shape(n, f, c, heads, dtype="bf16", arch=90, with_bias=True):
                           INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32",
                           BLOCK_N=bn, F_PAD=f_pad, D_PAD=d_pad)
         if backward:
-            constexprs.update(BIAS_GRAD=with_bias, BIAS_GRAD_PER_ROW=False)
+            constexprs.update(BIAS_GRAD=with_bias, BIAS_GRAD_PER_ROW=False, Q_BLOCK=min(_BWD_Q_BLOCK, f_pad))
         kernel = triton.compile(ASTSource(fn, _signature(fn, dtype, constexprs), constexprs=constexprs),
                                 target=target, options={"num_warps": warps, "num_stages": 1})
         results.append(f"{'bwd' if backward else 'fwd'} rows {bn:>2} warps {warps} {_usage(kernel)}")
