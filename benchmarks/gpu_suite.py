@@ -30,7 +30,6 @@ import copy
 import dataclasses
 import importlib
 import json
-import math
 import os
 import platform
 import subprocess
@@ -181,7 +180,6 @@ def run_once(cfg, path: str, base_backbone, base_reward, lora_state: dict | None
     """Build a Trainer around copies of the prebuilt models, warm up one step, measure one."""
     from fastvader import train_loop
     from fastvader.lora import lora_state_dict
-    from fastvader.sampling import Sampler
 
     device = torch.device("cpu" if dry else "cuda")
     backbone, reward = copy.deepcopy(base_backbone), copy.deepcopy(base_reward)
