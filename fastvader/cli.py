@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig, load_config
+from .guards import NonFiniteError
+from .selfcheck import SelfCheckError
 
 
 def config_reference() -> str:
@@ -124,6 +126,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_lora
+
+    out = export_lora(args.source, args.format, args.out, prefix=args.prefix)
+    print(f"wrote {out} ({args.format} layout)")
+    return 0
+
+
 def cmd_env(args) -> int:
     from .env import environment_report
 
@@ -189,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", default=None, help="LoRA safetensors to evaluate")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("export", help="convert a trained LoRA to the diffusers, ComfyUI or kohya layout",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("source", metavar="RUN_DIR_OR_FILE", help="a run directory (its lora.safetensors) or a LoRA file")
+    p.add_argument("--format", required=True, choices=["diffusers", "comfyui", "kohya"], help="target layout")
+    p.add_argument("--out", required=True, metavar="FILE", help="where to write the .safetensors file")
+    p.add_argument("--prefix", default="unet", choices=["unet", "transformer"],
+                   help="diffusers key prefix: unet (UNet pipelines) or transformer (Wan, CogVideoX)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("env", help="versions, devices and active kernel paths (for bug reports)",
                        formatter_class=_HelpFormatter)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -214,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"fastvader: {err}", file=sys.stderr)
         return 2
+    except (NonFiniteError, SelfCheckError) as err:  # a guard stopped the run: say why, no traceback
+        print(f"fastvader: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
