@@ -159,6 +159,24 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(lvl)
 
 
+@contextlib.contextmanager
+def _meta_stays_put() -> Iterator[None]:
+    """Some adapters park a part on the CPU as they are built (``text_encoder.cpu()``); a meta
+    module has no data to move, so ``cpu()`` leaves meta modules where they are meanwhile."""
+    original = nn.Module.cpu
+
+    def cpu(module: nn.Module):
+        if any(p.is_meta for p in module.parameters()):
+            return module
+        return original(module)
+
+    nn.Module.cpu = cpu
+    try:
+        yield
+    finally:
+        nn.Module.cpu = original
+
+
 def build_on_meta(cfg: TrainConfig, dtype: torch.dtype):
     """The configured backbone architecture (random init, no weights) and reward on the meta
     device, LoRA injected: (backbone, reward, lora_params)."""
@@ -167,7 +185,7 @@ def build_on_meta(cfg: TrainConfig, dtype: torch.dtype):
     from ..rewards import build_reward
 
     bcfg = dataclasses.replace(cfg.backbone, random_init=True, pretrained=None)
-    with torch.device("meta"), _quiet():
+    with torch.device("meta"), _quiet(), _meta_stays_put():
         backbone = build_backbone(bcfg).freeze().to(dtype)
         try:
             reward = build_reward(cfg.reward).freeze().to(dtype)
