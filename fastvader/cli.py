@@ -157,9 +157,12 @@ def cmd_models(args) -> int:
                 params = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in params.items())
             elif isinstance(params, int):
                 params = f"{params:,}"
-            print(f"  {entry['name']:<16} params: {params}")
+            kind = entry.get("kind") or entry.get("prediction_type") or ""
+            print(f"  {entry['name']:<20} {kind:<10} params: {params}")
+            if entry.get("weights"):
+                print(f"  {'':<20} weights: {entry['weights']}")
             if entry.get("defaults"):
-                print(f"  {'':<16} defaults: {entry['defaults']}")
+                print(f"  {'':<20} defaults: {entry['defaults']}")
     return 0
 
 

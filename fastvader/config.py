@@ -474,7 +474,7 @@ def resolve_path(cfg: TrainConfig, path: str) -> Path:
 
 def validate(cfg: TrainConfig) -> None:
     from .backbones import available_backbones, backbone_class
-    from .rewards import available_rewards
+    from .rewards import available_rewards, expand_terms
 
     v = cfg.video
     for name in ("frames", "height", "width", "fps"):
@@ -517,9 +517,10 @@ def validate(cfg: TrainConfig) -> None:
             raise _err("reward.terms" if r.terms else "reward.name", name, f"choose from {known}")
         if not isinstance(weight, (int, float)):
             raise _err(f"reward.terms.{name}", weight, "weights are numbers")
+    in_use = expand_terms(cfg.reward_terms)  # presets expand to the rewards they combine
     for name in r.options:
-        if name not in cfg.reward_terms:
-            raise _err(f"reward.options.{name}", r.options[name], f"options name a reward in use: {list(cfg.reward_terms)}")
+        if name not in in_use:
+            raise _err(f"reward.options.{name}", r.options[name], f"options name a reward in use: {list(in_use)}")
 
     o = cfg.optim
     _choice("optim.name", o.name, ["adamw", "adamw8bit", "paged_adamw8bit"])
@@ -589,7 +590,7 @@ def validate(cfg: TrainConfig) -> None:
 def _validate_trust(cfg: TrainConfig) -> None:
     """The guards, safeguards and logging sections (docs/trust.md)."""
     from .guards import check_precision_for_family
-    from .rewards import available_rewards
+    from .rewards import available_rewards, expand_terms
 
     g = cfg.guards
     _positive("guards.max_bad_steps", g.max_bad_steps)

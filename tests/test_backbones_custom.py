@@ -584,22 +584,10 @@ def test_opensora_causal_conv_and_decode_frames_match_the_full_decode():
     torch.testing.assert_close(picked, full[:, [1, 6]], rtol=1e-5, atol=1e-5)
 
 
-def test_opensora_tiny_trains_one_step_in_the_loop(tmp_path, monkeypatch):
-    from fastvader import train_loop
-    from fastvader.memory.decode import decode_frames as per_frame_decode
-
-    # The loop decodes with memory.decode.decode_frames(vae, ...), which assumes one latent per
-    # frame. Open-Sora's VAE compresses time, so the backbone decodes itself; until the loop
-    # dispatches on backbone.decode_frames (requested from the lead), route it here.
+def test_opensora_tiny_trains_one_step_in_the_loop(tmp_path):
+    # Open-Sora's VAE compresses time: the loop decodes through backbone.decode_frames
     backbone = _tiny_opensora()
     _randomize(backbone.denoiser, 11)
-
-    def decode(vae, latents, frames=None, grad_frames=None, chunk=1):
-        if vae is backbone.vae:
-            return backbone.decode_frames(latents, frames, grad_frames, chunk)
-        return per_frame_decode(vae, latents, frames, grad_frames, chunk)
-
-    monkeypatch.setattr(train_loop, "decode_frames", decode)
     cfg = _loop_config("opensora", {"tiny": True}, frames=7, height=16, width=16, sampler="euler_flow",
                        tmp_path=tmp_path)
     _check_one_training_step(cfg, backbone)

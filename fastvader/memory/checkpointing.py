@@ -19,6 +19,8 @@ SUB_BLOCK_TYPES = (
     "ResnetBlock2D", "TemporalConvLayer", "Transformer2DModel", "TransformerTemporalModel",
     "AnimateDiffTransformer3D", "TransformerSpatioTemporalModel", "WanTransformerBlock",
     "BasicTransformerBlock", "CogVideoXBlock",
+    # fastvader's own VideoCrafter2 (LVDM) and Open-Sora modules
+    "LVDMResBlock", "SpatialTransformer", "TemporalTransformer", "STDiT3Block",
 )
 BLOCK_ATTRS = ("down_blocks", "up_blocks", "mid_block", "blocks", "transformer_blocks")
 

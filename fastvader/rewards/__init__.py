@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from ._hf import hide_repo_kernels_package
 from .base import REWARDS, Reward, WeightedSum, build_reward_from_spec, register_reward
-
-# Run from the repository root, transformers' probe for Hugging Face's `kernels` package finds
-# fastvader's kernels/ folder and every transformers model import fails (see _hf). Until
-# fastvader/__init__.py does this for the whole package, importing the rewards does it.
-hide_repo_kernels_package()
 
 # Modules whose import registers rewards. Real-model rewards import transformers lazily inside
 # their constructors, so listing them here stays cheap.

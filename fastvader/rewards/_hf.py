@@ -27,28 +27,7 @@ class RewardWeightsError(FileNotFoundError):
 # ---------------------------------------------------------------------------------------------
 # importing transformers safely
 # ---------------------------------------------------------------------------------------------
-def hide_repo_kernels_package() -> None:
-    """transformers 5 probes for Hugging Face's ``kernels`` package with ``find_spec`` and, when
-    it finds one without install metadata, imports it. Run from the repository root (``python -m
-    pytest``, ``python -c``), that probe finds fastvader's own ``kernels/`` folder, whose import
-    refuses on purpose, and every transformers model import fails. Marking the top-level name
-    as absent (``sys.modules[name] = None`` makes ``find_spec`` answer None) fixes the probe
-    without touching ``fastvader.kernels``."""
-    if "kernels" in sys.modules:
-        return
-    try:
-        spec = importlib.util.find_spec("kernels")
-    except (ImportError, ValueError):
-        return
-    if spec is None or spec.origin is None:
-        return
-    repo_kernels = Path(__file__).resolve().parents[2] / "kernels" / "__init__.py"
-    if Path(spec.origin).resolve() == repo_kernels:
-        sys.modules["kernels"] = None  # type: ignore[assignment]
-
-
 def transformers_module():
-    hide_repo_kernels_package()
     import transformers
 
     return transformers
