@@ -30,7 +30,6 @@ import copy
 import dataclasses
 import importlib
 import json
-import math
 import os
 import platform
 import subprocess
@@ -171,13 +170,12 @@ def run_once(cfg, path: str, base_backbone, base_reward, lora_state: dict | None
     """Build a Trainer around copies of the prebuilt models, warm up one step, measure one."""
     from fastvader import train_loop
     from fastvader.lora import lora_state_dict
-    from fastvader.sampling import Sampler
 
     device = torch.device("cpu" if dry else "cuda")
     backbone, reward = copy.deepcopy(base_backbone), copy.deepcopy(base_reward)
-    if path == "baseline":  # the loop decodes through backbone.decode_frames
+    if path == "baseline":  # VADER's eager decode replaces the backbone's checkpointed one
         backbone.decode_frames = lambda latents, frames=None, grad_frames=None, chunk=1: eager_decode(
-            backbone.vae, latents, frames, grad_frames, chunk)
+            backbone.vae, latents, frames, grad_frames)
     trainer = train_loop.Trainer(cfg, backbone=backbone, reward=reward)
     init_lora = lora_state_dict(trainer.backbone.denoiser) if lora_state is None else None
     if lora_state is not None:  # both paths start from the same LoRA weights
@@ -189,13 +187,14 @@ def run_once(cfg, path: str, base_backbone, base_reward, lora_state: dict | None
     timer = GradStepTimer(device)
     trainer.sampler.grad_step_wrapper = timer.wrap(trainer.sampler.grad_step_wrapper)
     grads: list[torch.Tensor] = []
-    original_step = trainer.optimizer.step
+    original_unscale = trainer.scaler.unscale_
 
-    def capture(*args, **kwargs):  # the step's (clipped) gradients, just before the update
-        grads[:] = [torch.cat([p.grad.detach().float().flatten() for p in trainer.lora_params]).cpu()]
-        return original_step(*args, **kwargs)
+    def capture(optimizer):  # after backward, before clipping and the update: the step's gradients
+        grads[:] = [torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten()
+                               for p in trainer.lora_params]).cpu()]
+        return original_unscale(optimizer)  # a scaled fp16 gradient has the same direction
 
-    trainer.optimizer.step = capture
+    trainer.scaler.unscale_ = capture
     trainer._train_step()  # warm-up: Triton compiles, allocator settles
     if device.type == "cuda":
         torch.cuda.synchronize()
