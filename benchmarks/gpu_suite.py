@@ -282,8 +282,8 @@ def end_to_end(results: dict, args) -> None:
     results["build_s"] = round(time.perf_counter() - t0, 1)
     caps = [None] if dry or args.no_cap else [None, args.cap]
     rows = results.setdefault("runs", [])
-    for sc in configs:
-        for cap in caps:
+    for cap in caps:  # every uncapped run first: a suite cut short still has the main table
+        for sc in configs:
             budget_bytes = None if cap is None else parse_bytes(cap, "--cap")
             lora_state, grads = None, {}
             for path in ("baseline", "fastvader"):
