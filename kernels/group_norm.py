@@ -193,6 +193,7 @@ if _HAS_TRITON:
                 off, mask = _tile(c_idx, s_idx, CPG, s_hi, stride_c, stride_so, stride_si,
                                   S_INNER, C_FAST, SPLIT_S)
                 v = tl.load(X + offset + off, mask=mask, other=0.0).to(tl.float32)
+                v = tl.where(mask, v, mean)  # keeps masked lanes finite (no exp overflow)
                 z = v * scale + shift
                 if SILU:
                     z = z * tl.sigmoid(z)
@@ -253,6 +254,7 @@ if _HAS_TRITON:
                 off, mask = _tile(c_idx, s_idx, CPG, s_hi, stride_c, stride_so, stride_si,
                                   S_INNER, C_FAST, SPLIT_S)
                 v = tl.load(X + offset + off, mask=mask, other=0.0).to(tl.float32)
+                v = tl.where(mask, v, mean)  # keeps masked lanes finite (no exp overflow)
                 dy = tl.load(DY + offset + off, mask=mask, other=0.0).to(tl.float32)
                 x_hat, gr = _recompute_grad(v, dy, mean, rstd, w_t, b_t, SILU)
                 x_hat = tl.where(mask, x_hat, 0.0)
@@ -310,6 +312,7 @@ if _HAS_TRITON:
                 off, mask = _tile(c_idx, s_idx, CPG, s_hi, stride_c, stride_so, stride_si,
                                   S_INNER, C_FAST, SPLIT_S)
                 v = tl.load(X + offset + off, mask=mask, other=0.0).to(tl.float32)
+                v = tl.where(mask, v, mean)  # keeps masked lanes finite (no exp overflow)
                 dy = tl.load(DY + offset + off, mask=mask, other=0.0).to(tl.float32)
                 x_hat, gr = _recompute_grad(v, dy, mean, rstd, w_t, b_t, SILU)
                 dx = rstd * (gr * w_t - c1 - x_hat * c2)

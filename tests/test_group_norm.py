@@ -218,7 +218,9 @@ def _use_backend(monkeypatch, backend):
         pytest.skip("needs triton (CUDA, or the interpreter via TRITON_INTERPRET=1)")
 
 
-def test_patched_autoencoder_kl_matches_and_reverts():
+@pytest.mark.parametrize("backend", ["reference", pytest.param("kernel", marks=pytest.mark.slow)])
+def test_patched_autoencoder_kl_matches_and_reverts(backend, monkeypatch):
+    _use_backend(monkeypatch, backend)
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKL(
         block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
