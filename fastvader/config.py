@@ -144,6 +144,10 @@ class MemoryConfig:
     frozen_placement: str = "resident"
     #: a memory budget such as "24GiB": the planner picks settings that fit
     gpu_memory: Optional[str] = None
+    #: DeepSpeed ZeRO stage for the trainable weights' optimizer: 0 (off) | 2 | 3
+    zero_stage: int = 0
+    #: with ZeRO: none | optimizer (states on the CPU) | optimizer+params (stage 3 only)
+    zero_offload: str = "none"
 
 
 @dataclass
@@ -470,7 +474,7 @@ def resolve_path(cfg: TrainConfig, path: str) -> Path:
 
 def validate(cfg: TrainConfig) -> None:
     from .backbones import available_backbones, backbone_class
-    from .rewards import available_rewards
+    from .rewards import available_rewards, expand_terms
 
     v = cfg.video
     for name in ("frames", "height", "width", "fps"):
@@ -513,9 +517,10 @@ def validate(cfg: TrainConfig) -> None:
             raise _err("reward.terms" if r.terms else "reward.name", name, f"choose from {known}")
         if not isinstance(weight, (int, float)):
             raise _err(f"reward.terms.{name}", weight, "weights are numbers")
+    in_use = expand_terms(cfg.reward_terms)  # presets expand to the rewards they combine
     for name in r.options:
-        if name not in cfg.reward_terms:
-            raise _err(f"reward.options.{name}", r.options[name], f"options name a reward in use: {list(cfg.reward_terms)}")
+        if name not in in_use:
+            raise _err(f"reward.options.{name}", r.options[name], f"options name a reward in use: {list(in_use)}")
 
     o = cfg.optim
     _choice("optim.name", o.name, ["adamw", "adamw8bit", "paged_adamw8bit"])
@@ -553,6 +558,17 @@ def validate(cfg: TrainConfig) -> None:
     _choice("memory.frozen_placement", m.frozen_placement, ["resident", "on_demand"])
     if m.gpu_memory is not None:
         parse_bytes(m.gpu_memory, "memory.gpu_memory")
+    _choice("memory.zero_stage", m.zero_stage, [0, 2, 3])
+    _choice("memory.zero_offload", m.zero_offload, ["none", "optimizer", "optimizer+params"])
+    if m.zero_offload != "none" and m.zero_stage == 0:
+        raise _err("memory.zero_offload", m.zero_offload, "offload is a ZeRO feature: set memory.zero_stage=2 or 3")
+    if m.zero_offload == "optimizer+params" and m.zero_stage != 3:
+        raise _err("memory.zero_offload", m.zero_offload, "parameter offload needs memory.zero_stage=3")
+    if m.zero_stage and cfg.optim.name != "adamw":
+        raise _err("optim.name", cfg.optim.name,
+                   f"a bitsandbytes optimizer cannot run under DeepSpeed ZeRO (memory.zero_stage={m.zero_stage}): "
+                   "DeepSpeed raises for it with ZeRO offload and does not partition its 8-bit states; "
+                   "use optim.name=adamw with ZeRO, or memory.zero_stage=0 to keep the 8-bit optimizer")
 
     _choice("kernels.enabled", str(cfg.kernels.enabled).lower(), ["auto", "on", "off", "true", "false"])
 
@@ -574,7 +590,7 @@ def validate(cfg: TrainConfig) -> None:
 def _validate_trust(cfg: TrainConfig) -> None:
     """The guards, safeguards and logging sections (docs/trust.md)."""
     from .guards import check_precision_for_family
-    from .rewards import available_rewards
+    from .rewards import available_rewards, expand_terms
 
     g = cfg.guards
     _positive("guards.max_bad_steps", g.max_bad_steps)

@@ -94,7 +94,9 @@ class Sampler:
                       device, dtype=torch.float32) -> torch.Tensor:
         """Noise drawn on the CPU generator, so runs are reproducible across devices."""
         noise = torch.randn((batch, *shape), generator=generator, dtype=torch.float32)
-        return (noise * self.scheduler.init_noise_sigma).to(device=device, dtype=dtype)
+        # flow-matching schedulers start from unit noise and have no init_noise_sigma
+        sigma = getattr(self.scheduler, "init_noise_sigma", 1.0)
+        return (noise * sigma).to(device=device, dtype=dtype)
 
     def sample(self, embeds: PromptEmbeddings, latents: torch.Tensor, grad_steps: int = 0,
                generator: torch.Generator | None = None) -> torch.Tensor:
@@ -109,7 +111,8 @@ class Sampler:
             step_kwargs["eta"] = self.eta
 
         def denoise_step(x: torch.Tensor, t) -> torch.Tensor:
-            x_in = self.scheduler.scale_model_input(x, t)
+            scale = getattr(self.scheduler, "scale_model_input", None)  # absent on flow schedulers
+            x_in = scale(x, t) if scale is not None else x
             return classifier_free_guidance(self.backbone, x_in, t, embeds, self.guidance_scale)
 
         grad_step = self.grad_step_wrapper(denoise_step) if self.grad_step_wrapper else denoise_step

@@ -19,13 +19,14 @@ import torch
 from . import checkpoint as ckpt
 from .backbones import Backbone, PromptEmbeddings, build_backbone
 from .config import TrainConfig
+from .distributed import BatchDraws, DistContext
 from .frames import FrameSelector
 from .guards import NonFiniteError, NumericalGuard, check_finite_state, is_finite
 from .learn_signals import LearnMonitor
 from .logging_backends import Loggers
 from .lora import add_lora, lora_metadata, lora_state_dict, save_lora
 from .memory.checkpointing import enable_checkpointing
-from .memory.decode import decode_frames
+from .memory.offload import FrozenPlacement, grad_step_wrapper
 from .memory.optim import build_optimizer
 from .prompts import PromptSource
 from .rewards import Reward, build_reward
@@ -105,9 +106,15 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, backbone: Backbone | None = None,
                  reward: Reward | None = None, resume: str | Path | None = None):
-        self.cfg = cfg.validate()
+        cfg = cfg.validate()
+        if cfg.memory.gpu_memory:
+            from .memory.planner import apply_best_plan
+
+            cfg = apply_best_plan(cfg)
+        self.cfg = cfg
         t = cfg.train
-        self.device = resolve_device(t.device)
+        self.dist = DistContext.from_env(resolve_device(t.device).type)
+        self.device = self.dist.device(resolve_device(t.device))
         self.amp_dtype = resolve_precision(t.precision, self.device)
         self.weight_dtype = self._weight_dtype()
         self.run_dir = cfg.run_dir
@@ -117,11 +124,13 @@ class Trainer:
         self.backbone = (backbone or build_backbone(cfg.backbone)).freeze()
         self.backbone.to(self.device, self.weight_dtype)
         self.reward = (reward or build_reward(cfg.reward)).freeze().to(self.device)
+        self.frozen = FrozenPlacement([self.backbone.vae, self.reward], self.device, cfg.memory.frozen_placement)
         self.lora_params = add_lora(self.backbone.denoiser, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
                                     cfg.lora.target_modules or self.backbone.default_lora_targets,
                                     cfg.lora.init_weights)
         for p in self.lora_params:  # LoRA trains in fp32 whatever the base weights are
             p.data = p.data.float()
+        self.dist.broadcast_(self.lora_params)
         self.selfcheck = SelfCheck(cfg)
         self.kernel_report = self._apply_kernels()
         self._undo_checkpointing = enable_checkpointing(self.backbone.denoiser, cfg.memory.checkpointing)
@@ -137,6 +146,11 @@ class Trainer:
         self.latent_shape = self.backbone.latent_shape(cfg.video.frames, cfg.video.height, cfg.video.width)
 
         self.optimizer = build_optimizer(cfg.optim, self.lora_params)
+        self.zero = None
+        if cfg.memory.zero_stage:  # DeepSpeed ZeRO owns gradient reduction and the update
+            from .memory.zero import ZeroOptimizer
+
+            self.zero = ZeroOptimizer(cfg, self.backbone.denoiser, self.optimizer, self.amp_dtype, self.dist.world_size)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
@@ -183,13 +197,7 @@ class Trainer:
         return reports
 
     def _step_wrapper(self):
-        if self.cfg.memory.checkpointing != "step":
-            return None
-        from torch.utils.checkpoint import checkpoint
-
-        def wrap(fn):
-            return lambda x, t: checkpoint(fn, x, t, use_reentrant=False)
-        return wrap
+        return grad_step_wrapper(self.cfg.memory.checkpointing, self.cfg.memory.offload_activations)
 
     def _embed_all_prompts(self) -> None:
         if len(self.prompts.prompts) <= 4096:
@@ -207,19 +215,27 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def forward_reward(self, prompts: list[str], timings: dict[str, float]) -> tuple[torch.Tensor, int]:
-        """Sample, decode and score one micro-batch; returns (rewards (B,), grad steps K)."""
+    def forward_reward(self, prompts: list[str], timings: dict[str, float],
+                       draws: BatchDraws | None = None) -> tuple[torch.Tensor, int]:
+        """Sample, decode and score one micro-batch; returns (rewards (B,), grad steps K).
+        ``draws`` gives each video its own noise stream (see fastvader.distributed)."""
         cfg = self.cfg
         embeds = self.prompt_cache(prompts)
-        noise = self.sampler.initial_noise(len(prompts), self.latent_shape, self.generator, self.device,
-                                           self.weight_dtype)
-        k = self.truncation.draw(self.generator)
-        frames, grad_frames = self.frames.draw(self.generator)
+        shared = draws.shared if draws is not None else self.generator
+        if draws is not None:
+            noise = torch.cat([self.sampler.initial_noise(1, self.latent_shape, g, self.device, self.weight_dtype)
+                               for g in draws.videos])
+        else:
+            noise = self.sampler.initial_noise(len(prompts), self.latent_shape, self.generator, self.device,
+                                               self.weight_dtype)
+        k = self.truncation.draw(shared)
+        frames, grad_frames = self.frames.draw(shared)
         t0 = self._sync()
         with self.autocast():
-            latents = self.sampler.sample(embeds, noise, grad_steps=k, generator=self.generator)
+            latents = self.sampler.sample(embeds, noise, grad_steps=k, generator=shared)
             t1 = self._sync()
-            video = decode_frames(self.backbone.vae, latents, frames, grad_frames, chunk=cfg.memory.decode_chunk)
+            self.frozen.load()
+            video = self.backbone.decode_frames(latents, frames, grad_frames, chunk=cfg.memory.decode_chunk)
             t2 = self._sync()
         rewards = self.reward(video.float(), prompts)
         t3 = self._sync()
@@ -228,15 +244,27 @@ class Trainer:
         return rewards, k
 
     def train_step(self) -> StepResult:
-        """One optimizer step over ``optim.grad_accum`` micro-batches."""
+        """One optimizer step; a CUDA out-of-memory error is re-raised saying what to change."""
+        try:
+            return self._train_step()
+        except torch.cuda.OutOfMemoryError as err:
+            from .memory.planner import oom_message
+
+            self.optimizer.zero_grad(set_to_none=True)
+            raise torch.cuda.OutOfMemoryError(oom_message(self.cfg, err, self.device)) from err
+
+    def _train_step(self) -> StepResult:
+        """One optimizer step over ``optim.grad_accum`` micro-batches (of ``train.batch_size`` per
+        rank; gradients are averaged over ranks)."""
         cfg, start = self.cfg, time.perf_counter()
         accum = cfg.optim.grad_accum
         timings: dict[str, float] = {}
         rewards, losses, ks = [], [], []
         loss_ok, grad_norm = True, float("nan")
-        for _ in range(accum):
-            prompts = self.prompts.sample(cfg.train.batch_size, self.generator)
-            reward, k = self.forward_reward(prompts, timings)
+        for micro in range(accum):
+            draws = BatchDraws.for_step(cfg.train.seed, self.step, micro, self.dist.rank, cfg.train.batch_size)
+            prompts = [self.prompts.sample(1, g)[0] for g in draws.videos]
+            reward, k = self.forward_reward(prompts, timings, draws)
             loss = -reward.mean() / accum
             penalty = self.safeguards.penalty()  # keeps the model near the base (safeguards.regularizer)
             if penalty is not None:
@@ -249,21 +277,37 @@ class Trainer:
                 break
             t0 = self._sync()
             if loss.requires_grad:  # a detached graph is reported by the self-check, not a crash
-                self.scaler.scale(loss).backward()
+                if self.zero is not None:
+                    self.zero.backward(loss)
+                else:
+                    self.scaler.scale(loss).backward()
             timings["backward"] = timings.get("backward", 0.0) + self._sync() - t0
-        if loss_ok:
-            if self.cfg.guards.self_check and not self.selfcheck.done:
-                self.selfcheck.verify(self.lora_params)
-            self.scaler.unscale_(self.optimizer)
-            max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.lora_params, max_norm))
-        skip = self.guard.classify(loss_ok, is_finite(grad_norm), self.scaler)
-        if skip is None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.lr_scheduler.step()
-        elif loss_ok and self.scaler.is_enabled():
-            self.scaler.update()  # fp16 overflow: lower the loss scale, exactly as scaler.step would skip
+            self.frozen.park()
+        if loss_ok and self.cfg.guards.self_check and not self.selfcheck.done:
+            self.selfcheck.verify(self.lora_params)
+        if self.zero is not None:
+            # DeepSpeed owns reduction, clipping, fp16 loss scaling and its own overflow skips
+            if loss_ok:
+                grad_norm = self.zero.step()
+                self.lr_scheduler.step()
+            skip = self.guard.classify(loss_ok, True, None)
+        else:
+            if self.dist.enabled:
+                if not loss_ok:  # poison the average, so that every rank skips this step together
+                    for p in self.lora_params:
+                        p.grad = torch.full_like(p, float("nan"))
+                self.dist.all_reduce_mean(self.lora_params)
+            if loss_ok:
+                self.scaler.unscale_(self.optimizer)
+                max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.lora_params, max_norm))
+            skip = self.guard.classify(loss_ok, is_finite(grad_norm), self.scaler)
+            if skip is None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.lr_scheduler.step()
+            elif loss_ok and self.scaler.is_enabled():
+                self.scaler.update()  # fp16 overflow: lower the loss scale, exactly as scaler.step would skip
         self.guard.record(skip, self.scaler)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -286,7 +330,8 @@ class Trainer:
         noise = self.sampler.initial_noise(len(prompts), self.latent_shape, generator, self.device, self.weight_dtype)
         with self.autocast():
             latents = self.sampler.sample(embeds, noise, grad_steps=0, generator=generator)
-            return decode_frames(self.backbone.vae, latents).float()
+            self.frozen.load()
+            return self.backbone.decode_frames(latents).float()
 
     def validate(self, tag: str, save_videos: bool = False) -> dict[str, Any]:
         """Mean reward over the validation prompts and seeds (and sample videos under samples/)."""
@@ -297,6 +342,7 @@ class Trainer:
             video = self.sample_videos(self.val_prompts, seed)
             scores.append(self.reward(video, self.val_prompts).float().cpu())
             videos.append(video.cpu())
+        self.frozen.park()
         per_prompt = torch.stack(scores).mean(0)
         result = {"tag": tag, "step": self.step, "reward": float(per_prompt.mean()),
                   "per_prompt": {p: float(s) for p, s in zip(self.val_prompts, per_prompt)}}
@@ -362,6 +408,8 @@ class Trainer:
         from .media import plot_curve
 
         cfg, t = self.cfg, self.cfg.train
+        if not self.dist.is_main:
+            return self._fit_worker()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         self.loggers = Loggers.from_config(cfg, self.run_dir)
@@ -408,6 +456,12 @@ class Trainer:
         self.loggers.close()
         ckpt.write_json(self.run_dir / "summary.json", summary)
         return summary
+
+    def _fit_worker(self) -> dict[str, Any]:
+        """Ranks other than 0 only train: rank 0 logs, validates and writes checkpoints."""
+        while self.step < self.cfg.train.steps:
+            self.train_step()
+        return {"run": str(self.run_dir), "steps": self.step, "rank": self.dist.rank}
 
     def trust_summary(self, error: BaseException | None = None) -> dict[str, Any]:
         """Learn signals, guard counts, self-check and held-out results for summary.json; the

@@ -107,7 +107,7 @@ def _lora(trainer):
 
 
 def test_resume_continues_exactly(tmp_path):
-    common = ["sampler.truncation=rand", "frames.reward=random:2", "sampler.eta=0.5"]
+    common = ["sampler.truncation=rand", "frames.reward=random:2", "sampler.eta=0.5", "sampler.steps=2"]
     straight = Trainer(tiny_config(tmp_path / "a", "train.steps=8", *common))
     straight.fit()
 

@@ -101,6 +101,16 @@ class Backbone(nn.Module):
         for this model's training noise schedule."""
         raise NotImplementedError
 
+    def decode_frames(self, latents: torch.Tensor, frames: Sequence[int] | None = None,
+                      grad_frames: Sequence[int] | None = None, chunk: int = 1) -> torch.Tensor:
+        """The loop's decode: latents (B, C, f, h, w) -> pixels (B, len(frames), 3, H, W) in
+        [0, 1], gradients only through ``grad_frames``, ``chunk`` decode units checkpointed at a
+        time. The default serves every diffusers VAE (``fastvader.memory.decode``); families
+        with their own VAE override it."""
+        from fastvader.memory.decode import decode_frames
+
+        return decode_frames(self.vae, latents, frames, grad_frames, chunk=chunk)
+
     # -- helpers shared by all families --------------------------------------------------------
     def frozen_modules(self) -> list[nn.Module]:
         """Everything but the denoiser: never trained, never holding gradients."""
