@@ -26,6 +26,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from fastvader.kernels.temporal_attention import (  # noqa: E402
     _padded_dims,
     _pick_block_rows,
+    _q_block,
     _temporal_attn_bwd_kernel,
     _temporal_attn_fwd_kernel,
 )
@@ -73,7 +74,7 @@ def compile_shape(n, f, c, heads, dtype="bf16", arch=90, with_bias=True):
         bn, warps = _pick_block_rows(n, f_pad, d_pad, backward=backward, interpret=False)
         constexprs = dict(HAS_BIAS=with_bias, BIAS_BF16_BITS=False, UPCAST=False, BF16_BITS=False,
                           INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-                          BLOCK_N=bn, F_PAD=f_pad, D_PAD=d_pad)
+                          BLOCK_N=bn, F_PAD=f_pad, D_PAD=d_pad, Q_BLOCK=_q_block(f_pad))
         if backward:
             constexprs.update(BIAS_GRAD=with_bias, BIAS_GRAD_PER_ROW=False)
         kernel = triton.compile(ASTSource(fn, _signature(fn, dtype, constexprs), constexprs=constexprs),
@@ -86,8 +87,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--frames", type=int, nargs="*", help="only the shapes with these F")
     args = parser.parse_args(argv)
     for n, f, c, heads in SHAPES:
+        if args.frames and f not in args.frames:
+            continue
         for line in compile_shape(n, f, c, heads, args.dtype, args.arch):
             print(f"sm_{args.arch} {args.dtype} (N={n}, F={f}, C={c}, heads={heads}): {line}", flush=True)
     return 0

@@ -30,7 +30,6 @@ import copy
 import dataclasses
 import importlib
 import json
-import math
 import os
 import platform
 import subprocess
@@ -143,16 +142,6 @@ def eager_decode(vae, latents, frames=None, grad_frames=None, chunk=1):
     return (x / 2 + 0.5).clamp(0, 1).view(b, len(frames), *x.shape[1:])
 
 
-@contextlib.contextmanager
-def patched(obj, name: str, value):
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
-
-
 class GradStepTimer:
     """Wraps the sampler's grad-step calls to time them apart from the no-grad steps."""
 
@@ -181,37 +170,38 @@ def run_once(cfg, path: str, base_backbone, base_reward, lora_state: dict | None
     """Build a Trainer around copies of the prebuilt models, warm up one step, measure one."""
     from fastvader import train_loop
     from fastvader.lora import lora_state_dict
-    from fastvader.sampling import Sampler
 
     device = torch.device("cpu" if dry else "cuda")
     backbone, reward = copy.deepcopy(base_backbone), copy.deepcopy(base_reward)
-    decode = eager_decode if path == "baseline" else train_loop.decode_frames
-    with patched(train_loop, "decode_frames", decode):
-        trainer = train_loop.Trainer(cfg, backbone=backbone, reward=reward)
-        init_lora = lora_state_dict(trainer.backbone.denoiser) if lora_state is None else None
-        if lora_state is not None:  # both paths start from the same LoRA weights
-            from peft.utils import set_peft_model_state_dict
+    if path == "baseline":  # VADER's eager decode replaces the backbone's checkpointed one
+        backbone.decode_frames = lambda latents, frames=None, grad_frames=None, chunk=1: eager_decode(
+            backbone.vae, latents, frames, grad_frames)
+    trainer = train_loop.Trainer(cfg, backbone=backbone, reward=reward)
+    init_lora = lora_state_dict(trainer.backbone.denoiser) if lora_state is None else None
+    if lora_state is not None:  # both paths start from the same LoRA weights
+        from peft.utils import set_peft_model_state_dict
 
-            set_peft_model_state_dict(trainer.backbone.denoiser, {k: v.to(device) for k, v in lora_state.items()})
-            for p in trainer.lora_params:
-                p.data = p.data.float()
-        timer = GradStepTimer(device)
-        trainer.sampler.grad_step_wrapper = timer.wrap(trainer.sampler.grad_step_wrapper)
-        grads: list[torch.Tensor] = []
-        original_reduce = trainer.dist.all_reduce_mean
+        set_peft_model_state_dict(trainer.backbone.denoiser, {k: v.to(device) for k, v in lora_state.items()})
+        for p in trainer.lora_params:
+            p.data = p.data.float()
+    timer = GradStepTimer(device)
+    trainer.sampler.grad_step_wrapper = timer.wrap(trainer.sampler.grad_step_wrapper)
+    grads: list[torch.Tensor] = []
+    original_unscale = trainer.scaler.unscale_
 
-        def capture(params):  # called after backward, before the optimizer: the step's gradients
-            original_reduce(params)
-            grads[:] = [torch.cat([p.grad.detach().float().flatten() for p in params]).cpu()]
+    def capture(optimizer):  # after backward, before clipping and the update: the step's gradients
+        grads[:] = [torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten()
+                               for p in trainer.lora_params]).cpu()]
+        return original_unscale(optimizer)  # a scaled fp16 gradient has the same direction
 
-        trainer.dist.all_reduce_mean = capture
-        trainer._train_step()  # warm-up: Triton compiles, allocator settles
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        timer.seconds = 0.0
-        result = trainer._train_step()
-        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    trainer.scaler.unscale_ = capture
+    trainer._train_step()  # warm-up: Triton compiles, allocator settles
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    timer.seconds = 0.0
+    result = trainer._train_step()
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     t = result.timings
     out = {
         "path": path, "peak_bytes": peak, "step_s": result.seconds,
@@ -292,8 +282,8 @@ def end_to_end(results: dict, args) -> None:
     results["build_s"] = round(time.perf_counter() - t0, 1)
     caps = [None] if dry or args.no_cap else [None, args.cap]
     rows = results.setdefault("runs", [])
-    for sc in configs:
-        for cap in caps:
+    for cap in caps:  # every uncapped run first: a suite cut short still has the main table
+        for sc in configs:
             budget_bytes = None if cap is None else parse_bytes(cap, "--cap")
             lora_state, grads = None, {}
             for path in ("baseline", "fastvader"):

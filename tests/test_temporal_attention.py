@@ -23,11 +23,7 @@ from fastvader.kernels.temporal_attention import (
     temporal_attention_reference,
 )
 
-# `python -m pytest` puts the repository root on sys.path, where kernels/ shadows Hugging Face's
-# `kernels` package, which transformers (imported by peft) probes and then fails to import.
-# fastvader itself is found through its editable install, not through that entry.
 _REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _REPO_ROOT]
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KERNEL_BACKEND = _backend.active_backend(DEVICE)
@@ -111,6 +107,29 @@ def test_forward_and_grads_match_float64(shape, dtype):
 def test_largest_odd_shape():
     # every largest value at once; bf16, the dtype of training (fp32 runs on the shapes above)
     _check_against_float64(300, 24, 64, 5, torch.bfloat16, with_bias=True)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bias_shape", [(24, 24), (7, 1, 24, 24)], ids=["frame-bias", "per-row-bias"])
+def test_query_frame_blocks(monkeypatch, bias_shape):
+    # Long clips walk the query frames in blocks of 16 (from 64 padded frames on); force the
+    # blocked path on F = 24 (padded to 32: two blocks, the second one ragged).
+    import fastvader.kernels.temporal_attention as ta
+
+    monkeypatch.setattr(ta, "_BLOCKED_FROM_F_PAD", 32)
+    assert ta._q_block(32) == 16
+    n, f, heads, hd = 7, 24, 2, 40
+    qkv, (q, k, v) = _packed_qkv(n, f, heads, hd, torch.float32)
+    bias = torch.randn(bias_shape, device=DEVICE).requires_grad_()
+    out = temporal_attention(q, k, v, heads, bias=bias)
+    out.square().sum().backward()
+    qkv64 = qkv.detach().double().requires_grad_()
+    bias64 = bias.detach().double().requires_grad_()
+    want = temporal_attention_reference(*qkv64.split(heads * hd, -1), heads, bias=bias64)
+    want.square().sum().backward()
+    assert _rel_err(out, want) < 2e-5
+    assert _rel_err(qkv.grad, qkv64.grad) < 5e-5
+    assert _rel_err(bias.grad, bias64.grad) < 5e-5
 
 
 @needs_kernel

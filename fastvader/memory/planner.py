@@ -31,7 +31,7 @@ import os
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -132,7 +132,7 @@ def _geometry_key(cfg: TrainConfig, dtype: torch.dtype) -> dict:
             "lora": [cfg.lora.rank, list(cfg.lora.target_modules)], "reward": cfg.reward_terms,
             "reward_options": cfg.reward.options, "decode_chunk": cfg.memory.decode_chunk, "dtype": str(dtype),
             "decode_impl": getattr(decode_frames, "__module__", "") + str(decode_frames.__code__.co_firstlineno),
-            "version": 4}
+            "version": 5}
 
 
 def cache_path() -> Path:
@@ -159,6 +159,24 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(lvl)
 
 
+@contextlib.contextmanager
+def _meta_stays_put() -> Iterator[None]:
+    """Some adapters park a part on the CPU as they are built (``text_encoder.cpu()``); a meta
+    module has no data to move, so ``cpu()`` leaves meta modules where they are meanwhile."""
+    original = nn.Module.cpu
+
+    def cpu(module: nn.Module):
+        if any(p.is_meta for p in module.parameters()):
+            return module
+        return original(module)
+
+    nn.Module.cpu = cpu
+    try:
+        yield
+    finally:
+        nn.Module.cpu = original
+
+
 def build_on_meta(cfg: TrainConfig, dtype: torch.dtype):
     """The configured backbone architecture (random init, no weights) and reward on the meta
     device, LoRA injected: (backbone, reward, lora_params)."""
@@ -167,7 +185,7 @@ def build_on_meta(cfg: TrainConfig, dtype: torch.dtype):
     from ..rewards import build_reward
 
     bcfg = dataclasses.replace(cfg.backbone, random_init=True, pretrained=None)
-    with torch.device("meta"), _quiet():
+    with torch.device("meta"), _quiet(), _meta_stays_put():
         backbone = build_backbone(bcfg).freeze().to(dtype)
         try:
             reward = build_reward(cfg.reward).freeze().to(dtype)
@@ -226,7 +244,6 @@ def measure(cfg: TrainConfig, *, use_cache: bool = True, device_type: str | None
 def _measure(cfg: TrainConfig, dtype: torch.dtype) -> Measurements:
     from ..sampling import classifier_free_guidance
     from .checkpointing import checkpoint_units, enable_checkpointing
-    from .decode import decode_frames
     from .offload import grad_step_wrapper
 
     backbone, reward, lora = build_on_meta(cfg, dtype)
@@ -279,7 +296,7 @@ def _measure(cfg: TrainConfig, dtype: torch.dtype) -> Measurements:
         kept = []
         for n in (1, 2):
             with record_saved([vae]) as log:
-                decode_frames(vae, lat, list(range(n)), list(range(n)), chunk=cfg.memory.decode_chunk)
+                backbone.decode_frames(lat, list(range(n)), list(range(n)), chunk=cfg.memory.decode_chunk)
             kept.append(log.total)
         # backward recomputes one chunk of frames through the VAE with gradients
         chunk = min(cfg.memory.decode_chunk, shape[1])
@@ -288,7 +305,7 @@ def _measure(cfg: TrainConfig, dtype: torch.dtype) -> Measurements:
             vae.decode(z / getattr(vae.config, "scaling_factor", 1.0), return_dict=False)
         decode_recompute = live.peak
         with torch.no_grad():
-            pixels = decode_frames(vae, latents, [0, 1] if shape[1] > 1 else [0])
+            pixels = backbone.decode_frames(latents, [0, 1] if shape[1] > 1 else [0])
         px = pixels.float().detach().requires_grad_(True)
         prompts = ["a prompt"] * batch
         rk = []
