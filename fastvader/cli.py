@@ -86,8 +86,10 @@ def cmd_train(args) -> int:
         if args.config is None and saved.is_file():
             cfg = load_config(saved, args.overrides)
     summary = train(cfg, resume=args.resume)
-    print(json.dumps({k: summary[k] for k in ("run", "steps", "reward_before", "reward_after", "wall_time_s")},
-                     indent=2))
+    shown = ("run", "steps", "status", "reward_before", "reward_after", "wall_time_s", "learn")
+    print(json.dumps({k: summary[k] for k in shown if k in summary}, indent=2))
+    if summary.get("safeguards", {}).get("stop_reason"):
+        print(f"stopped early: {summary['safeguards']['stop_reason']}")
     return 0
 
 

@@ -109,6 +109,8 @@ class SelfCheck:
         self.engagement_start: Counter = Counter()
         self.done = False
         self.report: dict[str, Any] = {}
+        #: where activation offload acts (fastvader.memory.offload moves CUDA tensors only)
+        self.offload_devices: tuple[str, ...] = ("cuda",)
 
     # -- set-up hooks ----------------------------------------------------------------------------
     def watch_kernels(self, where: str, model: nn.Module, apply_fn: Callable[[nn.Module], Any]):
@@ -181,7 +183,10 @@ class SelfCheck:
                 errors.append("memory.checkpointing='step' but no gradient-carrying denoiser call went through the "
                               "per-step checkpoint wrapper during the first step")
 
-        if mem.offload_activations:
+        on_offload_device = bool(lora_params) and lora_params[0].device.type in self.offload_devices
+        if mem.offload_activations and not on_offload_device:
+            report["offload_activations"] = "not applicable: activations are offloaded from CUDA devices only"
+        elif mem.offload_activations:
             moved = ENGAGEMENT["offload_activations"] - self.engagement_start["offload_activations"]
             report["offload_activations"] = moved
             if moved <= 0:

@@ -138,3 +138,18 @@ def test_fp16_overflows_count_only_once_the_scale_is_exhausted():
     with pytest.raises(NonFiniteError, match="train.precision=bf16 or fp32"):
         guard.raise_if_stuck(step=4)
     assert guard.summary()["fp16_overflow_steps"] == 4
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["guards.max_bad_steps=0"], "guards.max_bad_steps=0"),
+    (["safeguards.regularizer=frames"], "choose one of ['none', 'denoiser']"),
+    (["safeguards.regularizer=denoiser"], "set a weight > 0"),
+    (["safeguards.second_reward=nope"], "safeguards.second_reward='nope'"),
+    (["safeguards.early_stop_patience=2"], "set validation.every > 0"),
+    (["safeguards.second_reward_max_drop=0.1", "validation.every=1"], "needs safeguards.second_reward"),
+    (["logging.wandb_mode=sometimes"], "logging.wandb_mode"),
+])
+def test_trust_config_errors_name_the_field_and_the_fix(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["prompts.items=[a cat]", *overrides])
+    assert needle in str(err.value)
