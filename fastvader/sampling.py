@@ -7,6 +7,7 @@ exactly those denoiser calls (VADER's truncated backprop). ``TruncationPolicy`` 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,7 +33,9 @@ def make_scheduler(name: str, config: dict):
         raise ValueError(f"sampler.name={name!r} is not a known sampler; choose one of {sorted(_SCHEDULERS)}")
     cls_name, overrides = _SCHEDULERS[name]
     cls = getattr(diffusers, cls_name)
-    accepted = set(cls.__init__.__code__.co_varnames)
+    # the signature, not __code__.co_varnames: @register_to_config wraps __init__ as
+    # (self, *args, **kwargs), so co_varnames would drop every key (DDIM fell back to linear betas)
+    accepted = set(inspect.signature(cls.__init__).parameters)
     kwargs = {k: v for k, v in dict(config).items() if k in accepted}
     kwargs.update({k: v for k, v in overrides.items() if k in accepted})
     return cls(**kwargs)
@@ -94,7 +97,9 @@ class Sampler:
                       device, dtype=torch.float32) -> torch.Tensor:
         """Noise drawn on the CPU generator, so runs are reproducible across devices."""
         noise = torch.randn((batch, *shape), generator=generator, dtype=torch.float32)
-        return (noise * self.scheduler.init_noise_sigma).to(device=device, dtype=dtype)
+        # flow-matching schedulers start from unit noise and have no init_noise_sigma
+        sigma = getattr(self.scheduler, "init_noise_sigma", 1.0)
+        return (noise * sigma).to(device=device, dtype=dtype)
 
     def sample(self, embeds: PromptEmbeddings, latents: torch.Tensor, grad_steps: int = 0,
                generator: torch.Generator | None = None) -> torch.Tensor:
@@ -109,7 +114,8 @@ class Sampler:
             step_kwargs["eta"] = self.eta
 
         def denoise_step(x: torch.Tensor, t) -> torch.Tensor:
-            x_in = self.scheduler.scale_model_input(x, t)
+            scale = getattr(self.scheduler, "scale_model_input", None)  # absent on flow schedulers
+            x_in = scale(x, t) if scale is not None else x
             return classifier_free_guidance(self.backbone, x_in, t, embeds, self.guidance_scale)
 
         grad_step = self.grad_step_wrapper(denoise_step) if self.grad_step_wrapper else denoise_step
