@@ -9,7 +9,6 @@ comparison with bandwidth-floor shares is ``python benchmarks/gpu_temporal_atten
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig, load_config
+from .guards import NonFiniteError
+from .selfcheck import SelfCheckError
 
 
 def config_reference() -> str:
@@ -40,7 +42,25 @@ def _load(args) -> TrainConfig:
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"train.device={args.device}")
+    if getattr(args, "gpu_memory", None):
+        overrides.append(f"memory.gpu_memory={args.gpu_memory}")
     return load_config(args.config, overrides)
+
+
+def cmd_plan(args) -> int:
+    from .memory import reference_models  # noqa: F401  (registers modelscope_arch, aesthetic_arch)
+    from .memory.planner import make_plan, measure
+
+    cfg = _load(args)
+    budget = args.gpu_memory or cfg.memory.gpu_memory or "24GiB"
+    plan = make_plan(cfg, budget, measure(cfg, use_cache=not args.no_cache))
+    if args.json:
+        print(json.dumps({"budget": plan.budget, "current": {"peak": plan.current.peak, **plan.current.parts},
+                          "fits": [{"peak": p.peak, "relative_time": p.relative_time / plan.current.relative_time,
+                                    "overrides": p.setting.overrides()} for p in plan.ranked]}, indent=2))
+    else:
+        print(plan.table())
+    return 0 if plan.ranked else 1
 
 
 def _load_trained_lora(trainer, path: str) -> None:
@@ -106,6 +126,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_lora
+
+    out = export_lora(args.source, args.format, args.out, prefix=args.prefix)
+    print(f"wrote {out} ({args.format} layout)")
+    return 0
+
+
 def cmd_env(args) -> int:
     from .env import environment_report
 
@@ -129,9 +157,12 @@ def cmd_models(args) -> int:
                 params = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in params.items())
             elif isinstance(params, int):
                 params = f"{params:,}"
-            print(f"  {entry['name']:<16} params: {params}")
+            kind = entry.get("kind") or entry.get("prediction_type") or ""
+            print(f"  {entry['name']:<20} {kind:<10} params: {params}")
+            if entry.get("weights"):
+                print(f"  {'':<20} weights: {entry['weights']}")
             if entry.get("defaults"):
-                print(f"  {'':<16} defaults: {entry['defaults']}")
+                print(f"  {'':<20} defaults: {entry['defaults']}")
     return 0
 
 
@@ -143,7 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=config_reference())
     _add_config_args(p)
     p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its latest checkpoint")
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                   help="memory budget such as 24GiB: apply the fastest memory settings the planner predicts to fit")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="predict peak GPU memory and list settings that fit a budget, fastest first",
+                       formatter_class=_HelpFormatter, epilog=config_reference())
+    _add_config_args(p)
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE", help="budget such as 24GiB (default: "
+                   "memory.gpu_memory, else 24GiB)")
+    p.add_argument("--no-cache", action="store_true", help="re-measure instead of reading the measurement cache")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("sample", help="generate videos (optionally with a trained LoRA)",
                        formatter_class=_HelpFormatter, epilog=config_reference())
@@ -159,6 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--lora", default=None, help="LoRA safetensors to evaluate")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="convert a trained LoRA to the diffusers, ComfyUI or kohya layout",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("source", metavar="RUN_DIR_OR_FILE", help="a run directory (its lora.safetensors) or a LoRA file")
+    p.add_argument("--format", required=True, choices=["diffusers", "comfyui", "kohya"], help="target layout")
+    p.add_argument("--out", required=True, metavar="FILE", help="where to write the .safetensors file")
+    p.add_argument("--prefix", default="unet", choices=["unet", "transformer"],
+                   help="diffusers key prefix: unet (UNet pipelines) or transformer (Wan, CogVideoX)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("env", help="versions, devices and active kernel paths (for bug reports)",
                        formatter_class=_HelpFormatter)
@@ -185,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"fastvader: {err}", file=sys.stderr)
         return 2
+    except (NonFiniteError, SelfCheckError) as err:  # a guard stopped the run: say why, no traceback
+        print(f"fastvader: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -43,9 +43,11 @@ def lora_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
 def lora_metadata(rank: int, alpha: float, target_modules: list[str], **extra) -> dict[str, str]:
     meta = {"format": "pt", "fastvader.lora_rank": str(rank), "fastvader.lora_alpha": str(alpha),
             "fastvader.target_modules": json.dumps(list(target_modules))}
-    # diffusers reads the adapter config from this key when loading with load_lora_weights
-    meta["lora_adapter_metadata"] = json.dumps({"r": rank, "lora_alpha": alpha,
-                                                "target_modules": list(target_modules)})
+    # diffusers reads the adapter config from this key when loading with load_lora_weights; its
+    # loader keeps only entries behind the component prefix ("unet.r"), so unprefixed entries are
+    # dropped and alpha falls back to the rank (a wrong scale whenever alpha != rank)
+    adapter = {"r": rank, "lora_alpha": alpha, "target_modules": list(target_modules)}
+    meta["lora_adapter_metadata"] = json.dumps({DIFFUSERS_PREFIX + k: v for k, v in adapter.items()})
     meta.update({f"fastvader.{k}": str(v) for k, v in extra.items()})
     return meta
 

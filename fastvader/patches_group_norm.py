@@ -26,11 +26,13 @@ import types
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from fastvader.kernels.group_norm import FusedGroupNormAct, backend_for, group_norm
 from fastvader.patching import Patch, Undo, register_patch
 
 PATCH_NAME = "group_norm"
+RECOMPUTE_PATCH_NAME = "group_norm_conv"
 
 
 def _fused_norm(norm: nn.GroupNorm, x: torch.Tensor, activation):
@@ -39,19 +41,46 @@ def _fused_norm(norm: nn.GroupNorm, x: torch.Tensor, activation):
 
 def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """diffusers ``ResnetBlock2D.forward`` (0.42) with each GroupNorm+SiLU pair as one fused op."""
-    hidden_states = _fused_norm(self.norm1, input_tensor, "silu")
+    return _resnet_forward(self, input_tensor, temb, recompute_conv=False)
 
+
+def _fused_resnet_forward_recompute(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args,
+                                    **kwargs) -> torch.Tensor:
+    """As :func:`_fused_resnet_forward`, and each norm-SiLU-conv run is checkpointed so that it
+    keeps only its input: backward recomputes the (cheap, bandwidth-bound) norm+SiLU to feed
+    the convolution's backward. Non-reentrant checkpointing stops recomputing as soon as the
+    conv's saved input exists, so the convolution itself is not run again."""
+    return _resnet_forward(self, input_tensor, temb, recompute_conv=True)
+
+
+def _resnet_forward(self, input_tensor, temb, recompute_conv: bool):
+    def norm1_act_conv1(x):
+        h = _fused_norm(self.norm1, x, "silu")
+        if self.upsample is not None:
+            if h.shape[0] >= 64:  # diffusers: upsample_nearest_nhwc fails with large batches
+                h = h.contiguous()
+            h = self.upsample(h)
+        elif self.downsample is not None:
+            h = self.downsample(h)
+        return self.conv1(h)
+
+    def norm2_act_conv2(h):
+        h = _fused_norm(self.norm2, h, "silu")
+        h = self.dropout(h)
+        return self.conv2(h)
+
+    def run(fn, x):
+        if recompute_conv and torch.is_grad_enabled():
+            return checkpoint(fn, x, use_reentrant=False)
+        return fn(x)
+
+    hidden_states = run(norm1_act_conv1, input_tensor)
     if self.upsample is not None:
-        if hidden_states.shape[0] >= 64:
+        if input_tensor.shape[0] >= 64:
             input_tensor = input_tensor.contiguous()
-            hidden_states = hidden_states.contiguous()
         input_tensor = self.upsample(input_tensor)
-        hidden_states = self.upsample(hidden_states)
     elif self.downsample is not None:
         input_tensor = self.downsample(input_tensor)
-        hidden_states = self.downsample(hidden_states)
-
-    hidden_states = self.conv1(hidden_states)
 
     if self.time_emb_proj is not None:
         if not self.skip_time_act:
@@ -66,13 +95,12 @@ def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, 
         hidden_states = _fused_norm(self.norm2, hidden_states, None)
         hidden_states = hidden_states * (1 + time_scale) + time_shift
         hidden_states = self.nonlinearity(hidden_states)
+        hidden_states = self.dropout(hidden_states)
+        hidden_states = self.conv2(hidden_states)
     else:
         if self.time_embedding_norm == "default" and temb is not None:
             hidden_states = hidden_states + temb
-        hidden_states = _fused_norm(self.norm2, hidden_states, "silu")
-
-    hidden_states = self.dropout(hidden_states)
-    hidden_states = self.conv2(hidden_states)
+        hidden_states = run(norm2_act_conv2, hidden_states)
 
     if self.conv_shortcut is not None:
         if self.training:
@@ -82,7 +110,7 @@ def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, 
     return (input_tensor + hidden_states) / self.output_scale_factor
 
 
-def _patch_resnet_block(block: nn.Module) -> Undo | None:
+def _patch_resnet_block(block: nn.Module, recompute_conv: bool = False) -> Undo | None:
     from diffusers.models.resnet import ResnetBlock2D
 
     if (type(block).forward is not ResnetBlock2D.forward  # a subclass with its own forward
@@ -91,7 +119,8 @@ def _patch_resnet_block(block: nn.Module) -> Undo | None:
             or type(block.norm1) is not nn.GroupNorm or type(block.norm2) is not nn.GroupNorm
             or type(block.nonlinearity) is not nn.SiLU):
         return None
-    block.forward = types.MethodType(_fused_resnet_forward, block)
+    forward = _fused_resnet_forward_recompute if recompute_conv else _fused_resnet_forward
+    block.forward = types.MethodType(forward, block)
 
     def undo() -> None:
         block.__dict__.pop("forward", None)
@@ -137,8 +166,11 @@ def _conv_out_owner_types() -> tuple[type, ...]:
     return (Encoder, Decoder, UNet2DConditionModel, UNet3DConditionModel)
 
 
-def apply_group_norm(model: nn.Module) -> list[Undo]:
-    """Patch every supported GroupNorm(+SiLU) site in ``model``; one undo per replacement."""
+def apply_group_norm(model: nn.Module, recompute_conv: bool = False) -> list[Undo]:
+    """Patch every supported GroupNorm(+SiLU) site in ``model``; one undo per replacement.
+
+    ``recompute_conv``: in ResnetBlock2D, also checkpoint each norm-SiLU-conv run so that it
+    keeps only its input for backward (the ``group_norm_conv`` op)."""
     try:
         from diffusers.models.attention_processor import Attention
         from diffusers.models.resnet import ResnetBlock2D, TemporalConvLayer
@@ -150,7 +182,7 @@ def apply_group_norm(model: nn.Module) -> list[Undo]:
     for module in list(model.modules()):
         found: list[Undo | None] = []
         if isinstance(module, ResnetBlock2D):
-            found.append(_patch_resnet_block(module))
+            found.append(_patch_resnet_block(module, recompute_conv))
         elif isinstance(module, TemporalConvLayer):
             for name in ("conv1", "conv2", "conv3", "conv4"):
                 seq = getattr(module, name, None)
@@ -172,4 +204,10 @@ register_patch(Patch(
     PATCH_NAME, apply_group_norm, _backend,
     "GroupNorm+SiLU fused (ResnetBlock2D, TemporalConvLayer, conv_norm_out/conv_act, "
     "Attention.group_norm); backward recomputes from the input and fp32 mean/rstd",
+))
+register_patch(Patch(
+    RECOMPUTE_PATCH_NAME, lambda model: apply_group_norm(model, recompute_conv=True), _backend,
+    "group_norm, and each ResnetBlock2D norm-SiLU-conv run keeps only its input (backward "
+    "recomputes norm+SiLU, not the conv). Use instead of group_norm: after group_norm has "
+    "patched a model this op finds nothing left to patch",
 ))

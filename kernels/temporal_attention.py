@@ -54,12 +54,23 @@ MAX_HEAD_DIM = 256
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 
-# Register budget per program (elements of the largest (BLOCK_N, F, D) tile) on a real GPU.
-# The backward holds about twice as many tiles as the forward, so it gets half the rows.
-_GPU_FWD_TILE_ELEMS = 8192
-_GPU_BWD_TILE_ELEMS = 4096
-# Under the interpreter every program costs ~2 ms of Python, whatever its size: take many rows.
-_INTERPRETER_TILE_ELEMS = 1 << 20  # the interpreter refuses tensors over 2^20 elements
+# Register budget on a real GPU, in elements per thread of the tiles a program keeps live. Both
+# kernels keep k and v whole (the backward also dk and dv: F x head_dim each, per row) and walk
+# the query frames in blocks of Q_BLOCK, holding per block q and out (backward: also dout, dq)
+# at Q_BLOCK x head_dim and scores and probabilities (backward: also dP, dS) at Q_BLOCK x F.
+# Calibrated on sm_90 cubins (cuobjdump resource usage, bf16, with bias, see
+# benchmarks/compile_temporal_attention.py).
+_FWD_ELEMS_PER_THREAD = 144
+_BWD_ELEMS_PER_THREAD = 160
+# Query frames per step. Up to 32 padded frames one step is best (the unrolled loop keeps extra
+# copies of k and v live: F = 24 spilled 272 bytes in blocks of 16 against 64 in one step);
+# from 64 padded frames, blocks of 16 cut the backward's spills from ~14 KB to ~5 KB.
+_Q_BLOCK = 16  # tl.dot needs >= 16
+_BLOCKED_FROM_F_PAD = 64
+_MAX_WARPS = 8
+# Under the interpreter every program costs ~2 ms of Python, whatever its size: take many rows
+# (the interpreter refuses tensors of more than 2^20 elements).
+_INTERPRETER_TILE_ELEMS = 1 << 20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,6 +115,7 @@ if _HAVE_TRITON:
         BLOCK_N: tl.constexpr,
         F_PAD: tl.constexpr,
         D_PAD: tl.constexpr,
+        Q_BLOCK: tl.constexpr,
     ):
         pid_n = tl.program_id(0)  # row block: axis 0 allows 2^31 - 1 programs, so any N works
         head = tl.program_id(1)
@@ -116,38 +128,45 @@ if _HAVE_TRITON:
         d3 = dims[None, None, :]
         chan = head * HEAD_DIM + d3
         tile_mask = (r3 < N) & (f3 < F) & (d3 < HEAD_DIM)
+        r2 = rows.to(tl.int64)[:, None]
+        fj = frames[None, None, :]  # key frames
 
-        q = tl.load(Q + r3 * sqn + f3 * sqf + chan * sqc, mask=tile_mask, other=0.0)
         k = tl.load(K + r3 * skn + f3 * skf + chan * skc, mask=tile_mask, other=0.0)
         v = tl.load(V + r3 * svn + f3 * svf + chan * svc, mask=tile_mask, other=0.0)
         if UPCAST:  # the interpreter multiplies raw bits for bf16 dots: compute in fp32 there
-            q = _upcast(q, BF16_BITS)
             k = _upcast(k, BF16_BITS)
             v = _upcast(v, BF16_BITS)
 
-        # Scores in log2 units: s2 = (q k^T * scale + bias) * log2(e), so softmax uses exp2.
-        s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=INPUT_PRECISION) * qk_scale_log2
-        fi = frames[None, :, None]
-        fj = frames[None, None, :]
-        if HAS_BIAS:
-            b_mask = (r3 < N) & (fi < F) & (fj < F)
-            b = tl.load(Bias + r3 * sbn + head * sbh + fi * sbi + fj * sbj, mask=b_mask, other=0.0)
-            s = s + _upcast(b, BIAS_BF16_BITS) * 1.4426950408889634
-        s = tl.where(fj < F, s, float("-inf"))  # padded key frames take no weight
+        # Every key frame is in registers, so each block of Q_BLOCK query frames takes an exact
+        # softmax (no running maximum); blocks keep the Q_BLOCK x F tiles small for long clips.
+        for q_start in tl.static_range(0, F_PAD, Q_BLOCK):
+            qf = q_start + tl.arange(0, Q_BLOCK)
+            qi = qf[None, :, None]
+            q_mask = (r3 < N) & (qi < F) & (d3 < HEAD_DIM)
+            q = tl.load(Q + r3 * sqn + qi * sqf + chan * sqc, mask=q_mask, other=0.0)
+            if UPCAST:
+                q = _upcast(q, BF16_BITS)
 
-        m = tl.max(s, axis=2)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)  # a fully masked row: avoid inf - inf
-        p = tl.exp2(s - m_safe[:, :, None])
-        l = tl.sum(p, axis=2)
-        l_safe = tl.where(l == 0.0, 1.0, l)
-        o = tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION) / l_safe[:, :, None]
-        tl.store(Out + r3 * son + f3 * sof + chan, _downcast(o, Out, BF16_BITS), mask=tile_mask)
+            # Scores in log2 units: s2 = (q k^T * scale + bias) * log2(e), so softmax uses exp2.
+            s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=INPUT_PRECISION) * qk_scale_log2
+            if HAS_BIAS:
+                b_mask = (r3 < N) & (qi < F) & (fj < F)
+                b = tl.load(Bias + r3 * sbn + head * sbh + qi * sbi + fj * sbj, mask=b_mask, other=0.0)
+                s = s + _upcast(b, BIAS_BF16_BITS) * 1.4426950408889634
+            s = tl.where(fj < F, s, float("-inf"))  # padded key frames take no weight
 
-        # Fully masked rows store lse = +inf, so the backward's exp2(s - lse) gives p = 0 there.
-        lse = tl.where(l == 0.0, float("inf"), m_safe + tl.log2(l_safe))
-        r2 = rows.to(tl.int64)[:, None]
-        f2 = frames[None, :]
-        tl.store(Lse + (r2 * HEADS + head) * F + f2, lse, mask=(r2 < N) & (f2 < F))
+            m = tl.max(s, axis=2)
+            m_safe = tl.where(m == float("-inf"), 0.0, m)  # a fully masked row: avoid inf - inf
+            p = tl.exp2(s - m_safe[:, :, None])
+            l = tl.sum(p, axis=2)
+            l_safe = tl.where(l == 0.0, 1.0, l)
+            o = tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION) / l_safe[:, :, None]
+            tl.store(Out + r3 * son + qi * sof + chan, _downcast(o, Out, BF16_BITS), mask=q_mask)
+
+            # Fully masked rows store lse = +inf: the backward's exp2(s - lse) gives p = 0 there.
+            lse = tl.where(l == 0.0, float("inf"), m_safe + tl.log2(l_safe))
+            q2 = qf[None, :]
+            tl.store(Lse + (r2 * HEADS + head) * F + q2, lse, mask=(r2 < N) & (q2 < F))
 
     @triton.jit
     def _temporal_attn_bwd_kernel(
@@ -171,6 +190,7 @@ if _HAVE_TRITON:
         BLOCK_N: tl.constexpr,
         F_PAD: tl.constexpr,
         D_PAD: tl.constexpr,
+        Q_BLOCK: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         head = tl.program_id(1)
@@ -183,63 +203,71 @@ if _HAVE_TRITON:
         d3 = dims[None, None, :]
         chan = head * HEAD_DIM + d3
         tile_mask = (r3 < N) & (f3 < F) & (d3 < HEAD_DIM)
+        r2 = rows.to(tl.int64)[:, None]
+        fj = frames[None, None, :]  # key frames
+        # dq/dk/dv are fresh contiguous (N, F, C) tensors: strides F*C, C, 1.
+        g_row = r3 * F * (HEADS * HEAD_DIM)
 
-        q = tl.load(Q + r3 * sqn + f3 * sqf + chan * sqc, mask=tile_mask, other=0.0)
         k = tl.load(K + r3 * skn + f3 * skf + chan * skc, mask=tile_mask, other=0.0)
         v = tl.load(V + r3 * svn + f3 * svf + chan * svc, mask=tile_mask, other=0.0)
-        o = tl.load(Out + r3 * son + f3 * sof + chan, mask=tile_mask, other=0.0)
-        do = tl.load(DOut + r3 * sdon + f3 * sdof + chan * sdoc, mask=tile_mask, other=0.0)
         if UPCAST:
-            q = _upcast(q, BF16_BITS)
             k = _upcast(k, BF16_BITS)
             v = _upcast(v, BF16_BITS)
-            do = _upcast(do, BF16_BITS)
-            o = _upcast(o, BF16_BITS)
+        dk = tl.zeros((BLOCK_N, F_PAD, D_PAD), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_N, F_PAD, D_PAD), dtype=tl.float32)
 
-        r2 = rows.to(tl.int64)[:, None]
-        f2 = frames[None, :]
-        # Padded rows read lse = +inf, so their probabilities come out 0.
-        lse = tl.load(Lse + (r2 * HEADS + head) * F + f2, mask=(r2 < N) & (f2 < F), other=float("inf"))
+        # Query frames in blocks of Q_BLOCK: k, v, dk, dv stay whole, the F x F tiles shrink to
+        # Q_BLOCK x F (long clips would not fit in registers otherwise).
+        for q_start in tl.static_range(0, F_PAD, Q_BLOCK):
+            qf = q_start + tl.arange(0, Q_BLOCK)
+            qi = qf[None, :, None]
+            q_mask = (r3 < N) & (qi < F) & (d3 < HEAD_DIM)
+            q = tl.load(Q + r3 * sqn + qi * sqf + chan * sqc, mask=q_mask, other=0.0)
+            o = tl.load(Out + r3 * son + qi * sof + chan, mask=q_mask, other=0.0)
+            do = tl.load(DOut + r3 * sdon + qi * sdof + chan * sdoc, mask=q_mask, other=0.0)
+            if UPCAST:
+                q = _upcast(q, BF16_BITS)
+                o = _upcast(o, BF16_BITS)
+                do = _upcast(do, BF16_BITS)
+            q2 = qf[None, :]
+            # Padded rows and frames read lse = +inf, so their probabilities come out 0.
+            lse = tl.load(Lse + (r2 * HEADS + head) * F + q2, mask=(r2 < N) & (q2 < F), other=float("inf"))
 
-        # Recompute the probabilities exactly as the forward did.
-        s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=INPUT_PRECISION) * qk_scale_log2
-        fi = frames[None, :, None]
-        fj = frames[None, None, :]
-        if HAS_BIAS:
-            b_mask = (r3 < N) & (fi < F) & (fj < F)
-            b = tl.load(Bias + r3 * sbn + head * sbh + fi * sbi + fj * sbj, mask=b_mask, other=0.0)
-            s = s + _upcast(b, BIAS_BF16_BITS) * 1.4426950408889634
-        s = tl.where(fj < F, s, float("-inf"))
-        p = tl.exp2(s - lse[:, :, None])
+            # Recompute the probabilities exactly as the forward did.
+            s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=INPUT_PRECISION) * qk_scale_log2
+            if HAS_BIAS:
+                b_mask = (r3 < N) & (qi < F) & (fj < F)
+                b = tl.load(Bias + r3 * sbn + head * sbh + qi * sbi + fj * sbj, mask=b_mask, other=0.0)
+                s = s + _upcast(b, BIAS_BF16_BITS) * 1.4426950408889634
+            s = tl.where(fj < F, s, float("-inf"))
+            p = tl.exp2(s - lse[:, :, None])
 
-        # dV = P^T dO ; dP = dO V^T ; dS = P * (dP - rowsum(dO * O)) ; dQ = dS K ; dK = dS^T Q
-        dv = tl.dot(tl.permute(p.to(do.dtype), (0, 2, 1)), do, input_precision=INPUT_PRECISION)
-        dp = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=INPUT_PRECISION)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=2)
-        ds = p * (dp - delta[:, :, None])  # gradient w.r.t. the natural-unit score (and the bias)
-        ds_op = ds.to(q.dtype)
-        dq = tl.dot(ds_op, k, input_precision=INPUT_PRECISION) * scale
-        dk = tl.dot(tl.permute(ds_op, (0, 2, 1)), q, input_precision=INPUT_PRECISION) * scale
+            # dV += P^T dO ; dP = dO V^T ; dS = P * (dP - rowsum(dO * O)) ; dQ = dS K ; dK += dS^T Q
+            dv += tl.dot(tl.permute(p.to(do.dtype), (0, 2, 1)), do, input_precision=INPUT_PRECISION)
+            dp = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=INPUT_PRECISION)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=2)
+            ds = p * (dp - delta[:, :, None])  # gradient w.r.t. the natural-unit score (and the bias)
+            ds_op = ds.to(q.dtype)
+            dq = tl.dot(ds_op, k, input_precision=INPUT_PRECISION) * scale
+            dk += tl.dot(tl.permute(ds_op, (0, 2, 1)), q, input_precision=INPUT_PRECISION)
+            tl.store(DQ + g_row + qi * (HEADS * HEAD_DIM) + chan, _downcast(dq, DQ, BF16_BITS), mask=q_mask)
 
-        # dq/dk/dv are fresh contiguous (N, F, C) tensors: strides F*C, C, 1.
-        g_off = r3 * F * (HEADS * HEAD_DIM) + f3 * (HEADS * HEAD_DIM) + chan
-        tl.store(DQ + g_off, _downcast(dq, DQ, BF16_BITS), mask=tile_mask)
-        tl.store(DK + g_off, _downcast(dk, DK, BF16_BITS), mask=tile_mask)
+            if BIAS_GRAD:
+                # DBias is an fp32 (Nb, Hb, F, F) buffer, Nb in {1, N} and Hb in {1, HEADS}; a
+                # zero stride folds broadcast dims, and atomics add contributions sharing a slot.
+                if BIAS_GRAD_PER_ROW:
+                    tl.atomic_add(DBias + r3 * sdbn + head * sdbh + qi * F + fj, ds,
+                                  mask=(r3 < N) & (qi < F) & (fj < F))
+                else:
+                    ds_sum = tl.sum(ds, axis=0)  # padded rows have p = 0, hence ds = 0
+                    qi2 = qf[:, None]
+                    fj2 = frames[None, :]
+                    tl.atomic_add(DBias + head * sdbh + qi2 * F + fj2, ds_sum,
+                                  mask=(qi2 < F) & (fj2 < F))
+
+        g_off = g_row + f3 * (HEADS * HEAD_DIM) + chan
+        tl.store(DK + g_off, _downcast(dk * scale, DK, BF16_BITS), mask=tile_mask)
         tl.store(DV + g_off, _downcast(dv, DV, BF16_BITS), mask=tile_mask)
-
-        if BIAS_GRAD:
-            # DBias is an fp32 (Nb, Hb, F, F) buffer, Nb in {1, N} and Hb in {1, HEADS}; a zero
-            # stride folds broadcast dims, and atomics add the contributions that share a slot.
-            bij_mask = (fi < F) & (fj < F)
-            if BIAS_GRAD_PER_ROW:
-                tl.atomic_add(DBias + r3 * sdbn + head * sdbh + fi * F + fj, ds,
-                              mask=(r3 < N) & bij_mask)
-            else:
-                ds_sum = tl.sum(ds, axis=0)  # padded rows have p = 0, hence ds = 0
-                fi2 = frames[:, None]
-                fj2 = frames[None, :]
-                tl.atomic_add(DBias + head * sdbh + fi2 * F + fj2, ds_sum,
-                              mask=(fi2 < F) & (fj2 < F))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,21 +282,35 @@ def _padded_dims(frames: int, head_dim: int) -> tuple[int, int]:
     return max(16, _next_pow2(frames)), max(16, _next_pow2(head_dim))
 
 
+def _q_block(f_pad: int) -> int:
+    return f_pad if f_pad < _BLOCKED_FROM_F_PAD else min(_Q_BLOCK, f_pad)
+
+
+def _row_elems(f_pad: int, d_pad: int, backward: bool) -> int:
+    """Live tile elements per row of a program (see the register budget above)."""
+    q_block = _q_block(f_pad)
+    tiles = 4 if backward else 2  # (k, v[, dk, dv]), (q, out[, dout, dq]), (s, p[, dP, dS])
+    return tiles * (f_pad * d_pad + q_block * d_pad + q_block * f_pad)
+
+
 def _pick_block_rows(n_rows: int, f_pad: int, d_pad: int, backward: bool, interpret: bool,
                      block_rows: int | None = None) -> tuple[int, int]:
     """Rows per program (a power of two) and warps per program."""
-    tile = f_pad * max(d_pad, f_pad)
+    row_elems = _row_elems(f_pad, d_pad, backward)
+    per_thread = _BWD_ELEMS_PER_THREAD if backward else _FWD_ELEMS_PER_THREAD
     if block_rows is not None:
         if block_rows < 1 or block_rows & (block_rows - 1):
             raise ValueError(f"block_rows must be a power of two >= 1, got {block_rows}")
         bn = block_rows
     else:
-        budget = _INTERPRETER_TILE_ELEMS if interpret else (
-            _GPU_BWD_TILE_ELEMS if backward else _GPU_FWD_TILE_ELEMS)
-        bn = max(1, budget // tile)
+        if interpret:
+            bn = max(1, _INTERPRETER_TILE_ELEMS // (f_pad * max(d_pad, f_pad)))
+        else:
+            bn = max(1, per_thread * 32 * _MAX_WARPS // row_elems)
         bn = 1 << (bn.bit_length() - 1)  # round down to a power of two
         bn = min(bn, _next_pow2(n_rows))
-    warps = 4 if bn * tile <= 4096 else 8
+    warps_needed = -(-bn * row_elems // (32 * per_thread))
+    warps = min(_MAX_WARPS, max(4, _next_pow2(warps_needed)))
     return bn, warps
 
 
@@ -335,7 +377,9 @@ def _scale_for(q: torch.Tensor, heads: int, scale: float | None) -> float:
 
 
 def _use_interpreter(device: torch.device) -> bool:
-    return device.type != "cuda" and interpreter_enabled()
+    # TRITON_INTERPRET=1 interprets every launch, CUDA tensors included: the bf16 workarounds
+    # must follow the variable, not the device.
+    return interpreter_enabled()
 
 
 def _bias_view(bias4: torch.Tensor | None, n: int, heads: int, f: int):
@@ -382,7 +426,7 @@ def _launch_forward(q, k, v, bias4, heads, scale, block_rows=None):
         BF16_BITS=bits,
         BIAS_BF16_BITS=bias_bits,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_N=bn, F_PAD=f_pad, D_PAD=d_pad,
+        BLOCK_N=bn, F_PAD=f_pad, D_PAD=d_pad, Q_BLOCK=_q_block(f_pad),
         num_warps=warps, num_stages=1,
     )
     return out, lse
@@ -402,8 +446,10 @@ def _launch_backward(q, k, v, bias4, out, lse, dout, heads, scale, bias_needs_gr
     per_row = False
     dbstr = (0, 0)
     if bias_needs_grad:
-        per_row = bstr[0] != 0
-        per_head = bstr[1] != 0
+        # One gradient slot per row / head the bias actually has (by shape: a bias that is itself
+        # an expanded view still gets a per-element gradient, as autograd expects).
+        per_row = bias4.shape[0] != 1
+        per_head = bias4.shape[1] != 1
         dbias_buf = torch.zeros((n if per_row else 1, heads if per_head else 1, f, f),
                                 dtype=torch.float32, device=q.device)
         dbstr = (dbias_buf.stride(0) if per_row else 0, dbias_buf.stride(1) if per_head else 0)
@@ -432,7 +478,7 @@ def _launch_backward(q, k, v, bias4, out, lse, dout, heads, scale, bias_needs_gr
         BF16_BITS=bits,
         BIAS_BF16_BITS=bias_bits,
             INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            BLOCK_N=bn, F_PAD=f_pad, D_PAD=d_pad,
+            BLOCK_N=bn, F_PAD=f_pad, D_PAD=d_pad, Q_BLOCK=_q_block(f_pad),
             num_warps=warps, num_stages=1,
         )
     return dq, dk, dv, dbias_buf

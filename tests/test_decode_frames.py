@@ -228,6 +228,7 @@ def test_errors_say_what_to_change():
         decode_frames(vae, lat, chunk=0)
 
 
+@pytest.mark.slow
 def test_works_on_a_group_norm_patched_vae():
     """decode_frames and fastvader.apply compose: same pixels and gradients as unpatched."""
     import fastvader

@@ -190,3 +190,14 @@ def test_hps_missing_and_wrong_checkpoint(tmp_path):
     torch.save({"state_dict": {"visual.conv1.weight": torch.zeros(1)}}, tmp_path / "HPS_v2.1_compressed.pt")
     with pytest.raises(RewardWeightsError, match="OpenCLIP"):
         HPSv21Reward(pretrained=str(tmp_path), config=TINY_OPEN_CLIP)
+
+
+def test_aesthetic_loads_the_vision_tower_from_a_full_clip_checkpoint(tiny, tmp_path):
+    """openai/clip-vit-large-patch14 is a full CLIPModel; aesthetic loads only its vision tower."""
+    full = tiny["clip_score"]
+    full.clip.save_pretrained(str(tmp_path))  # a full CLIPModel folder, as on the hub
+    torch.save(AestheticMLP(16).state_dict(), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    reward = AestheticReward(pretrained=str(tmp_path), mlp_path=str(tmp_path / "sac+logos+ava1-l14-linearMSE.pth"))
+    assert not hasattr(reward.clip, "text_model")
+    images = videos(2, frames=1).detach().flatten(0, 1)
+    torch.testing.assert_close(reward.freeze().image_embeddings(images), full.image_embeddings(images))

@@ -18,16 +18,12 @@ import torch
 
 from fastvader.kernels import _backend
 from fastvader.kernels.temporal_attention import (
-    TemporalAttentionFunction,
+    kernel_supports,
     temporal_attention,
     temporal_attention_reference,
 )
 
-# `python -m pytest` puts the repository root on sys.path, where kernels/ shadows Hugging Face's
-# `kernels` package, which transformers (imported by peft) probes and then fails to import.
-# fastvader itself is found through its editable install, not through that entry.
 _REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _REPO_ROOT]
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KERNEL_BACKEND = _backend.active_backend(DEVICE)
@@ -108,9 +104,32 @@ def test_forward_and_grads_match_float64(shape, dtype):
 
 @needs_kernel
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_largest_odd_shape(dtype):
-    _check_against_float64(300, 24, 64, 5, dtype, with_bias=True)
+def test_largest_odd_shape():
+    # every largest value at once; bf16, the dtype of training (fp32 runs on the shapes above)
+    _check_against_float64(300, 24, 64, 5, torch.bfloat16, with_bias=True)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bias_shape", [(24, 24), (7, 1, 24, 24)], ids=["frame-bias", "per-row-bias"])
+def test_query_frame_blocks(monkeypatch, bias_shape):
+    # Long clips walk the query frames in blocks of 16 (from 64 padded frames on); force the
+    # blocked path on F = 24 (padded to 32: two blocks, the second one ragged).
+    import fastvader.kernels.temporal_attention as ta
+
+    monkeypatch.setattr(ta, "_BLOCKED_FROM_F_PAD", 32)
+    assert ta._q_block(32) == 16
+    n, f, heads, hd = 7, 24, 2, 40
+    qkv, (q, k, v) = _packed_qkv(n, f, heads, hd, torch.float32)
+    bias = torch.randn(bias_shape, device=DEVICE).requires_grad_()
+    out = temporal_attention(q, k, v, heads, bias=bias)
+    out.square().sum().backward()
+    qkv64 = qkv.detach().double().requires_grad_()
+    bias64 = bias.detach().double().requires_grad_()
+    want = temporal_attention_reference(*qkv64.split(heads * hd, -1), heads, bias=bias64)
+    want.square().sum().backward()
+    assert _rel_err(out, want) < 2e-5
+    assert _rel_err(qkv.grad, qkv64.grad) < 5e-5
+    assert _rel_err(bias.grad, bias64.grad) < 5e-5
 
 
 @needs_kernel
@@ -119,12 +138,16 @@ def test_fp16_inputs():
 
 
 @needs_kernel
-@pytest.mark.parametrize("bias_shape", ["heads", "rows", "full", "row-vector"])
+@pytest.mark.parametrize("bias_shape", ["heads", "rows", "full", "row-vector", "expanded-view"])
 def test_bias_broadcast_shapes_and_grads(bias_shape):
     n, f, heads, hd = 7, 5, 3, 8
     shapes = {"heads": (heads, f, f), "rows": (n, 1, f, f), "full": (n, heads, f, f),
-              "row-vector": (1, f)}  # the same additive bias on every query frame
-    bias = torch.randn(shapes[bias_shape], device=DEVICE).requires_grad_()
+              "row-vector": (1, f),  # the same additive bias on every query frame
+              "expanded-view": (n, heads, f, f)}  # stride-0 view of one (f, f) bias
+    if bias_shape == "expanded-view":
+        bias = torch.randn(f, f, device=DEVICE).expand(n, heads, f, f).detach().requires_grad_()
+    else:
+        bias = torch.randn(shapes[bias_shape], device=DEVICE).requires_grad_()
     qkv, (q, k, v) = _packed_qkv(n, f, heads, hd, torch.float32)
     out = temporal_attention(q, k, v, heads, bias=bias)
     out.square().sum().backward()
@@ -448,3 +471,33 @@ def test_public_name_is_callable_however_it_was_imported():
     want = temporal_attention_reference(q, q, q, 2)
     for entry in (kernels.temporal_attention, module):
         torch.testing.assert_close(entry(q, q, q, 2), want, rtol=1e-5, atol=1e-5)
+
+
+def _shared_model_configs() -> Path | None:
+    """../shared/model-configs next to the repository, falling back to /work/shared."""
+    for base in (_REPO_ROOT.parent / "shared", Path("/work/shared")):
+        if (base / "model-configs").is_dir():
+            return base / "model-configs"
+    return None
+
+
+@pytest.mark.parametrize("kind, path, n_modules, head_shapes", [
+    ("unet3d", "modelscope_t2v_1.7b/unet_config.json", 34, {(5, 64), (10, 64), (20, 64), (8, 64)}),
+    ("motion", "animatediff_v1-5-2/unet_motion_model_config.json", 42, {(8, 40), (8, 80), (8, 160)}),
+])
+def test_full_size_architectures_are_found_and_fit_the_kernel(kind, path, n_modules, head_shapes):
+    import json
+
+    configs = _shared_model_configs()
+    if configs is None or not (configs / path).is_file():
+        pytest.skip(f"shared model configs not found ({path})")
+    cls = diffusers.UNet3DConditionModel if kind == "unet3d" else diffusers.UNetMotionModel
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):  # the real architecture, no weights
+            model = cls.from_config(json.loads((configs / path).read_text()))
+    found = temporal_attention_modules(model)
+    assert len(found) == n_modules
+    assert {(m.heads, m.to_q.out_features // m.heads) for m in found} == head_shapes
+    for m in found:  # 16 frames of bf16, the training setting: the kernel takes every one
+        assert kernel_supports(torch.empty(0, 16, m.to_q.out_features, dtype=torch.bfloat16), m.heads) is None

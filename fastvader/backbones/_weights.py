@@ -62,7 +62,7 @@ def find_weights_file(pretrained: str | os.PathLike | None, *, family: str,
             if (path / rel).is_file():
                 return path / rel
         looked += [str(path / rel) for rel in candidates]
-    elif path.exists() is False and not _looks_like_hub_id(target):
+    else:
         looked.append(f"{path} (no such file or folder)")
     if _looks_like_hub_id(target) and not path.exists():
         try:

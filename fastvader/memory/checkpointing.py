@@ -19,6 +19,8 @@ SUB_BLOCK_TYPES = (
     "ResnetBlock2D", "TemporalConvLayer", "Transformer2DModel", "TransformerTemporalModel",
     "AnimateDiffTransformer3D", "TransformerSpatioTemporalModel", "WanTransformerBlock",
     "BasicTransformerBlock", "CogVideoXBlock",
+    # fastvader's own VideoCrafter2 (LVDM) and Open-Sora modules
+    "LVDMResBlock", "SpatialTransformer", "TemporalTransformer", "STDiT3Block",
 )
 BLOCK_ATTRS = ("down_blocks", "up_blocks", "mid_block", "blocks", "transformer_blocks")
 
@@ -31,9 +33,11 @@ def _wrap(module: nn.Module) -> Callable[[], None]:
         import torch
 
         if torch.is_grad_enabled():
+            forward.checkpoint_hits += 1  # read by the startup self-check (fastvader.selfcheck)
             return checkpoint(original, *args, use_reentrant=False, **kwargs)
         return original(*args, **kwargs)
 
+    forward.checkpoint_hits = 0  # type: ignore[attr-defined]
     module.forward = forward
 
     def undo():
@@ -44,10 +48,13 @@ def _wrap(module: nn.Module) -> Callable[[], None]:
 
 def checkpoint_units(model: nn.Module, policy: str) -> list[nn.Module]:
     """The modules a policy wraps: ``sub_block`` (outermost matching sub-blocks), ``block``
-    (top-level down/mid/up blocks or transformer blocks), ``none``/``step`` (nothing here;
-    per-step checkpointing wraps the sampler's call instead)."""
-    if policy in ("none", "step"):
+    (top-level down/mid/up blocks or transformer blocks), ``none`` (nothing). ``step`` nests:
+    the sampler's whole grad-step call is checkpointed (``step_checkpoint``) and, inside it,
+    the sub-blocks are, so recomputing one step in backward keeps one step's sub-block inputs."""
+    if policy == "none":
         return []
+    if policy == "step":
+        policy = "sub_block"
     if policy == "block":
         units: list[nn.Module] = []
         for attr in BLOCK_ATTRS:
@@ -77,3 +84,14 @@ def enable_checkpointing(model: nn.Module, policy: str) -> Callable[[], None]:
 
     undo.count = len(undos)  # type: ignore[attr-defined]
     return undo
+
+
+def step_checkpoint(fn: Callable) -> Callable:
+    """Per-denoising-step checkpointing: keep only the step's inputs (the latent), recompute
+    the call in backward. Used as the sampler's ``grad_step_wrapper``."""
+
+    @functools.wraps(fn)
+    def wrapped(x, t):
+        return checkpoint(fn, x, t, use_reentrant=False)
+
+    return wrapped

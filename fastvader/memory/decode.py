@@ -342,7 +342,8 @@ def _decode_wan(vae, latents, frames, grad_frames, chunk, opts):
     units = [(i, i + 1) for i in range(F)]
     out_counts = [1] + [t_ratio] * (F - 1)  # the first latent frame decodes to one frame
     sel = _select(frames, grad_frames, sum(out_counts))
-    n_cached = vae._cached_conv_counts["decoder"]
+    # one cache slot per causal conv of the decoder (what AutoencoderKLWan.clear_cache sizes)
+    n_cached = sum(isinstance(m, wan.WanCausalConv3d) for m in vae.decoder.modules())
 
     def run_unit(u0: int, u1: int, cache):
         # The decoder writes into the list; the caller's list (kept by the checkpoint for the

@@ -37,6 +37,14 @@ def available_rewards() -> list[str]:
     return sorted(REWARDS) + sorted(PRESETS)
 
 
+def reward_class(name: str) -> type[Reward]:
+    """The registered class of reward ``name`` (built-ins are loaded first)."""
+    _load_builtins()
+    if name not in REWARDS:
+        raise ValueError(f"reward {name!r} does not exist; choose from {available_rewards()}")
+    return REWARDS[name]
+
+
 def describe_rewards() -> list[dict]:
     """``describe()`` of every registered reward, for ``fastvader models`` (and its --json)."""
     _load_builtins()
@@ -63,4 +71,4 @@ def build_reward(cfg) -> Reward:
 
 
 __all__ = ["Reward", "WeightedSum", "register_reward", "available_rewards", "build_reward", "expand_terms",
-           "describe_rewards", "REWARDS", "PRESETS"]
+           "describe_rewards", "reward_class", "REWARDS", "PRESETS"]

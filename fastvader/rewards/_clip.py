@@ -144,7 +144,7 @@ class ClipReward(PretrainedReward):
     default_tokenizer: str | None = None
 
     def __init__(self, pretrained: str | None, *, random_init: bool, config: Any, tokenizer: str | None,
-                 dtype: str | torch.dtype, vision_only: bool = False,
+                 dtype: str | torch.dtype, checkpointing: bool = False, vision_only: bool = False,
                  transform: ImageTransform = CLIP_TRANSFORM, real_config: dict | None = None):
         super().__init__(dtype)
         tf = transformers_module()
@@ -171,6 +171,11 @@ class ClipReward(PretrainedReward):
                 vocab_size=text_cfg.vocab_size, random_init=random_init,
                 fallbacks=() if random_init else (_folder_of(pretrained), self.default_tokenizer))
         self._prompt_cache: dict[str, torch.Tensor] = {}
+        if checkpointing:
+            self.enable_checkpointing()
+
+    def checkpointed_layers(self):
+        return list(self.clip.vision_model.encoder.layers)
 
     def load_pretrained(self, model_cls, pretrained, config):
         self.reject_config_with_weights(config)

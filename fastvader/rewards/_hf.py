@@ -27,28 +27,7 @@ class RewardWeightsError(FileNotFoundError):
 # ---------------------------------------------------------------------------------------------
 # importing transformers safely
 # ---------------------------------------------------------------------------------------------
-def hide_repo_kernels_package() -> None:
-    """transformers 5 probes for Hugging Face's ``kernels`` package with ``find_spec`` and, when
-    it finds one without install metadata, imports it. Run from the repository root (``python -m
-    pytest``, ``python -c``), that probe finds fastvader's own ``kernels/`` folder, whose import
-    refuses on purpose, and every transformers model import fails. Marking the top-level name
-    as absent (``sys.modules[name] = None`` makes ``find_spec`` answer None) fixes the probe
-    without touching ``fastvader.kernels``."""
-    if "kernels" in sys.modules:
-        return
-    try:
-        spec = importlib.util.find_spec("kernels")
-    except (ImportError, ValueError):
-        return
-    if spec is None or spec.origin is None:
-        return
-    repo_kernels = Path(__file__).resolve().parents[2] / "kernels" / "__init__.py"
-    if Path(spec.origin).resolve() == repo_kernels:
-        sys.modules["kernels"] = None  # type: ignore[assignment]
-
-
 def transformers_module():
-    hide_repo_kernels_package()
     import transformers
 
     return transformers
@@ -246,6 +225,35 @@ def meta_param_count(key: str, build: Callable[[], torch.nn.Module]) -> int | No
 
 
 # ---------------------------------------------------------------------------------------------
+# activation checkpointing for frozen reward networks
+# ---------------------------------------------------------------------------------------------
+def checkpoint_layers(layers: Iterable[torch.nn.Module]) -> int:
+    """Recompute each layer's activations during backward instead of keeping them.
+
+    transformers only checkpoints in training mode, and frozen rewards run in eval mode, so the
+    layer's ``forward`` is wrapped on the instance (the state dict is unchanged) with
+    non-reentrant ``torch.utils.checkpoint``, which needs no input to require grad. Without
+    grad mode the plain forward runs. Returns the number of layers wrapped."""
+    import torch.utils.checkpoint as tuc
+
+    count = 0
+    for layer in layers:
+        if getattr(layer, "_fastvader_checkpointed", False):
+            continue
+        plain = layer.forward
+
+        def forward(*args, _plain=plain, **kwargs):
+            if not torch.is_grad_enabled():
+                return _plain(*args, **kwargs)
+            return tuc.checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = forward
+        layer._fastvader_checkpointed = True
+        count += 1
+    return count
+
+
+# ---------------------------------------------------------------------------------------------
 # the common base of rewards backed by frozen pretrained networks
 # ---------------------------------------------------------------------------------------------
 class PretrainedReward(Reward):
@@ -261,6 +269,15 @@ class PretrainedReward(Reward):
     def __init__(self, dtype: str | torch.dtype = "auto"):
         super().__init__()
         self.model_dtype = resolve_dtype(dtype, self.name)
+
+    def checkpointed_layers(self) -> list[torch.nn.Module]:
+        """The transformer blocks that ``checkpointing: true`` recomputes in backward."""
+        return []
+
+    def enable_checkpointing(self) -> "PretrainedReward":
+        """``checkpointing: true``: less activation memory for one more reward forward."""
+        checkpoint_layers(self.checkpointed_layers())
+        return self
 
     def reject_config_with_weights(self, config: Any) -> None:
         """``config`` describes an architecture to build with random weights; a checkpoint in

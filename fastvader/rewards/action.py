@@ -78,7 +78,8 @@ class ActionReward(PretrainedReward):
                         "save_pretrained folder; its preprocessor_config.json is used when present)")
 
     def __init__(self, pretrained: str = "MCG-NJU/videomae-base-finetuned-kinetics", target: str | None = None,
-                 score: str = "prob", random_init: bool = False, config: Any = None, dtype: str = "auto"):
+                 score: str = "prob", checkpointing: bool = False, random_init: bool = False, config: Any = None,
+                 dtype: str = "auto"):
         super().__init__(dtype)
         tf = transformers_module()
         if score not in ("prob", "log_prob"):
@@ -101,6 +102,11 @@ class ActionReward(PretrainedReward):
         self.num_frames = mcfg.num_frames
         self.id2label = {int(k): v for k, v in mcfg.id2label.items()}
         self.target = None if target is None else label_index(self.id2label, target, reward=self.name)
+        if checkpointing:
+            self.enable_checkpointing()
+
+    def checkpointed_layers(self):
+        return list(self.model.videomae.encoder.layer)
 
     def target_ids(self, prompts: Sequence[str]) -> list[int]:
         if self.target is not None:

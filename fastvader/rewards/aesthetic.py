@@ -48,8 +48,10 @@ class AestheticReward(ClipReward):
                         "VADER's assets/)")
 
     def __init__(self, pretrained: str = "openai/clip-vit-large-patch14", mlp_path: str | None = None,
-                 random_init: bool = False, config: Any = None, dtype: str = "auto"):
-        super().__init__(pretrained, random_init=random_init, config=config, tokenizer=None, dtype=dtype,
+                 checkpointing: bool = False, random_init: bool = False, config: Any = None,
+                 dtype: str = "auto"):
+        super().__init__(pretrained, random_init=random_init, config=config, checkpointing=checkpointing,
+                         tokenizer=None, dtype=dtype,
                          vision_only=True, real_config=OPENCLIP_VIT_L_14)
         self.mlp = AestheticMLP(self.clip.config.projection_dim)
         if mlp_path is None and not random_init:

@@ -16,11 +16,14 @@ class ClipScoreReward(ClipReward):
     name = "clip_score"
     kind = "image"
     default_pretrained = "openai/clip-vit-large-patch14"
-    expected_weights = "any transformers CLIPModel: hub id (default openai/clip-vit-large-patch14) or save_pretrained folder"
+    expected_weights = ("any transformers CLIPModel: hub id (default openai/clip-vit-large-patch14) or "
+                        "save_pretrained folder")
 
     def __init__(self, pretrained: str = "openai/clip-vit-large-patch14", tokenizer: str | None = None,
-                 scale: float = 1.0, random_init: bool = False, config: Any = None, dtype: str = "auto"):
-        super().__init__(pretrained, random_init=random_init, config=config, tokenizer=tokenizer, dtype=dtype,
+                 scale: float = 1.0, checkpointing: bool = False, random_init: bool = False, config: Any = None,
+                 dtype: str = "auto"):
+        super().__init__(pretrained, random_init=random_init, config=config, checkpointing=checkpointing,
+                         tokenizer=tokenizer, dtype=dtype,
                          real_config=OPENCLIP_VIT_L_14)
         self.scale = float(scale)
 

@@ -33,8 +33,10 @@ class HPSv2Reward(ClipReward):
                         "laion/CLIP-ViT-H-14-laion2B-s32B-b79K (tokenizer)")
 
     def __init__(self, pretrained: str = "xswu/HPSv2", tokenizer: str | None = None, scale: float = 1.0,
-                 random_init: bool = False, config: Any = None, dtype: str = "auto"):
-        super().__init__(pretrained, random_init=random_init, config=config, tokenizer=tokenizer, dtype=dtype,
+                 checkpointing: bool = False, random_init: bool = False, config: Any = None,
+                 dtype: str = "auto"):
+        super().__init__(pretrained, random_init=random_init, config=config, checkpointing=checkpointing,
+                         tokenizer=tokenizer, dtype=dtype,
                          real_config=OPENCLIP_VIT_H_14)
         self.scale = float(scale)
 

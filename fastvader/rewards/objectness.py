@@ -62,7 +62,8 @@ class ObjectnessReward(PretrainedReward):
 
     def __init__(self, pretrained: str = "hustvl/yolos-tiny", target: str = "dog", mode: str = "remove",
                  threshold: float = 0.0, shortest_edge: int | None = None, longest_edge: int | None = None,
-                 random_init: bool = False, config: Any = None, dtype: str = "auto"):
+                 checkpointing: bool = False, random_init: bool = False, config: Any = None,
+                 dtype: str = "auto"):
         super().__init__(dtype)
         tf = transformers_module()
         if mode not in ("remove", "add"):
@@ -90,6 +91,11 @@ class ObjectnessReward(PretrainedReward):
         id2label = {int(k): v for k, v in self.model.config.id2label.items()}
         self.target = label_index(id2label, target, reward=self.name)
         self.target_name = id2label[self.target]
+        if checkpointing:
+            self.enable_checkpointing()
+
+    def checkpointed_layers(self):
+        return list(self.model.vit.encoder.layer)
 
     def confidence(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [0, 1] -> target confidence per image (N,); 0 where nothing is detected."""

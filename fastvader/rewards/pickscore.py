@@ -24,8 +24,10 @@ class PickScoreReward(ClipReward):
                         "from laion/CLIP-ViT-H-14-laion2B-s32B-b79K (tokenizer) when not next to the weights")
 
     def __init__(self, pretrained: str = "yuvalkirstain/PickScore_v1", tokenizer: str | None = None,
-                 scale: float | None = None, random_init: bool = False, config: Any = None, dtype: str = "auto"):
-        super().__init__(pretrained, random_init=random_init, config=config, tokenizer=tokenizer, dtype=dtype,
+                 scale: float | None = None,
+                 checkpointing: bool = False, random_init: bool = False, config: Any = None, dtype: str = "auto"):
+        super().__init__(pretrained, random_init=random_init, config=config, checkpointing=checkpointing,
+                         tokenizer=tokenizer, dtype=dtype,
                          real_config=OPENCLIP_VIT_H_14)
         #: None: the model's own logit scale (PickScore's definition)
         self.scale = scale

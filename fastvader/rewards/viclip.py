@@ -167,7 +167,8 @@ class ViCLIPReward(PretrainedReward):
                         "tokenizer from openai/clip-vit-large-patch14 (tokenizer)")
 
     def __init__(self, pretrained: str = "OpenGVLab/ViCLIP", tokenizer: str | None = None, scale: float = 1.0,
-                 random_init: bool = False, config: Any = None, dtype: str = "auto"):
+                 checkpointing: bool = False, random_init: bool = False, config: Any = None,
+                 dtype: str = "auto"):
         super().__init__(dtype)
         built_random = random_init
         if built_random:
@@ -186,6 +187,11 @@ class ViCLIPReward(PretrainedReward):
         self.num_frames = vision.num_frames
         self.scale = float(scale)
         self._prompt_cache: dict[str, torch.Tensor] = {}
+        if checkpointing:
+            self.enable_checkpointing()
+
+    def checkpointed_layers(self):
+        return list(self.model.vision_encoder.transformer.resblocks)
 
     def _load(self, pretrained: str, config: Any) -> ViCLIPModel:
         """The published .pth (architecture: ``config`` if given, else ViCLIP-L/14) or a folder

@@ -75,7 +75,8 @@ class VJEPAReward(PretrainedReward):
     def __init__(self, pretrained: str = "facebook/vjepa2-vitl-fpc64-256", num_frames: int | None = None,
                  mask_blocks: Sequence[Sequence[float]] = DEFAULT_MASK_BLOCKS,
                  aspect_ratio: Sequence[float] = (0.75, 1.5), num_masks: int = 1, seed: int = 0,
-                 detach_target: bool = False, random_init: bool = False, config: Any = None, dtype: str = "auto"):
+                 detach_target: bool = False,
+                 checkpointing: bool = False, random_init: bool = False, config: Any = None, dtype: str = "auto"):
         super().__init__(dtype)
         tf = transformers_module()
         processor_cfg = None
@@ -102,6 +103,11 @@ class VJEPAReward(PretrainedReward):
         self.num_masks = int(num_masks)
         self.detach_target = detach_target
         self.generator = torch.Generator().manual_seed(seed)
+        if checkpointing:
+            self.enable_checkpointing()
+
+    def checkpointed_layers(self):
+        return list(self.model.encoder.layer) + list(self.model.predictor.layer)
 
     # -- masks ---------------------------------------------------------------------------------
     def sample_masks(self, time_steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

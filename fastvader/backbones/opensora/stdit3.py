@@ -247,6 +247,12 @@ class STDiT3(nn.Module):
         self.final_layer = FinalLayer(cfg)
         self.gradient_checkpointing = False
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """Spatial and temporal blocks in execution order: the units ``memory.checkpointing:
+        block`` wraps. A view; the blocks stay registered under their checkpoint names."""
+        return nn.ModuleList([b for pair in zip(self.spatial_blocks, self.temporal_blocks) for b in pair])
+
     def enable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = True
 

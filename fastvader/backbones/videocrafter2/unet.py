@@ -325,6 +325,14 @@ class LVDMUNet3D(nn.Module):
         return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, UNetStage))
 
     @property
+    def blocks(self) -> nn.ModuleList:
+        """Every stage in execution order (input blocks, init_attn, middle, output blocks): the
+        units ``memory.checkpointing: block`` wraps. A view; the stages stay registered where
+        they are (and keep their checkpoint names)."""
+        stages = [self.input_blocks[0]] + ([self.init_attn] if hasattr(self, "init_attn") else [])
+        return nn.ModuleList(stages + list(self.input_blocks[1:]) + [self.middle_block] + list(self.output_blocks))
+
+    @property
     def downsample_factor(self) -> int:
         """Latent height/width must be a multiple of this (one stride-2 conv per level but the last)."""
         return 2 ** (len(self.config.channel_mult) - 1)

@@ -13,8 +13,6 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-import torch
-
 from .config import VAEConfig
 
 # diffusers name fragment <-> LDM name fragment, for the parts that do not depend on the level
