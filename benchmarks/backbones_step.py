@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
-import sys
 import time
-import types
 
 import torch
 
@@ -26,29 +23,6 @@ SIZES = {  # the family defaults: (frames, height, width, sampler, guidance)
     "animatediff": (16, 512, 512, "ddim", 7.5),
     "wan": (81, 480, 832, "euler_flow", 5.0),
 }
-
-
-def ensure_scheduler_factory() -> None:
-    """Use fastvader.sampling.make_scheduler when it exists; else an equivalent stand-in."""
-    try:
-        import fastvader.sampling  # noqa: F401
-        return
-    except ImportError:
-        pass
-    import diffusers
-
-    classes = {"ddim": ("DDIMScheduler", {}), "euler_flow": ("FlowMatchEulerDiscreteScheduler", {}),
-               "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2})}
-
-    def make_scheduler(name, config):
-        cls_name, overrides = classes[name]
-        cls = getattr(diffusers, cls_name)
-        accepted = set(inspect.signature(cls.__init__).parameters)
-        return cls(**{**{k: v for k, v in config.items() if k in accepted}, **overrides})
-
-    module = types.ModuleType("fastvader.sampling")
-    module.make_scheduler = make_scheduler
-    sys.modules["fastvader.sampling"] = module
 
 
 CUDA = torch.cuda.is_available()
@@ -177,7 +151,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--frame", type=int, default=None, help="decoded frame for every family")
     args = parser.parse_args()
-    ensure_scheduler_factory()
     print(json.dumps({"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__}),
           flush=True)
     for spec in args.families:

@@ -7,6 +7,7 @@ exactly those denoiser calls (VADER's truncated backprop). ``TruncationPolicy`` 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,7 +33,9 @@ def make_scheduler(name: str, config: dict):
         raise ValueError(f"sampler.name={name!r} is not a known sampler; choose one of {sorted(_SCHEDULERS)}")
     cls_name, overrides = _SCHEDULERS[name]
     cls = getattr(diffusers, cls_name)
-    accepted = set(cls.__init__.__code__.co_varnames)
+    # the signature, not __code__.co_varnames: @register_to_config wraps __init__ as
+    # (self, *args, **kwargs), so co_varnames would drop every key (DDIM fell back to linear betas)
+    accepted = set(inspect.signature(cls.__init__).parameters)
     kwargs = {k: v for k, v in dict(config).items() if k in accepted}
     kwargs.update({k: v for k, v in overrides.items() if k in accepted})
     return cls(**kwargs)
