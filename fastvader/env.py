@@ -1,14 +1,15 @@
 """What a bug report needs: versions, the device, and which kernel paths are active."""
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
 import platform
 
 
-def _version(module: str) -> str:
+def _version(distribution: str) -> str:
+    # read the installed metadata: importing deepspeed or bitsandbytes prints to stdout
     try:
-        return getattr(importlib.import_module(module), "__version__", "installed")
-    except Exception:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
         return "not installed"
 
 

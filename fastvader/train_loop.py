@@ -202,9 +202,13 @@ class Trainer:
     def _embed_all_prompts(self) -> None:
         if len(self.prompts.prompts) <= 4096:
             self.prompt_cache.warm(self.prompts.prompts + self.val_prompts)
-            text_encoder = getattr(self.backbone, "text_encoder", None)
-            if text_encoder is not None and self.device.type == "cuda":
-                text_encoder.to("cpu")  # embeddings are cached: the encoder is not needed on the GPU
+            if self.device.type == "cuda":  # embeddings are cached: the encoder leaves the GPU
+                offload = getattr(self.backbone, "offload_text_encoder", None)
+                text_encoder = getattr(self.backbone, "text_encoder", None)
+                if offload is not None:
+                    offload()
+                elif isinstance(text_encoder, torch.nn.Module):
+                    text_encoder.to("cpu")
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32)
