@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import world as synthetic
-from .model import WEIGHTS_DIR, ToyWorld, ToyWorldConfig, build_toy_world, save_toy_world
+from .model import WEIGHTS_DIR, ToyWorld, ToyWorldConfig, build_toy_world, load_toy_world, save_toy_world
 from .sample import encode_latents
 
 
@@ -44,6 +44,8 @@ class TrainSettings:
     vae_frames_per_video: int = 4
     vae_lr: float = 1.5e-3
     vae_kl_weight: float = 1e-4        # per latent element, against per-pixel MSE
+    decoder_steps: int = 0             # decoder-only fine-tuning on the frozen encoder's latents
+    decoder_lr: float = 1e-3
     pool_videos: int = 2048            # encoded once for the denoiser phase
     denoiser_steps: int = 1500
     batch_size: int = 16
@@ -89,11 +91,39 @@ class _Log:
             self.losses, self.last = [], now
 
 
-VAE_SHARE = 0.2  # of --minutes; the denoiser (and encoding its pool) gets the rest
+# Shares of --minutes per phase, renormalised over the phases that run.
+PHASE_SHARES = dict(vae=0.2, decoder=0.2, denoiser=0.6)
 
 
-def _deadline(settings: TrainSettings, share: float, start: float) -> float:
-    return math.inf if settings.minutes is None else start + settings.minutes * 60 * share
+def _phase_deadlines(settings: TrainSettings, start: float) -> dict[str, float]:
+    """When each phase must stop (they run in the order vae, decoder, denoiser)."""
+    running = {name: share for name, share in PHASE_SHARES.items()
+               if getattr(settings, f"{name}_steps") > 0}
+    deadlines, used = {}, 0.0
+    for name, share in running.items():
+        used += share / sum(running.values())
+        deadlines[name] = math.inf if settings.minutes is None else start + settings.minutes * 60 * used
+    return deadlines
+
+
+def _frame_batch(settings: TrainSettings, step: int, generator: torch.Generator) -> torch.Tensor:
+    """Fresh synthetic frames in [-1, 1]: a few random frames of each of a few new videos."""
+    _, videos = synthetic.sample_batch(settings.vae_videos_per_step, seed=settings.seed * 1_000_003 + step)
+    picks = torch.rand(videos.shape[:2], generator=generator).argsort(dim=1)[:, : settings.vae_frames_per_video]
+    return torch.stack([v[p] for v, p in zip(videos, picks)]).flatten(0, 1) * 2.0 - 1.0
+
+
+@torch.no_grad()
+def _heldout_vae_check(vae, settings: TrainSettings, generator: torch.Generator) -> tuple[float, float]:
+    """Reconstruction MSE of held-out frames (pixels in [0, 1], a seed training never draws)
+    and 1 / std of their posterior samples (the scaling factor that gives unit-std latents)."""
+    _, videos = synthetic.sample_batch(64, seed=settings.seed * 1_000_003 - 1)
+    frames = videos.flatten(0, 1) * 2.0 - 1.0
+    posterior = vae.encode(frames).latent_dist
+    reconstruction = vae.decode(posterior.mean).sample
+    mse = F.mse_loss((reconstruction + 1) / 2, (frames + 1) / 2).item()
+    samples = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+    return mse, float(1.0 / samples.std())
 
 
 def train_vae(world: ToyWorld, settings: TrainSettings, deadline: float = math.inf) -> dict:
@@ -111,9 +141,7 @@ def train_vae(world: ToyWorld, settings: TrainSettings, deadline: float = math.i
         for group in optimizer.param_groups:
             group["lr"] = settings.vae_lr * _lr_factor(step, settings.vae_steps, settings.warmup_steps,
                                                          log.start, deadline)
-        _, videos = synthetic.sample_batch(settings.vae_videos_per_step, seed=settings.seed * 1_000_003 + step)
-        picks = torch.rand(videos.shape[:2], generator=generator).argsort(dim=1)[:, : settings.vae_frames_per_video]
-        frames = torch.stack([v[p] for v, p in zip(videos, picks)]).flatten(0, 1) * 2.0 - 1.0
+        frames = _frame_batch(settings, step, generator)
         posterior = vae.encode(frames).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         reconstruction = vae.decode(z).sample
@@ -127,21 +155,50 @@ def train_vae(world: ToyWorld, settings: TrainSettings, deadline: float = math.i
         steps_run = step + 1
     vae.eval()
 
-    # Held-out frames: a seed the training stream never uses.
-    with torch.no_grad():
-        _, videos = synthetic.sample_batch(64, seed=settings.seed * 1_000_003 - 1)
-        frames = videos.flatten(0, 1) * 2.0 - 1.0
-        posterior = vae.encode(frames).latent_dist
-        reconstruction = vae.decode(posterior.mean).sample
-        heldout_mse = F.mse_loss((reconstruction + 1) / 2, (frames + 1) / 2).item()
-        samples = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
-        scaling_factor = float(1.0 / samples.std())
+    heldout_mse, scaling_factor = _heldout_vae_check(vae, settings, generator)
     vae.register_to_config(scaling_factor=scaling_factor)
     world.config.vae["scaling_factor"] = scaling_factor
     print(f"[vae] held-out reconstruction MSE (pixels in [0,1]) {heldout_mse:.5f}; "
           f"scaling_factor {scaling_factor:.4f}", flush=True)
     return dict(steps=steps_run, history=log.history, heldout_mse=heldout_mse,
                 scaling_factor=scaling_factor, seconds=time.time() - log.start)
+
+
+def finetune_decoder(world: ToyWorld, settings: TrainSettings, deadline: float = math.inf) -> dict:
+    """Decoder-only training on posterior samples of the frozen encoder: sharper frames without
+    moving the latent space, so a denoiser trained on these latents stays valid."""
+    vae = world.vae
+    vae.eval()
+    vae.decoder.train()
+    parameters = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=settings.decoder_lr, weight_decay=settings.weight_decay)
+    generator = torch.Generator().manual_seed(settings.seed * 1000 + 3)
+    log = _Log("decoder", settings.decoder_steps, settings.log_every)
+    steps_run = 0
+    for step in range(settings.decoder_steps):
+        if time.time() > deadline:
+            print(f"[decoder] wall-clock share used up after {step} steps", flush=True)
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = settings.decoder_lr * _lr_factor(step, settings.decoder_steps, settings.warmup_steps,
+                                                             log.start, deadline)
+        # A stream of frames the VAE phase did not draw (offset seeds).
+        frames = _frame_batch(settings, 10_000_000 + step, generator)
+        with torch.no_grad():
+            posterior = vae.encode(frames).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        loss = F.mse_loss(vae.decode(z).sample, frames)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
+        optimizer.step()
+        log.step(step, loss.item())
+        steps_run = step + 1
+    vae.eval()
+    heldout_mse, _ = _heldout_vae_check(vae, settings, generator)
+    print(f"[decoder] held-out reconstruction MSE (pixels in [0,1]) {heldout_mse:.5f}", flush=True)
+    return dict(steps=steps_run, history=log.history, heldout_mse=heldout_mse,
+                seconds=time.time() - log.start)
 
 
 @torch.no_grad()
@@ -213,20 +270,28 @@ def train_denoiser(world: ToyWorld, settings: TrainSettings, deadline: float = m
     return dict(steps=steps_run, history=log.history, seconds=time.time() - log.start)
 
 
-def train_world(settings: TrainSettings, out: Path = WEIGHTS_DIR) -> ToyWorld:
-    """Both phases from random weights; writes the weights and training.json to ``out``."""
+def train_world(settings: TrainSettings, out: Path = WEIGHTS_DIR, init: Path | None = None) -> ToyWorld:
+    """Run the phases with steps > 0 (vae, decoder, denoiser, in that order), from random
+    weights or from the world in ``init``; write the weights and training.json to ``out``."""
     torch.manual_seed(settings.seed)
     start = time.time()
-    world = build_toy_world(ToyWorldConfig(), seed=settings.seed)
-    vae_summary = train_vae(world, settings, _deadline(settings, VAE_SHARE, start))
-    denoiser_summary = train_denoiser(world, settings, _deadline(settings, 1.0, start))
-    world.vae.requires_grad_(False)
-    world.unet.requires_grad_(False)
-    world.text_encoder.requires_grad_(False)
+    world = load_toy_world(init) if init is not None else build_toy_world(ToyWorldConfig(), seed=settings.seed)
+    for module in (world.vae, world.unet, world.text_encoder):
+        module.requires_grad_(True)
+    if init is None and settings.vae_steps == 0:
+        raise ValueError("training from scratch needs vae_steps > 0 (or start from --init DIR)")
+    deadlines = _phase_deadlines(settings, start)
+    summary: dict = dict(settings=asdict(settings), init=None if init is None else str(init))
+    if settings.vae_steps:
+        summary["vae"] = train_vae(world, settings, deadlines["vae"])
+    if settings.decoder_steps:
+        summary["decoder"] = finetune_decoder(world, settings, deadlines["decoder"])
+    if settings.denoiser_steps:
+        summary["denoiser"] = train_denoiser(world, settings, deadlines["denoiser"])
+    for module in (world.vae, world.unet, world.text_encoder):
+        module.requires_grad_(False)
     save_toy_world(world, out)
-    summary = dict(settings=asdict(settings), vae=vae_summary, denoiser=denoiser_summary,
-                   wall_seconds=time.time() - start, torch=torch.__version__,
-                   threads=torch.get_num_threads())
+    summary.update(wall_seconds=time.time() - start, torch=torch.__version__, threads=torch.get_num_threads())
     (Path(out) / "training.json").write_text(json.dumps(summary, indent=1))
     print(f"wrote {out} after {summary['wall_seconds'] / 60:.1f} minutes", flush=True)
     return world
@@ -242,22 +307,31 @@ def main(argv: list[str] | None = None) -> int:
                         help="wall-clock cap for the whole run (default: none, run all steps)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed (default: %(default)s)")
     parser.add_argument("--vae-steps", type=int, default=defaults.vae_steps, help="(default: %(default)s)")
+    parser.add_argument("--decoder-steps", type=int, default=defaults.decoder_steps,
+                        help="decoder-only fine-tuning after the VAE phase (default: %(default)s)")
     parser.add_argument("--denoiser-steps", type=int, default=defaults.denoiser_steps, help="(default: %(default)s)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue from this toy world folder instead of random weights; "
+                             "pass --vae-steps 0 to keep its VAE (and latent scale) as it is")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
     parser.add_argument("--pool-videos", type=int, default=defaults.pool_videos, help="(default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
-    for name in ("vae_steps", "denoiser_steps", "batch_size", "pool_videos"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    for name, least in (("vae_steps", 0), ("decoder_steps", 0), ("denoiser_steps", 0),
+                        ("batch_size", 1), ("pool_videos", 1)):
+        if getattr(args, name) < least:
+            parser.error(f"--{name.replace('_', '-')} must be >= {least}; got {getattr(args, name)}")
+    if args.init is None and args.vae_steps == 0:
+        parser.error("--vae-steps 0 needs --init DIR (a world whose VAE to keep)")
     if args.minutes is not None and args.minutes <= 0:
         parser.error(f"--minutes must be > 0; got {args.minutes}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = TrainSettings(seed=args.seed, vae_steps=args.vae_steps, denoiser_steps=args.denoiser_steps,
-                             batch_size=args.batch_size, pool_videos=args.pool_videos, minutes=args.minutes)
-    train_world(settings, args.out)
+    settings = TrainSettings(seed=args.seed, vae_steps=args.vae_steps, decoder_steps=args.decoder_steps,
+                             denoiser_steps=args.denoiser_steps, batch_size=args.batch_size,
+                             pool_videos=args.pool_videos, minutes=args.minutes)
+    train_world(settings, args.out, args.init)
     return 0
 
 
