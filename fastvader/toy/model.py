@@ -9,19 +9,27 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from . import world as _world
+
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHT_FILES = ["world.json", "text_encoder.safetensors", "unet.safetensors", "vae.safetensors"]
 
 
 @dataclass
 class ToyWorldConfig:
-    vocab: list = field(default_factory=lambda: ["<pad>", "<unk>"])
-    max_length: int = 8
+    """Sizes of the embedded world's models. ``frames``/``height``/``width`` and ``vocab`` follow
+    the synthetic world (fastvader.toy.world); the VAE maps 32x32 frames to 4x8x8 latents and
+    ``vae["scaling_factor"]`` is set by training so scaled latents have about unit std."""
+
+    vocab: list = field(default_factory=lambda: list(_world.VOCAB))
+    # "a red square moving left on a gray background" is 9 words; 12 leaves room.
+    max_length: int = 12
     text_dim: int = 64
     text_layers: int = 2
     text_heads: int = 4
-    frames: int = 8
-    height: int = 32
-    width: int = 32
+    frames: int = _world.FRAMES
+    height: int = _world.HEIGHT
+    width: int = _world.WIDTH
     unet: dict = field(default_factory=lambda: dict(
         sample_size=8, in_channels=4, out_channels=4,
         down_block_types=["CrossAttnDownBlock3D", "DownBlock3D"],
@@ -31,7 +39,7 @@ class ToyWorldConfig:
     vae: dict = field(default_factory=lambda: dict(
         in_channels=3, out_channels=3, latent_channels=4,
         down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
-        block_out_channels=[32, 64, 64], layers_per_block=1, norm_num_groups=8,
+        block_out_channels=[16, 32, 64], layers_per_block=1, norm_num_groups=8,
         sample_size=32, scaling_factor=1.0))
     scheduler: dict = field(default_factory=lambda: dict(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -93,14 +101,23 @@ def build_toy_world(config: ToyWorldConfig | None = None, seed: int = 0) -> ToyW
     return ToyWorld(config, WordTokenizer(config.vocab, config.max_length), text, unet, vae)
 
 
-def save_toy_world(world: ToyWorld, path: str | Path = WEIGHTS_DIR) -> None:
+def save_toy_world(world: ToyWorld, path: str | Path = WEIGHTS_DIR,
+                   dtype: torch.dtype | None = torch.float16) -> None:
+    """Write world.json and one safetensors file per model. Floating-point tensors are stored
+    as ``dtype`` (fp16 by default: halves the shipped size; loading casts back to the models'
+    fp32); ``dtype=None`` keeps them as they are."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "world.json").write_text(json.dumps(asdict(world.config), indent=1))
     for name in ("text_encoder", "unet", "vae"):
-        state = {k: v.detach().contiguous() for k, v in getattr(world, name).state_dict().items()}
+        state = {}
+        for key, value in getattr(world, name).state_dict().items():
+            value = value.detach()
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+            state[key] = value.contiguous()
         save_file(state, str(path / f"{name}.safetensors"))
 
 
@@ -109,8 +126,7 @@ def load_toy_world(path: str | Path | None = None) -> ToyWorld:
     from safetensors.torch import load_file
 
     path = Path(path) if path is not None else WEIGHTS_DIR
-    needed = ["world.json", "text_encoder.safetensors", "unet.safetensors", "vae.safetensors"]
-    missing = [n for n in needed if not (path / n).is_file()]
+    missing = [n for n in WEIGHT_FILES if not (path / n).is_file()]
     if missing:
         raise FileNotFoundError(f"toy world at {path} is missing {missing}; "
                                 "run `python -m fastvader.toy.train_world` to create it")

@@ -1,0 +1,339 @@
+"""Train the embedded world from scratch on the synthetic videos of fastvader.toy.world.
+
+    python -m fastvader.toy.train_world [--out DIR] [--minutes M] [--seed S]
+
+Two phases, both on the CPU in about 20 minutes on 2 cores:
+
+1. The VAE, on single frames in [-1, 1]: mean squared reconstruction error plus a small KL
+   term, fresh synthetic videos every step. Its ``scaling_factor`` is then set to 1 / std of
+   the posterior samples of held-out frames, so the denoiser sees latents of about unit std.
+2. The text encoder and the UNet3DConditionModel together, on scaled VAE latents of a fixed
+   pool of encoded videos (a fresh posterior sample each time a video is drawn), with the
+   standard epsilon-prediction DDPM loss under the noise schedule of ``ToyWorldConfig.scheduler``.
+   10% of prompts are replaced by the empty prompt so classifier-free guidance works. An
+   exponential moving average of both models is what gets saved.
+
+Everything is seeded; ``--minutes`` caps the wall time (the phases get 1/5 and 4/5 of it and
+stop early when their share runs out), so a capped run is reproducible only given its step
+counts, which ``training.json`` records next to the weights.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import world as synthetic
+from .model import WEIGHTS_DIR, ToyWorld, ToyWorldConfig, build_toy_world, load_toy_world, save_toy_world
+from .sample import encode_latents
+
+
+@dataclass
+class TrainSettings:
+    seed: int = 0
+    vae_steps: int = 600
+    vae_videos_per_step: int = 8       # 4 random frames of each: 32 frames a step
+    vae_frames_per_video: int = 4
+    vae_lr: float = 1.5e-3
+    vae_kl_weight: float = 1e-4        # per latent element, against per-pixel MSE
+    decoder_steps: int = 0             # decoder-only fine-tuning on the frozen encoder's latents
+    decoder_lr: float = 1e-3
+    pool_videos: int = 2048            # encoded once for the denoiser phase
+    denoiser_steps: int = 1500
+    batch_size: int = 16
+    denoiser_lr: float = 8e-4
+    prompt_dropout: float = 0.1
+    ema_decay: float = 0.995
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    minutes: float | None = None       # wall-clock cap for both phases together
+    log_every: int = 25
+
+
+def _lr_factor(step: int, total: int, warmup: int, started: float, deadline: float) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak. Under a wall-clock cap, progress is
+    whichever is further along, steps or time, so a cut-short run still ends annealed."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if math.isfinite(deadline):
+        progress = max(progress, (time.time() - started) / max(1e-9, deadline - started))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class _Log:
+    """Prints a line every ``every`` steps with the loss averaged since the last line."""
+
+    def __init__(self, phase: str, total: int, every: int):
+        self.phase, self.total, self.every = phase, total, every
+        self.start = self.last = time.time()
+        self.losses: list[float] = []
+        self.history: list[tuple[int, float]] = []
+
+    def step(self, step: int, loss: float) -> None:
+        self.losses.append(loss)
+        if (step + 1) % self.every == 0 or step + 1 == self.total:
+            mean = sum(self.losses) / len(self.losses)
+            now = time.time()
+            per_step = (now - self.last) / len(self.losses)
+            print(f"[{self.phase}] step {step + 1}/{self.total} loss {mean:.5f} "
+                  f"{per_step:.2f} s/step elapsed {now - self.start:.0f} s", flush=True)
+            self.history.append((step + 1, mean))
+            self.losses, self.last = [], now
+
+
+# Shares of --minutes per phase, renormalised over the phases that run.
+PHASE_SHARES = dict(vae=0.2, decoder=0.2, denoiser=0.6)
+
+
+def _phase_deadlines(settings: TrainSettings, start: float) -> dict[str, float]:
+    """When each phase must stop (they run in the order vae, decoder, denoiser)."""
+    running = {name: share for name, share in PHASE_SHARES.items()
+               if getattr(settings, f"{name}_steps") > 0}
+    deadlines, used = {}, 0.0
+    for name, share in running.items():
+        used += share / sum(running.values())
+        deadlines[name] = math.inf if settings.minutes is None else start + settings.minutes * 60 * used
+    return deadlines
+
+
+def _frame_batch(settings: TrainSettings, step: int, generator: torch.Generator) -> torch.Tensor:
+    """Fresh synthetic frames in [-1, 1]: a few random frames of each of a few new videos."""
+    _, videos = synthetic.sample_batch(settings.vae_videos_per_step, seed=settings.seed * 1_000_003 + step)
+    picks = torch.rand(videos.shape[:2], generator=generator).argsort(dim=1)[:, : settings.vae_frames_per_video]
+    return torch.stack([v[p] for v, p in zip(videos, picks)]).flatten(0, 1) * 2.0 - 1.0
+
+
+@torch.no_grad()
+def _heldout_vae_check(vae, settings: TrainSettings, generator: torch.Generator) -> tuple[float, float]:
+    """Reconstruction MSE of held-out frames (pixels in [0, 1], a seed training never draws)
+    and 1 / std of their posterior samples (the scaling factor that gives unit-std latents)."""
+    _, videos = synthetic.sample_batch(64, seed=settings.seed * 1_000_003 - 1)
+    frames = videos.flatten(0, 1) * 2.0 - 1.0
+    posterior = vae.encode(frames).latent_dist
+    reconstruction = vae.decode(posterior.mean).sample
+    mse = F.mse_loss((reconstruction + 1) / 2, (frames + 1) / 2).item()
+    samples = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+    return mse, float(1.0 / samples.std())
+
+
+def train_vae(world: ToyWorld, settings: TrainSettings, deadline: float = math.inf) -> dict:
+    """Phase 1. Returns a summary (steps run, final loss, held-out error, scaling factor)."""
+    vae = world.vae
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=settings.weight_decay)
+    generator = torch.Generator().manual_seed(settings.seed * 1000 + 1)
+    log = _Log("vae", settings.vae_steps, settings.log_every)
+    steps_run = 0
+    for step in range(settings.vae_steps):
+        if time.time() > deadline:
+            print(f"[vae] wall-clock share used up after {step} steps", flush=True)
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = settings.vae_lr * _lr_factor(step, settings.vae_steps, settings.warmup_steps,
+                                                         log.start, deadline)
+        frames = _frame_batch(settings, step, generator)
+        posterior = vae.encode(frames).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        reconstruction = vae.decode(z).sample
+        kl = 0.5 * (posterior.mean ** 2 + posterior.var - 1.0 - posterior.logvar).mean()
+        loss = F.mse_loss(reconstruction, frames) + settings.vae_kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), settings.grad_clip)
+        optimizer.step()
+        log.step(step, loss.item())
+        steps_run = step + 1
+    vae.eval()
+
+    heldout_mse, scaling_factor = _heldout_vae_check(vae, settings, generator)
+    vae.register_to_config(scaling_factor=scaling_factor)
+    world.config.vae["scaling_factor"] = scaling_factor
+    print(f"[vae] held-out reconstruction MSE (pixels in [0,1]) {heldout_mse:.5f}; "
+          f"scaling_factor {scaling_factor:.4f}", flush=True)
+    return dict(steps=steps_run, history=log.history, heldout_mse=heldout_mse,
+                scaling_factor=scaling_factor, seconds=time.time() - log.start)
+
+
+def finetune_decoder(world: ToyWorld, settings: TrainSettings, deadline: float = math.inf) -> dict:
+    """Decoder-only training on posterior samples of the frozen encoder: sharper frames without
+    moving the latent space, so a denoiser trained on these latents stays valid."""
+    vae = world.vae
+    vae.eval()
+    vae.decoder.train()
+    parameters = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=settings.decoder_lr, weight_decay=settings.weight_decay)
+    generator = torch.Generator().manual_seed(settings.seed * 1000 + 3)
+    log = _Log("decoder", settings.decoder_steps, settings.log_every)
+    steps_run = 0
+    for step in range(settings.decoder_steps):
+        if time.time() > deadline:
+            print(f"[decoder] wall-clock share used up after {step} steps", flush=True)
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = settings.decoder_lr * _lr_factor(step, settings.decoder_steps, settings.warmup_steps,
+                                                             log.start, deadline)
+        # A stream of frames the VAE phase did not draw (offset seeds).
+        frames = _frame_batch(settings, 10_000_000 + step, generator)
+        with torch.no_grad():
+            posterior = vae.encode(frames).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        loss = F.mse_loss(vae.decode(z).sample, frames)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
+        optimizer.step()
+        log.step(step, loss.item())
+        steps_run = step + 1
+    vae.eval()
+    heldout_mse, _ = _heldout_vae_check(vae, settings, generator)
+    print(f"[decoder] held-out reconstruction MSE (pixels in [0,1]) {heldout_mse:.5f}", flush=True)
+    return dict(steps=steps_run, history=log.history, heldout_mse=heldout_mse,
+                seconds=time.time() - log.start)
+
+
+@torch.no_grad()
+def encode_pool(world: ToyWorld, settings: TrainSettings) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """The denoiser's training set: prompts and the posterior mean/std (unscaled) of each frame,
+    as (N, C, F, h, w) tensors."""
+    start = time.time()
+    prompts, means, stds = [], [], []
+    chunk = 64
+    for first in range(0, settings.pool_videos, chunk):
+        n = min(chunk, settings.pool_videos - first)
+        chunk_prompts, videos = synthetic.sample_batch(n, seed=settings.seed * 7919 + 2 + first)
+        posterior = world.vae.encode(videos.flatten(0, 1) * 2.0 - 1.0).latent_dist
+        to_video = lambda t: t.unflatten(0, (n, videos.shape[1])).transpose(1, 2)  # noqa: E731
+        prompts += chunk_prompts
+        means.append(to_video(posterior.mean))
+        stds.append(to_video(posterior.std))
+    print(f"[pool] encoded {settings.pool_videos} videos in {time.time() - start:.0f} s", flush=True)
+    return prompts, torch.cat(means), torch.cat(stds)
+
+
+def train_denoiser(world: ToyWorld, settings: TrainSettings, deadline: float = math.inf) -> dict:
+    """Phase 2: text encoder + UNet on the encoded pool. Leaves the EMA weights in ``world``."""
+    from diffusers import DDPMScheduler
+
+    prompts, means, stds = encode_pool(world, settings)
+    noise_schedule = DDPMScheduler.from_config(world.config.scheduler)
+    scaling = world.vae.config.scaling_factor
+    models = torch.nn.ModuleDict(dict(text_encoder=world.text_encoder, unet=world.unet))
+    models.train()
+    ema = copy.deepcopy(models).requires_grad_(False)
+    optimizer = torch.optim.AdamW(models.parameters(), lr=settings.denoiser_lr,
+                                  weight_decay=settings.weight_decay)
+    generator = torch.Generator().manual_seed(settings.seed * 1000 + 2)
+    log = _Log("denoiser", settings.denoiser_steps, settings.log_every)
+    steps_run = 0
+    for step in range(settings.denoiser_steps):
+        if time.time() > deadline:
+            print(f"[denoiser] wall-clock share used up after {step} steps", flush=True)
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = settings.denoiser_lr * _lr_factor(step, settings.denoiser_steps,
+                                                              settings.warmup_steps, log.start, deadline)
+        index = torch.randint(len(prompts), (settings.batch_size,), generator=generator)
+        drop = torch.rand(settings.batch_size, generator=generator) < settings.prompt_dropout
+        batch_prompts = ["" if d else prompts[i] for i, d in zip(index.tolist(), drop.tolist())]
+        mean, std = means[index], stds[index]
+        latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(noise_schedule.config.num_train_timesteps, (settings.batch_size,),
+                                  generator=generator)
+        noisy = noise_schedule.add_noise(latents, noise, timesteps)
+        text = world.text_encoder(world.tokenizer(batch_prompts))
+        prediction = world.unet(noisy, timesteps, encoder_hidden_states=text, return_dict=False)[0]
+        loss = F.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(models.parameters(), settings.grad_clip)
+        optimizer.step()
+        # EMA with a warm-up (decay grows from 0.5 towards ema_decay) so short runs still average.
+        decay = min(settings.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for averaged, live in zip(ema.parameters(), models.parameters()):
+                averaged.lerp_(live, 1.0 - decay)
+        log.step(step, loss.item())
+        steps_run = step + 1
+    models.load_state_dict(ema.state_dict())
+    models.eval()
+    return dict(steps=steps_run, history=log.history, seconds=time.time() - log.start)
+
+
+def train_world(settings: TrainSettings, out: Path = WEIGHTS_DIR, init: Path | None = None) -> ToyWorld:
+    """Run the phases with steps > 0 (vae, decoder, denoiser, in that order), from random
+    weights or from the world in ``init``; write the weights and training.json to ``out``."""
+    torch.manual_seed(settings.seed)
+    start = time.time()
+    world = load_toy_world(init) if init is not None else build_toy_world(ToyWorldConfig(), seed=settings.seed)
+    for module in (world.vae, world.unet, world.text_encoder):
+        module.requires_grad_(True)
+    if init is None and settings.vae_steps == 0:
+        raise ValueError("training from scratch needs vae_steps > 0 (or start from --init DIR)")
+    deadlines = _phase_deadlines(settings, start)
+    summary: dict = dict(settings=asdict(settings), init=None if init is None else str(init))
+    if settings.vae_steps:
+        summary["vae"] = train_vae(world, settings, deadlines["vae"])
+    if settings.decoder_steps:
+        summary["decoder"] = finetune_decoder(world, settings, deadlines["decoder"])
+    if settings.denoiser_steps:
+        summary["denoiser"] = train_denoiser(world, settings, deadlines["denoiser"])
+    for module in (world.vae, world.unet, world.text_encoder):
+        module.requires_grad_(False)
+    save_toy_world(world, out)
+    summary.update(wall_seconds=time.time() - start, torch=torch.__version__, threads=torch.get_num_threads())
+    (Path(out) / "training.json").write_text(json.dumps(summary, indent=1))
+    print(f"wrote {out} after {summary['wall_seconds'] / 60:.1f} minutes", flush=True)
+    return world
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = TrainSettings()
+    parser = argparse.ArgumentParser(prog="python -m fastvader.toy.train_world", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR,
+                        help="folder for world.json + safetensors (default: the shipped weights, %(default)s)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="wall-clock cap for the whole run (default: none, run all steps)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed (default: %(default)s)")
+    parser.add_argument("--vae-steps", type=int, default=defaults.vae_steps, help="(default: %(default)s)")
+    parser.add_argument("--decoder-steps", type=int, default=defaults.decoder_steps,
+                        help="decoder-only fine-tuning after the VAE phase (default: %(default)s)")
+    parser.add_argument("--denoiser-steps", type=int, default=defaults.denoiser_steps, help="(default: %(default)s)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue from this toy world folder instead of random weights; "
+                             "pass --vae-steps 0 to keep its VAE (and latent scale) as it is")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
+    parser.add_argument("--pool-videos", type=int, default=defaults.pool_videos, help="(default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    for name, least in (("vae_steps", 0), ("decoder_steps", 0), ("denoiser_steps", 0),
+                        ("batch_size", 1), ("pool_videos", 1)):
+        if getattr(args, name) < least:
+            parser.error(f"--{name.replace('_', '-')} must be >= {least}; got {getattr(args, name)}")
+    if args.init is None and args.vae_steps == 0:
+        parser.error("--vae-steps 0 needs --init DIR (a world whose VAE to keep)")
+    if args.minutes is not None and args.minutes <= 0:
+        parser.error(f"--minutes must be > 0; got {args.minutes}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = TrainSettings(seed=args.seed, vae_steps=args.vae_steps, decoder_steps=args.decoder_steps,
+                             denoiser_steps=args.denoiser_steps, batch_size=args.batch_size,
+                             pool_videos=args.pool_videos, minutes=args.minutes)
+    train_world(settings, args.out, args.init)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The embedded world: its synthetic videos, its shipped weights, and its weightless rewards.
+
+The checks on the shipped model are real: its VAE must reconstruct frames it never saw, and
+its samples must show the colour their prompts name."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastvader.rewards import build_reward_from_spec
+from fastvader.rewards.toy import ObjectColorReward, TargetColorReward
+from fastvader.toy import world as synthetic
+from fastvader.toy.model import (WEIGHT_FILES, WEIGHTS_DIR, ToyWorldConfig, build_toy_world,
+                                 load_toy_world, save_toy_world)
+from fastvader.toy.sample import decode_latents, encode_latents, sample_videos
+
+# Measured on the shipped weights (docs/toy_world.md): held-out reconstruction MSE 0.0016.
+VAE_MSE_LIMIT = 0.004
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_toy_world()
+
+
+# -- the synthetic world ---------------------------------------------------------------------
+def test_generator_is_deterministic_and_seed_dependent():
+    prompts_a, videos_a = synthetic.sample_batch(6, seed=3)
+    prompts_b, videos_b = synthetic.sample_batch(6, seed=3)
+    assert prompts_a == prompts_b
+    assert torch.equal(videos_a, videos_b)
+    _, videos_c = synthetic.sample_batch(6, seed=4)
+    assert not torch.equal(videos_a, videos_c)
+    assert videos_a.shape == (6, synthetic.FRAMES, 3, synthetic.HEIGHT, synthetic.WIDTH)
+    assert videos_a.min() >= 0.0 and videos_a.max() <= 1.0
+
+
+def test_videos_show_what_their_prompts_say():
+    prompts, videos = synthetic.sample_batch(48, seed=11)
+    for prompt, video in zip(prompts, videos):
+        named, seen = synthetic.parse_prompt(prompt), synthetic.describe_video(video)
+        for key, word in named.items():
+            if word is not None:  # partial prompts leave motion or background out
+                assert seen[key] == word, (prompt, key, seen)
+
+
+def test_motion_goes_the_named_way_by_several_pixels():
+    scene = synthetic.Scene("green", "circle", "up", "dark")
+    video = synthetic.render(scene, start=(16.0, 24.0), speed=2.0, size=5.0,
+                             color=synthetic.COLORS["green"], background=0.08)
+    track = synthetic.centroid_track(video)
+    assert torch.allclose(track[-1] - track[0], torch.tensor([0.0, -14.0]), atol=0.3)
+
+
+def test_every_prompt_word_is_in_the_vocabulary():
+    config = ToyWorldConfig()
+    assert config.vocab == synthetic.VOCAB
+    assert (config.frames, config.height, config.width) == (synthetic.FRAMES, synthetic.HEIGHT, synthetic.WIDTH)
+    prompts, _ = synthetic.sample_batch(64, seed=0)
+    world = build_toy_world(config)
+    ids = world.tokenizer(prompts)
+    assert (ids != 1).all(), "some prompt word tokenised as <unk>"
+    longest = max(len(p.split()) for p in prompts)
+    assert longest <= config.max_length
+    # each excluded (colour, background) pair removes its 3 shapes x 4 directions
+    assert len(synthetic.all_scenes()) == 5 * 3 * 4 * 3 - 12 * len(synthetic.EXCLUDED) == 168
+
+
+# -- the shipped weights ---------------------------------------------------------------------
+def test_shipped_weights_load_strictly_and_match_the_world(shipped):
+    stored = json.loads((WEIGHTS_DIR / "world.json").read_text())
+    assert stored["vocab"] == synthetic.VOCAB
+    # load_toy_world loads strictly; check every tensor is really there and trained (not init).
+    fresh = build_toy_world(shipped.config, seed=123)
+    for name in ("text_encoder", "unet", "vae"):
+        trained, init = getattr(shipped, name).state_dict(), getattr(fresh, name).state_dict()
+        assert trained.keys() == init.keys()
+        changed = sum(not torch.equal(trained[k], init[k]) for k in trained)
+        assert changed > 0.9 * len(trained), f"{name}: most weights look untrained"
+    # latents of the synthetic world have about unit std after scaling
+    assert 0.2 < shipped.vae.config.scaling_factor < 5.0
+    total_bytes = sum((WEIGHTS_DIR / n).stat().st_size for n in WEIGHT_FILES)
+    assert total_bytes < 8 * 2**20
+
+
+def test_vae_reconstructs_held_out_frames(shipped):
+    _, videos = synthetic.sample_batch(6, seed=987_654)  # a seed training never draws
+    with torch.no_grad():
+        latents = encode_latents(shipped.vae, videos)
+        assert latents.shape == (6, 4, synthetic.FRAMES, synthetic.HEIGHT // 4, synthetic.WIDTH // 4)
+        assert 0.5 < float(latents.std()) < 2.0
+        reconstruction = decode_latents(shipped.vae, latents)
+    mse = float(((reconstruction - videos) ** 2).mean())
+    assert mse < VAE_MSE_LIMIT, f"VAE reconstruction MSE {mse:.5f} >= {VAE_MSE_LIMIT}"
+
+
+def test_samples_show_the_prompted_colour(shipped):
+    prompts = ["a red square moving right on a gray background",
+               "a green circle moving up on a dark background",
+               "a blue triangle moving left on a light background",
+               "a yellow circle moving down on a gray background"]
+    videos = sample_videos(shipped, prompts, seed=0, steps=15, guidance=7.5)
+    assert videos.shape == (4, synthetic.FRAMES, 3, synthetic.HEIGHT, synthetic.WIDTH)
+    seen = [synthetic.dominant_color(v) for v in videos]
+    assert seen == [synthetic.parse_prompt(p)["color"] for p in prompts]
+    backgrounds = [synthetic.background_name(v) for v in videos]
+    assert backgrounds == [synthetic.parse_prompt(p)["background"] for p in prompts]
+
+
+def test_sampling_is_reproducible(shipped):
+    first = sample_videos(shipped, ["a white square"], seed=5, steps=4)
+    again = sample_videos(shipped, ["a white square"], seed=5, steps=4)
+    assert torch.equal(first, again)
+
+
+def test_missing_weights_raise_file_not_found_naming_the_files(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        load_toy_world(tmp_path / "nowhere")
+    for name in WEIGHT_FILES:
+        assert name in str(error.value)
+    assert "fastvader.toy.train_world" in str(error.value)
+
+
+def test_save_and_load_round_trip_in_fp16(tmp_path):
+    world = build_toy_world(seed=1)
+    save_toy_world(world, tmp_path)
+    loaded = load_toy_world(tmp_path)
+    ids = world.tokenizer(["a red square moving left"])
+    expected = world.text_encoder(ids)
+    assert torch.allclose(loaded.text_encoder(ids), expected, atol=2e-2)
+    assert next(loaded.unet.parameters()).dtype == torch.float32  # fp16 on disk, fp32 in memory
+
+
+# -- rewards ---------------------------------------------------------------------------------
+def _recolour_object(videos: torch.Tensor, rgb) -> torch.Tensor:
+    mask = synthetic.foreground_mask(videos).unsqueeze(2)
+    return torch.where(mask, torch.tensor(rgb).view(1, 1, 3, 1, 1), videos)
+
+
+def test_target_color_red_is_clearly_improvable_in_this_world():
+    prompts, videos = synthetic.sample_batch(8, seed=2)
+    reward = TargetColorReward("red")
+    before = reward(videos, prompts)
+    assert (before < -0.1).all()  # backgrounds are far from red
+    # halfway to red quarters the squared distance
+    redder = 0.5 * videos + 0.5 * torch.tensor([1.0, 0.0, 0.0]).view(1, 1, 3, 1, 1)
+    assert torch.allclose(reward(redder, prompts), before / 4, atol=1e-3)
+    assert (reward(redder, prompts) > before + 0.07).all()
+
+
+def test_object_color_scores_the_object_not_the_background():
+    scene = synthetic.Scene("blue", "square", "left", "gray")
+    video = synthetic.render(scene, (20.0, 16.0), 2.0, 5.0, synthetic.COLORS["blue"], 0.5)[None]
+    red_object = _recolour_object(video, (1.0, 0.0, 0.0))
+    reward = ObjectColorReward("red")
+    blue_score, red_score = reward(video, ["p"]), reward(red_object, ["p"])
+    assert red_score > blue_score + 0.3
+    assert red_score > -0.05  # nearly the maximum of 0: only the soft edge is off-colour
+    # the background alone does not move it: a redder background with a blue object scores ~ the same
+    tinted = video.clone()
+    background = ~synthetic.foreground_mask(video).unsqueeze(2).expand_as(video)
+    tinted[background] = tinted[background] * 0.9
+    assert torch.allclose(reward(tinted, ["p"]), blue_score, atol=0.02)
+    # gradients reach only the (soft) foreground pixels
+    frames = video.clone().requires_grad_(True)
+    reward(frames, ["p"]).sum().backward()
+    grad = frames.grad.abs().sum(dim=2)[0]
+    mask = synthetic.foreground_mask(video)[0]
+    assert grad[mask].mean() > 100 * grad[~mask].mean()
+
+
+def test_object_color_without_foreground_falls_back_to_the_whole_frame():
+    flat = torch.full((1, 2, 3, 8, 8), 0.5)
+    reward = ObjectColorReward("red")
+    assert torch.allclose(reward(flat, ["p"]), TargetColorReward("red")(flat, ["p"]))
+
+
+def test_toy_rewards_are_registered_and_weightless():
+    for name in ("target_color", "object_color", "brightness", "contrast", "temporal_smoothness"):
+        reward = build_reward_from_spec({name: 1.0})
+        assert type(reward).weightless
+        videos = torch.rand(2, 3, 3, 8, 8)
+        assert reward(videos, ["a", "b"]).shape == (2,)
+    with pytest.raises(ValueError, match="object_color.color"):
+        ObjectColorReward("mauve")
