@@ -19,3 +19,11 @@ def require_model_configs() -> Path:
     if folder is None:
         pytest.skip("../shared/model-configs is absent: the real-architecture configs are not available here")
     return folder
+
+
+def require_shared(*parts: str) -> Path:
+    """A path under model-configs, or skip the calling test saying what is missing."""
+    path = require_model_configs().joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is missing from the shared model-configs folder")
+    return path
