@@ -115,6 +115,8 @@ class Trainer:
         t = cfg.train
         self.dist = DistContext.from_env(resolve_device(t.device).type)
         self.device = self.dist.device(resolve_device(t.device))
+        if t.cpu_threads and self.device.type == "cpu":
+            torch.set_num_threads(t.cpu_threads)
         self.amp_dtype = resolve_precision(t.precision, self.device)
         self.weight_dtype = self._weight_dtype()
         self.run_dir = cfg.run_dir
@@ -416,6 +418,7 @@ class Trainer:
             return self._fit_worker()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)  # a fresh run reusing the folder starts clean
         self.loggers = Loggers.from_config(cfg, self.run_dir)
         start = time.perf_counter()
         if "before" not in self.history["validation"]:

@@ -453,31 +453,6 @@ class DiffusersBackbone(Backbone):
         index decoded video frames (all when None); gradients flow when enabled."""
         raise NotImplementedError
 
-    def decode_frames(self, latents: torch.Tensor, frames: Sequence[int] | None = None,
-                      grad_frames: Sequence[int] | None = None, chunk: int = 1) -> torch.Tensor:
-        """The loop's decode: like ``decode_latents``, but only ``grad_frames`` (default: all of
-        ``frames``) carry gradients; the rest decode under no_grad. Grad frames decode ``chunk``
-        at a time, each chunk checkpointed (its activations are recomputed in backward)."""
-        from torch.utils.checkpoint import checkpoint
-
-        total = self.num_video_frames(latents.shape[2])
-        frames = list(range(total)) if frames is None else list(frames)
-        grad_set = set(frames if grad_frames is None else grad_frames)
-        out: list[torch.Tensor | None] = [None] * len(frames)
-        with_grad = [i for i, f in enumerate(frames) if f in grad_set and torch.is_grad_enabled()]
-        without = [i for i in range(len(frames)) if i not in with_grad]
-        if without:
-            with torch.no_grad():
-                pixels = self.decode_latents(latents.detach(), [frames[i] for i in without])
-            for j, i in enumerate(without):
-                out[i] = pixels[:, j]
-        for start in range(0, len(with_grad), max(1, chunk)):
-            part = with_grad[start:start + max(1, chunk)]
-            pixels = checkpoint(self.decode_latents, latents, [frames[i] for i in part], use_reentrant=False)
-            for j, i in enumerate(part):
-                out[i] = pixels[:, j]
-        return torch.stack(out, dim=1)  # type: ignore[arg-type]
-
 
 class PerFrameVaeBackbone(DiffusersBackbone):
     """Families whose VAE is the image AutoencoderKL applied frame by frame (ModelScope,

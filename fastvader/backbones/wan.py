@@ -172,16 +172,3 @@ class WanBackbone(DiffusersBackbone):
         video = (video.float() / 2 + 0.5).clamp(0, 1)
         return video[:, :, idx].permute(0, 2, 1, 3, 4)
 
-    def decode_frames(self, latents, frames=None, grad_frames=None, chunk=1):
-        """One causal pass over the needed prefix (the Wan VAE cannot decode a frame alone, and
-        its frame cache does not survive checkpoint recomputation, so nothing is checkpointed);
-        frames outside ``grad_frames`` are detached from it."""
-        total = self.num_video_frames(latents.shape[2])
-        frames = list(range(total)) if frames is None else list(frames)
-        grad_set = set(frames if grad_frames is None else grad_frames)
-        needs_grad = torch.is_grad_enabled() and bool(grad_set & set(frames))
-        with torch.set_grad_enabled(needs_grad):
-            pixels = self.decode_latents(latents if needs_grad else latents.detach(), frames)
-        keep = torch.tensor([f in grad_set for f in frames], device=pixels.device).view(1, -1, 1, 1, 1)
-        return torch.where(keep, pixels, pixels.detach()) if needs_grad else pixels
-
