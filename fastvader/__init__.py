@@ -4,8 +4,12 @@ Public API::
 
     from fastvader import TrainConfig, load_config, train, apply, revert
 """
-from .config import ConfigError, TrainConfig, load_config
-from .patching import apply, revert
+from ._compat import hide_repo_kernels_package
+
+hide_repo_kernels_package()  # before anything imports transformers or diffusers
+
+from .config import ConfigError  # noqa: E402, TrainConfig, load_config
+from .patching import apply, revert  # noqa: E402
 
 __version__ = "0.1.0"
 

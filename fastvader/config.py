@@ -144,6 +144,10 @@ class MemoryConfig:
     frozen_placement: str = "resident"
     #: a memory budget such as "24GiB": the planner picks settings that fit
     gpu_memory: Optional[str] = None
+    #: DeepSpeed ZeRO stage for the trainable weights' optimizer: 0 (off) | 2 | 3
+    zero_stage: int = 0
+    #: with ZeRO: none | optimizer (states on the CPU) | optimizer+params (stage 3 only)
+    zero_offload: str = "none"
 
 
 @dataclass
@@ -173,6 +177,63 @@ class LoopConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Numerical guards and the "did it learn?" checks (docs/trust.md)."""
+
+    #: stop the run after this many consecutive skipped (NaN/Inf) steps
+    max_bad_steps: int = 5
+    #: allow fp16 on a family that ships in bf16 (Wan, CogVideoX, Open-Sora); overflows are likely
+    allow_fp16: bool = False
+    #: after the first backward, confirm every configured memory technique and kernel engaged
+    self_check: bool = True
+    #: fail at the first step when no gradient reaches the LoRA (detached latent, frozen path)
+    require_gradient: bool = True
+    #: the summary warns when the mean gradient norm is below this
+    min_grad_norm: float = 1e-8
+    #: ... when the LoRA weights moved less than this, relative to their norm at the start
+    min_lora_change: float = 1e-6
+    #: ... when the training reward changed less than this (last steps against the first steps)
+    min_reward_change: float = 1e-6
+    #: how many of the first (and last) steps the reward change compares
+    reward_window: int = 3
+
+
+@dataclass
+class SafeguardConfig:
+    """Reward-hacking safeguards around the validation (held-out) prompts (docs/trust.md)."""
+
+    #: a second reward (name or preset) scored on the held-out videos but never optimised
+    second_reward: Optional[str] = None
+    second_reward_options: dict = field(default_factory=dict)
+    #: stop when the held-out training reward has not risen for this many rounds (0 = off)
+    early_stop_patience: int = 0
+    #: a rise smaller than this does not count as rising
+    early_stop_min_delta: float = 0.0
+    #: stop when the second reward falls more than this below its first round (None = off)
+    second_reward_max_drop: Optional[float] = None
+    #: keep the aligned model near the base: none | denoiser (penalise the LoRA's effect on the
+    #: denoiser output at the grad steps)
+    regularizer: str = "none"
+    regularizer_weight: float = 0.0
+    #: a first/middle/last frame grid per validation round in samples/ and in the logs
+    sample_grids: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    """Where scalars, sample videos and the reward curve go besides metrics.jsonl."""
+
+    tensorboard: bool = True
+    #: Weights & Biases, only when asked for and installed
+    wandb: bool = False
+    wandb_project: str = "fastvader"
+    #: online | offline | disabled (None = wandb's default)
+    wandb_mode: Optional[str] = None
+    #: send sample videos (as GIFs) to the backends
+    videos: bool = True
+
+
+@dataclass
 class TrainConfig:
     """Everything a run needs. Build with ``TrainConfig.from_yaml`` or ``load_config``."""
 
@@ -188,6 +249,9 @@ class TrainConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+    guards: GuardConfig = field(default_factory=GuardConfig)
+    safeguards: SafeguardConfig = field(default_factory=SafeguardConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -253,6 +317,11 @@ def _coerce(tp, value, where: str):
             raise _err(where, value, "expected an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _err(where, value, "expected a number")
         return float(value)
@@ -405,7 +474,7 @@ def resolve_path(cfg: TrainConfig, path: str) -> Path:
 
 def validate(cfg: TrainConfig) -> None:
     from .backbones import available_backbones, backbone_class
-    from .rewards import available_rewards
+    from .rewards import available_rewards, expand_terms
 
     v = cfg.video
     for name in ("frames", "height", "width", "fps"):
@@ -448,9 +517,10 @@ def validate(cfg: TrainConfig) -> None:
             raise _err("reward.terms" if r.terms else "reward.name", name, f"choose from {known}")
         if not isinstance(weight, (int, float)):
             raise _err(f"reward.terms.{name}", weight, "weights are numbers")
+    in_use = expand_terms(cfg.reward_terms)  # presets expand to the rewards they combine
     for name in r.options:
-        if name not in cfg.reward_terms:
-            raise _err(f"reward.options.{name}", r.options[name], f"options name a reward in use: {list(cfg.reward_terms)}")
+        if name not in in_use:
+            raise _err(f"reward.options.{name}", r.options[name], f"options name a reward in use: {list(in_use)}")
 
     o = cfg.optim
     _choice("optim.name", o.name, ["adamw", "adamw8bit", "paged_adamw8bit"])
@@ -488,6 +558,17 @@ def validate(cfg: TrainConfig) -> None:
     _choice("memory.frozen_placement", m.frozen_placement, ["resident", "on_demand"])
     if m.gpu_memory is not None:
         parse_bytes(m.gpu_memory, "memory.gpu_memory")
+    _choice("memory.zero_stage", m.zero_stage, [0, 2, 3])
+    _choice("memory.zero_offload", m.zero_offload, ["none", "optimizer", "optimizer+params"])
+    if m.zero_offload != "none" and m.zero_stage == 0:
+        raise _err("memory.zero_offload", m.zero_offload, "offload is a ZeRO feature: set memory.zero_stage=2 or 3")
+    if m.zero_offload == "optimizer+params" and m.zero_stage != 3:
+        raise _err("memory.zero_offload", m.zero_offload, "parameter offload needs memory.zero_stage=3")
+    if m.zero_stage and cfg.optim.name != "adamw":
+        raise _err("optim.name", cfg.optim.name,
+                   f"a bitsandbytes optimizer cannot run under DeepSpeed ZeRO (memory.zero_stage={m.zero_stage}): "
+                   "DeepSpeed raises for it with ZeRO offload and does not partition its 8-bit states; "
+                   "use optim.name=adamw with ZeRO, or memory.zero_stage=0 to keep the 8-bit optimizer")
 
     _choice("kernels.enabled", str(cfg.kernels.enabled).lower(), ["auto", "on", "off", "true", "false"])
 
@@ -502,6 +583,45 @@ def validate(cfg: TrainConfig) -> None:
     _positive("train.keep_checkpoints", t.keep_checkpoints, allow_zero=True)
     if not re.match(r"^[\w.\-]+$", t.run_name):
         raise _err("train.run_name", t.run_name, "letters, digits, '.', '_' and '-' only")
+
+    _validate_trust(cfg)
+
+
+def _validate_trust(cfg: TrainConfig) -> None:
+    """The guards, safeguards and logging sections (docs/trust.md)."""
+    from .guards import check_precision_for_family
+    from .rewards import available_rewards, expand_terms
+
+    g = cfg.guards
+    _positive("guards.max_bad_steps", g.max_bad_steps)
+    _positive("guards.reward_window", g.reward_window)
+    for name in ("min_grad_norm", "min_lora_change", "min_reward_change"):
+        _positive(f"guards.{name}", getattr(g, name), allow_zero=True)
+    check_precision_for_family(cfg)
+
+    s = cfg.safeguards
+    if s.second_reward is not None and s.second_reward not in available_rewards():
+        raise _err("safeguards.second_reward", s.second_reward, f"choose from {available_rewards()}")
+    if s.second_reward_options and s.second_reward is None:
+        raise _err("safeguards.second_reward_options", s.second_reward_options, "set safeguards.second_reward too")
+    _positive("safeguards.early_stop_patience", s.early_stop_patience, allow_zero=True)
+    _positive("safeguards.early_stop_min_delta", s.early_stop_min_delta, allow_zero=True)
+    if s.second_reward_max_drop is not None:
+        _positive("safeguards.second_reward_max_drop", s.second_reward_max_drop, allow_zero=True)
+        if s.second_reward is None:
+            raise _err("safeguards.second_reward_max_drop", s.second_reward_max_drop,
+                       "needs safeguards.second_reward (the reward whose fall stops the run)")
+    if (s.early_stop_patience or s.second_reward_max_drop is not None) and not cfg.validation.every:
+        raise _err("validation.every", cfg.validation.every,
+                   "early stopping scores the held-out prompts every N steps: set validation.every > 0")
+    _choice("safeguards.regularizer", s.regularizer, ["none", "denoiser"])
+    _positive("safeguards.regularizer_weight", s.regularizer_weight, allow_zero=True)
+    if s.regularizer != "none" and s.regularizer_weight == 0:
+        raise _err("safeguards.regularizer_weight", 0.0, f"set a weight > 0 for regularizer={s.regularizer!r}")
+
+    lg = cfg.logging
+    if lg.wandb_mode is not None:
+        _choice("logging.wandb_mode", lg.wandb_mode, ["online", "offline", "disabled"])
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

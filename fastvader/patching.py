@@ -63,7 +63,7 @@ def _load_builtin_patches() -> None:
     # fastvader does not import triton.
     import importlib
 
-    for module in ("fastvader.kernels.temporal_attention", "fastvader.kernels.group_norm"):
+    for module in ("fastvader.kernels.temporal_attention", "fastvader.patches_group_norm"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:

@@ -7,6 +7,12 @@ from .base import Backbone, PromptEmbeddings
 # name -> "module:Class". The class implements Backbone and ``from_config(BackboneConfig)``.
 _REGISTRY: dict[str, str] = {
     "toy": "fastvader.backbones.toy:ToyBackbone",
+    "modelscope": "fastvader.backbones.modelscope:ModelScopeBackbone",
+    "zeroscope": "fastvader.backbones.modelscope:ZeroScopeBackbone",
+    "animatediff": "fastvader.backbones.animatediff:AnimateDiffBackbone",
+    "wan": "fastvader.backbones.wan:WanBackbone",
+    "videocrafter2": "fastvader.backbones.videocrafter2:VideoCrafter2Backbone",
+    "opensora": "fastvader.backbones.opensora:OpenSoraBackbone",
 }
 
 

@@ -62,6 +62,13 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """What ``fastvader models`` lists: defaults and parameters per component (subclasses
+        count them from the real configuration on the meta device)."""
+        return {"name": cls.family, "family": cls.family, "prediction_type": cls.prediction_type,
+                "defaults": dict(cls.defaults), "params": None}
+
+    @classmethod
     def check_video_size(cls, num_frames: int, height: int, width: int) -> None:
         """Raise ValueError naming what to change when a video size does not fit the model."""
         m = cls.spatial_multiple
@@ -93,6 +100,16 @@ class Backbone(nn.Module):
         """A diffusers scheduler of the given family ('ddim', 'dpm++', 'euler_flow') configured
         for this model's training noise schedule."""
         raise NotImplementedError
+
+    def decode_frames(self, latents: torch.Tensor, frames: Sequence[int] | None = None,
+                      grad_frames: Sequence[int] | None = None, chunk: int = 1) -> torch.Tensor:
+        """The loop's decode: latents (B, C, f, h, w) -> pixels (B, len(frames), 3, H, W) in
+        [0, 1], gradients only through ``grad_frames``, ``chunk`` decode units checkpointed at a
+        time. The default serves every diffusers VAE (``fastvader.memory.decode``); families
+        with their own VAE override it."""
+        from fastvader.memory.decode import decode_frames
+
+        return decode_frames(self.vae, latents, frames, grad_frames, chunk=chunk)
 
     # -- helpers shared by all families --------------------------------------------------------
     def frozen_modules(self) -> list[nn.Module]:

@@ -32,6 +32,16 @@ class ToyBackbone(Backbone):
             return cls(build_toy_world(seed=int(cfg.options.get("seed", 0))))
         return cls(load_toy_world(cfg.pretrained))
 
+    @classmethod
+    def describe(cls):
+        from fastvader.toy.model import ToyWorldConfig, build_toy_world
+
+        with torch.device("meta"):
+            world = build_toy_world(ToyWorldConfig())
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return {**super().describe(), "params": {"unet": count(world.unet), "vae": count(world.vae),
+                                                 "text_encoder": count(world.text_encoder)}}
+
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeddings:
         device = next(self.text_encoder.parameters()).device

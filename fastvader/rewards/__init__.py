@@ -8,10 +8,23 @@ from .base import REWARDS, Reward, WeightedSum, build_reward_from_spec, register
 
 # Modules whose import registers rewards. Real-model rewards import transformers lazily inside
 # their constructors, so listing them here stays cheap.
-_BUILTIN_MODULES = ["fastvader.rewards.toy"]
+_BUILTIN_MODULES = [
+    "fastvader.rewards.toy",
+    "fastvader.rewards.aesthetic",
+    "fastvader.rewards.hps",
+    "fastvader.rewards.pickscore",
+    "fastvader.rewards.clip_score",
+    "fastvader.rewards.viclip",
+    "fastvader.rewards.action",
+    "fastvader.rewards.objectness",
+    "fastvader.rewards.vjepa",
+]
 
 # Named combinations usable as reward.name in a config.
-PRESETS: dict[str, dict[str, float]] = {}
+PRESETS: dict[str, dict[str, float]] = {
+    # VADER's aesthetic + HPSv2 combination
+    "aesthetic_hps": {"aesthetic": 1.0, "hpsv2": 15.0},
+}
 
 
 def _load_builtins() -> None:
@@ -24,14 +37,38 @@ def available_rewards() -> list[str]:
     return sorted(REWARDS) + sorted(PRESETS)
 
 
-def build_reward(cfg) -> Reward:
-    """Build from a RewardConfig: ``cfg.terms`` ({name: weight}) and ``cfg.options``."""
+def reward_class(name: str) -> type[Reward]:
+    """The registered class of reward ``name`` (built-ins are loaded first)."""
     _load_builtins()
-    terms = dict(cfg.terms)
-    if len(terms) == 1 and next(iter(terms)) in PRESETS:
-        (preset, scale), = terms.items()
-        terms = {k: w * scale for k, w in PRESETS[preset].items()}
-    return build_reward_from_spec(terms, cfg.options)
+    if name not in REWARDS:
+        raise ValueError(f"reward {name!r} does not exist; choose from {available_rewards()}")
+    return REWARDS[name]
 
 
-__all__ = ["Reward", "WeightedSum", "register_reward", "available_rewards", "build_reward", "REWARDS", "PRESETS"]
+def describe_rewards() -> list[dict]:
+    """``describe()`` of every registered reward, for ``fastvader models`` (and its --json)."""
+    _load_builtins()
+    return [REWARDS[name].describe() for name in sorted(REWARDS)]
+
+
+def expand_terms(terms: dict[str, float]) -> dict[str, float]:
+    """Replace preset names by their members, scaled by the preset's weight:
+    {aesthetic_hps: 2.0, viclip: 1.0} -> {aesthetic: 2.0, hpsv2: 30.0, viclip: 1.0}."""
+    out: dict[str, float] = {}
+    for name, weight in terms.items():
+        members = PRESETS.get(name, {name: 1.0})
+        for member, w in members.items():
+            out[member] = out.get(member, 0.0) + float(weight) * w
+    return out
+
+
+def build_reward(cfg) -> Reward:
+    """Build from a RewardConfig: ``cfg.terms`` ({name: weight}, presets allowed) or, when it is
+    empty, ``cfg.name``; ``cfg.options`` ({reward: {option: value}}) go to the constructors."""
+    _load_builtins()
+    terms = {str(k): float(v) for k, v in cfg.terms.items()} if getattr(cfg, "terms", None) else {str(cfg.name): 1.0}
+    return build_reward_from_spec(expand_terms(terms), getattr(cfg, "options", None))
+
+
+__all__ = ["Reward", "WeightedSum", "register_reward", "available_rewards", "build_reward", "expand_terms",
+           "describe_rewards", "reward_class", "REWARDS", "PRESETS"]

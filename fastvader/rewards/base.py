@@ -7,6 +7,7 @@ over the frames they receive; video rewards implement ``score_videos`` over all 
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -38,11 +39,32 @@ class Reward(nn.Module):
                                f"expected ({videos.shape[0]},)")
         return scores
 
+    @classmethod
+    def describe(cls) -> dict:
+        """What ``fastvader models`` lists: name, kind (image | video | detection), the weights it
+        expects, its constructor defaults (the YAML ``reward.options.<name>`` keys) and the
+        parameter count of the real architecture (0 for weightless rewards, None if unknown)."""
+        return {
+            "name": cls.name,
+            "kind": "video" if cls.is_video_reward else "image",
+            "weights": "none (needs no downloaded weights)" if cls.weightless else "",
+            "defaults": constructor_defaults(cls),
+            "params": 0 if cls.weightless else None,
+        }
+
     def freeze(self) -> "Reward":
         """Frozen reward models never accumulate parameter gradients."""
         self.requires_grad_(False)
         self.eval()
         return self
+
+
+def constructor_defaults(cls: type) -> dict[str, Any]:
+    """Keyword options of ``cls.__init__`` with their defaults (what a YAML config may set)."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in params
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            and p.default is not p.empty}
 
 
 def check_videos(videos: torch.Tensor, prompts: Sequence[str]) -> None:
@@ -67,6 +89,8 @@ class WeightedSum(Reward):
         self.last_terms: dict[str, torch.Tensor] = {}
 
     def score_videos(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        if not self.terms:
+            raise ValueError("a weighted sum needs at least one reward")
         total = 0.0
         self.last_terms = {}
         for key, reward in self.terms.items():
@@ -97,7 +121,13 @@ def build_reward_from_spec(terms: dict[str, float], options: dict[str, dict[str,
     for key in terms:
         if key not in REWARDS:
             raise ValueError(f"reward {key!r} does not exist; choose from {available_rewards()}")
-        built[key] = REWARDS[key](**options.get(key, {})).freeze()
+        kwargs = dict(options.get(key) or {})
+        accepted = constructor_defaults(REWARDS[key])
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise ValueError(f"reward.options.{key}: {unknown} are not options of {key!r}; "
+                             f"its options are {sorted(accepted)}")
+        built[key] = REWARDS[key](**kwargs).freeze()
     if len(built) == 1 and next(iter(terms.values())) == 1.0:
         return next(iter(built.values()))
     return WeightedSum(built, terms).freeze()

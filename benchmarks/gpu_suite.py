@@ -1,0 +1,445 @@
+"""The end-to-end GPU suite: one command, under 8 minutes on one H100/H200.
+
+    python -m benchmarks.gpu_suite                 # everything, JSON to benchmarks/gpu_suite.json
+    python -m benchmarks.gpu_suite --dry-run       # CPU, toy backbone, tiny sizes: checks the wiring
+
+It builds ModelScope T2V 1.7B from ../shared/model-configs with random weights (the registered
+``modelscope`` backbone when present, else fastvader.memory.reference_models' ``modelscope_arch``)
+and the aesthetic reward's architecture (CLIP ViT-L/14 + LAION MLP, random weights: ``aesthetic``
+with random_init when registered, else ``aesthetic_arch``), and measures in the same process:
+
+- a VADER-style baseline path: kernels off, fp32 base weights under fp16 autocast, sub-block
+  checkpointing, eager decode of the chosen frames with every decoder activation kept;
+- fastvader's default path: kernels on, bf16 weights and autocast, the default memory settings
+  (and, under the 24 GiB cap, the planner's choice for that budget);
+
+for each config (384x384x16 K=1 one frame; all 16 frames; K=10; 320x512x16 all frames), each
+again under a hard 24 GiB cap (torch.cuda.set_per_process_memory_fraction). Per run: peak
+allocated memory, step time and its split (no-grad sampling, grad steps, decode, reward,
+backward), and per config the cosine between the two paths' LoRA gradients (same seed, same
+LoRA weights). Then the kernel benchmarks (benchmarks/gpu_temporal_attention.py,
+benchmarks/gpu_group_norm.py, when present) and the kernel tests compiled on the GPU (pytest
+with TRITON_INTERPRET unset). Each section runs in its own try/except: a failure is recorded
+and the rest still runs. The table prints last.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import importlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 2 ** 30
+# `python -m benchmarks.gpu_suite` puts the repository root first on sys.path, where kernels/
+# answers transformers' probe for Hugging Face's `kernels` package and breaks its imports.
+# fastvader is installed and `benchmarks` is already imported, so the root can go.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+
+
+@dataclasses.dataclass
+class SuiteConfig:
+    name: str
+    frames: int
+    height: int
+    width: int
+    k: int
+    reward_frames: str  # frames.reward spec
+
+
+FULL_CONFIGS = [
+    SuiteConfig("384x384x16 K=1 one frame", 16, 384, 384, 1, "random:1"),
+    SuiteConfig("384x384x16 K=1 all frames", 16, 384, 384, 1, "all"),
+    SuiteConfig("384x384x16 K=10 one frame", 16, 384, 384, 10, "random:1"),
+    SuiteConfig("320x512x16 K=1 all frames", 16, 320, 512, 1, "all"),
+]
+DRY_CONFIGS = [
+    SuiteConfig("toy 16x16x4 K=1 one frame", 4, 16, 16, 1, "random:1"),
+    SuiteConfig("toy 16x16x4 K=2 all frames", 4, 16, 16, 2, "all"),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# building the runs
+# ---------------------------------------------------------------------------------------------
+def _backbone_and_reward(dry: bool) -> tuple[dict, dict, str]:
+    """Backbone and reward config sections, and a note on what stands in for what."""
+    from fastvader.backbones import available_backbones
+    from fastvader.memory import reference_models  # noqa: F401  (registers the *_arch names)
+    from fastvader.rewards import available_rewards
+
+    if dry:
+        return ({"name": "toy", "random_init": True}, {"name": "brightness"},
+                "dry run: toy backbone and brightness reward on the CPU; numbers are CPU figures")
+    notes = []
+    if "modelscope" in available_backbones():
+        backbone = {"name": "modelscope", "random_init": True}
+    else:
+        backbone = {"name": "modelscope_arch", "random_init": True}
+        notes.append("backbone: modelscope_arch (UNet3D + SD VAE from the shared configs; fixed random text "
+                     "embeddings instead of the text encoder, which leaves the GPU after embedding anyway)")
+    if "aesthetic" in available_rewards():
+        reward = {"name": "aesthetic", "options": {"aesthetic": {"random_init": True}}}
+    else:
+        reward = {"name": "aesthetic_arch"}
+        notes.append("reward: aesthetic_arch (CLIP ViT-L/14 vision tower + LAION MLP architecture, random "
+                     "weights) standing in for the unregistered `aesthetic` reward")
+    return backbone, reward, "; ".join(notes)
+
+
+def make_config(sc: SuiteConfig, path: str, backbone: dict, reward: dict, out_dir: str, dry: bool,
+                steps: int, budget: str | None):
+    from fastvader.config import TrainConfig
+
+    data: dict[str, Any] = {
+        "backbone": dict(backbone),
+        "video": {"frames": sc.frames, "height": sc.height, "width": sc.width},
+        "sampler": {"name": "ddim", "steps": steps, "guidance_scale": 9.0 if not dry else 7.5,
+                    "truncation": "last" if sc.k == 1 else f"specific:{sc.k}"},
+        "frames": {"reward": sc.reward_frames, "grad": "same"},
+        # random A and B (not B=0), so gradients reach both factors; a vanishing learning rate
+        # keeps the LoRA weights at their start, so both paths' gradients are taken at one point
+        "lora": {"rank": 16, "alpha": 16.0, "target_modules": ["to_q", "to_k", "to_v"], "init_weights": False},
+        "optim": {"lr": 1e-12, "weight_decay": 0.0},
+        "reward": dict(reward),
+        "prompts": {"items": ["a corgi running on a beach at sunset"]},
+        "validation": {"prompts": ["a corgi"], "save_videos": False},
+        "train": {"steps": 10, "batch_size": 1, "seed": 0, "output_dir": out_dir, "run_name": "suite",
+                  "progress": False, "device": "cpu" if dry else "cuda"},
+    }
+    if path == "baseline":
+        data["kernels"] = {"enabled": "off"}
+        data["backbone"]["dtype"] = "fp32"
+        data["train"]["precision"] = "fp32" if dry else "fp16"  # CPU autocast has no fp16 GradScaler path
+        data["memory"] = {"checkpointing": "sub_block"}
+    else:
+        data["kernels"] = {"enabled": "off" if dry else "on"}
+        data["backbone"]["dtype"] = "fp32" if dry else "bf16"
+        data["train"]["precision"] = "fp32" if dry else "bf16"
+        if budget:
+            data["memory"] = {"gpu_memory": budget}
+    return TrainConfig.from_dict(data).validate()
+
+
+def eager_decode(vae, latents, frames=None, grad_frames=None, chunk=1):
+    """VADER's decode: the chosen frames through the VAE in one batch, every activation kept."""
+    b, c, f, h, w = latents.shape
+    frames = list(range(f)) if frames is None else list(frames)
+    z = latents[:, :, frames].transpose(1, 2).reshape(b * len(frames), c, h, w)
+    x = vae.decode(z / vae.config.scaling_factor, return_dict=False)[0]
+    return (x / 2 + 0.5).clamp(0, 1).view(b, len(frames), *x.shape[1:])
+
+
+class GradStepTimer:
+    """Wraps the sampler's grad-step calls to time them apart from the no-grad steps."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, 0.0
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def wrap(self, inner):
+        def wrapper(fn):
+            wrapped = inner(fn) if inner else fn
+
+            def timed(x, t):
+                t0 = self._sync()
+                out = wrapped(x, t)
+                self.seconds += self._sync() - t0
+                return out
+            return timed
+        return wrapper
+
+
+def run_once(cfg, path: str, base_backbone, base_reward, lora_state: dict | None, dry: bool) -> dict[str, Any]:
+    """Build a Trainer around copies of the prebuilt models, warm up one step, measure one."""
+    from fastvader import train_loop
+    from fastvader.lora import lora_state_dict
+
+    device = torch.device("cpu" if dry else "cuda")
+    backbone, reward = copy.deepcopy(base_backbone), copy.deepcopy(base_reward)
+    if path == "baseline":  # VADER's eager decode replaces the backbone's checkpointed one
+        backbone.decode_frames = lambda latents, frames=None, grad_frames=None, chunk=1: eager_decode(
+            backbone.vae, latents, frames, grad_frames)
+    trainer = train_loop.Trainer(cfg, backbone=backbone, reward=reward)
+    init_lora = lora_state_dict(trainer.backbone.denoiser) if lora_state is None else None
+    if lora_state is not None:  # both paths start from the same LoRA weights
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(trainer.backbone.denoiser, {k: v.to(device) for k, v in lora_state.items()})
+        for p in trainer.lora_params:
+            p.data = p.data.float()
+    timer = GradStepTimer(device)
+    trainer.sampler.grad_step_wrapper = timer.wrap(trainer.sampler.grad_step_wrapper)
+    grads: list[torch.Tensor] = []
+    original_unscale = trainer.scaler.unscale_
+
+    def capture(optimizer):  # after backward, before clipping and the update: the step's gradients
+        grads[:] = [torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten()
+                               for p in trainer.lora_params]).cpu()]
+        return original_unscale(optimizer)  # a scaled fp16 gradient has the same direction
+
+    trainer.scaler.unscale_ = capture
+    trainer._train_step()  # warm-up: Triton compiles, allocator settles
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    timer.seconds = 0.0
+    result = trainer._train_step()
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    t = result.timings
+    out = {
+        "path": path, "peak_bytes": peak, "step_s": result.seconds,
+        "nograd_sampling_s": t.get("sample", 0.0) - timer.seconds, "grad_steps_s": timer.seconds,
+        "decode_s": t.get("decode", 0.0), "reward_s": t.get("reward", 0.0), "backward_s": t.get("backward", 0.0),
+        "grad_steps": result.grad_steps, "reward": result.reward,
+        "memory": {"checkpointing": trainer.cfg.memory.checkpointing,
+                   "offload_activations": trainer.cfg.memory.offload_activations,
+                   "frozen_placement": trainer.cfg.memory.frozen_placement, "optim": trainer.cfg.optim.name},
+        "kernels": {k: str(v) for k, v in (trainer.kernel_report or {}).items()},
+    }
+    out["_grad"] = grads[0] if grads else None
+    out["_lora"] = init_lora
+    trainer.close()
+    del trainer, backbone, reward
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def _cap(budget_bytes: int | None):
+    if budget_bytes is None or not torch.cuda.is_available():
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def cap():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total))
+        try:
+            yield
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+            torch.cuda.empty_cache()
+    return cap()
+
+
+def section(results: dict, name: str, fn: Callable[[], Any]) -> Any:
+    """Run one section; record its error instead of stopping the suite."""
+    t0 = time.perf_counter()
+    try:
+        value = fn()
+        results.setdefault("sections", {})[name] = {"ok": True, "seconds": round(time.perf_counter() - t0, 1)}
+        return value
+    except Exception as err:  # noqa: BLE001  (the suite must print the rest)
+        results.setdefault("sections", {})[name] = {"ok": False, "seconds": round(time.perf_counter() - t0, 1),
+                                                     "error": f"{type(err).__name__}: {err}".splitlines()[0][:400],
+                                                     "traceback": traceback.format_exc()[-2000:]}
+        print(f"[gpu_suite] {name} FAILED: {type(err).__name__}: {str(err)[:300]}", flush=True)
+        return None
+
+
+def cosine(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
+    if a is None or b is None or a.numel() != b.numel():
+        return None
+    denom = float(a.norm() * b.norm())
+    return float(a @ b) / denom if denom > 0 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# the sections
+# ---------------------------------------------------------------------------------------------
+def end_to_end(results: dict, args) -> None:
+    from fastvader.backbones import build_backbone
+    from fastvader.config import parse_bytes
+    from fastvader.rewards import build_reward
+
+    dry = args.dry_run
+    backbone_cfg, reward_cfg, note = _backbone_and_reward(dry)
+    results["models_note"] = note
+    configs = DRY_CONFIGS if dry else FULL_CONFIGS
+    if args.only:
+        configs = [c for c in configs if any(s in c.name for s in args.only)]
+    out_dir = args.out_dir
+    probe = make_config(configs[0], "baseline", backbone_cfg, reward_cfg, out_dir, dry, args.steps, None)
+    t0 = time.perf_counter()
+    base_backbone = build_backbone(probe.backbone).freeze()  # fp32 on the CPU; each run copies it
+    base_reward = build_reward(probe.reward).freeze()
+    results["build_s"] = round(time.perf_counter() - t0, 1)
+    caps = [None] if dry or args.no_cap else [None, args.cap]
+    rows = results.setdefault("runs", [])
+    for cap in caps:  # every uncapped run first: a suite cut short still has the main table
+        for sc in configs:
+            budget_bytes = None if cap is None else parse_bytes(cap, "--cap")
+            lora_state, grads = None, {}
+            for path in ("baseline", "fastvader"):
+                name = f"{sc.name} | {path}" + (f" | cap {cap}" if cap else "")
+
+                def one(sc=sc, path=path, cap=cap, budget_bytes=budget_bytes, lora_state=lora_state):
+                    cfg = make_config(sc, path, backbone_cfg, reward_cfg, out_dir, dry, args.steps,
+                                      cap if path == "fastvader" else None)
+                    with _cap(budget_bytes):
+                        return run_once(cfg, path, base_backbone, base_reward, lora_state, dry)
+
+                row = section(results, name, one)
+                if row is None:
+                    err = results["sections"][name]["error"]
+                    row = {"path": path, "error": "OOM" if "OutOfMemory" in err else err}
+                else:
+                    grads[path] = row.pop("_grad")
+                    if row.get("_lora") is not None:
+                        lora_state = row["_lora"]
+                    row.pop("_lora", None)
+                row.update(config=sc.name, cap=cap)
+                rows.append(row)
+                print(f"[gpu_suite] {name}: " + ", ".join(
+                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                    if k in ("peak_bytes", "step_s", "error")), flush=True)
+            cos = cosine(grads.get("baseline"), grads.get("fastvader"))
+            for r in rows[-2:]:
+                r["lora_grad_cosine"] = cos
+
+
+def kernel_benchmarks(results: dict, args) -> None:
+    out = results.setdefault("kernel_benchmarks", {})
+    for module, fns in (("benchmarks.gpu_temporal_attention", ["measure"]),
+                        ("benchmarks.gpu_group_norm", ["measure", "measure_decode"])):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as err:
+            out[module] = f"not present ({err})"
+            continue
+        for fn in fns:
+            if hasattr(mod, fn):
+                out[f"{module}.{fn}"] = section(results, f"{module}.{fn}", getattr(mod, fn))
+
+
+def kernel_tests(results: dict, args) -> None:
+    files = [f for f in ("tests/test_temporal_attention.py", "tests/test_group_norm.py") if (ROOT / f).is_file()]
+    if not files:
+        results["kernel_tests"] = "no kernel test files present"
+        return
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ""
+    proc = subprocess.run([sys.executable, "-P", "-m", "pytest", *files, "-q", "-p", "no:cacheprovider"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.kernel_test_timeout)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()
+    results["kernel_tests"] = {"files": files, "returncode": proc.returncode, "summary": tail[-1] if tail else "",
+                               "tail": tail[-30:]}
+    if proc.returncode != 0:
+        raise RuntimeError(f"kernel tests failed: {tail[-1] if tail else proc.returncode}")
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------
+def _fmt_bytes(n) -> str:
+    return "-" if n is None else f"{n / GiB:.2f}"
+
+
+def _fmt_s(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def table(results: dict) -> str:
+    head = ("config", "cap", "path", "peak GiB", "step s", "nograd s", "grad s", "decode s", "reward s",
+            "backward s", "speedup", "cos")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    runs = results.get("runs", [])
+    for r in runs:
+        base = next((b for b in runs if b["config"] == r["config"] and b["cap"] == r["cap"]
+                     and b["path"] == "baseline" and "step_s" in b), None)
+        speed = "-"
+        if r["path"] == "fastvader" and base is not None and r.get("step_s"):
+            speed = f"{base['step_s'] / r['step_s']:.2f}x"
+        if "error" in r:
+            cells = (r["config"], r["cap"] or "-", r["path"], r["error"][:40], *["-"] * 8)
+        else:
+            cos = r.get("lora_grad_cosine")
+            cells = (r["config"], r["cap"] or "-", r["path"], _fmt_bytes(r["peak_bytes"]), _fmt_s(r["step_s"]),
+                     _fmt_s(r["nograd_sampling_s"]), _fmt_s(r["grad_steps_s"]), _fmt_s(r["decode_s"]),
+                     _fmt_s(r["reward_s"]), _fmt_s(r["backward_s"]), speed, "-" if cos is None else f"{cos:.4f}")
+        lines.append(" | ".join(str(c) for c in cells))
+    failed = [n for n, s in results.get("sections", {}).items() if not s["ok"]]
+    kt = results.get("kernel_tests")
+    lines.append(f"kernel tests on the GPU: {kt.get('summary') if isinstance(kt, dict) else kt}")
+    lines.append(f"sections failed: {failed if failed else 'none'}")
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    env = {"python": platform.python_version(), "torch": torch.__version__, "date_utc": time.strftime(
+        "%Y-%m-%d %H:%M", time.gmtime()), "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(card=props.name, total_memory_bytes=props.total_memory)
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_suite", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="CPU, toy backbone, tiny sizes: checks the wiring only")
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "gpu_suite.json"), help="where to write results")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default 25; 4 in a dry run)")
+    p.add_argument("--cap", default="24GiB", help="the hard memory cap of the capped runs")
+    p.add_argument("--no-cap", action="store_true", help="skip the capped runs")
+    p.add_argument("--only", action="append", default=[], help="run configs whose name contains this (repeatable)")
+    p.add_argument("--skip-kernels", action="store_true", help="skip kernel benchmarks and kernel tests")
+    p.add_argument("--kernel-test-timeout", type=int, default=240)
+    p.add_argument("--out-dir", default=None, help="scratch run directory (default: a temporary folder)")
+    args = p.parse_args(argv)
+    if args.steps is None:
+        args.steps = 4 if args.dry_run else 25
+    if not args.dry_run and not torch.cuda.is_available():
+        p.error("no CUDA device: the suite measures a GPU (use --dry-run to check the wiring on a CPU)")
+    return args
+
+
+def main(argv=None) -> dict[str, Any]:
+    import tempfile
+
+    args = parse_args(argv)
+    if args.dry_run:
+        torch.set_num_threads(1)
+    start = time.perf_counter()
+    results: dict[str, Any] = {"environment": environment(), "dry_run": args.dry_run}
+    with tempfile.TemporaryDirectory() as tmp:
+        args.out_dir = args.out_dir or tmp
+        section(results, "end_to_end", lambda: end_to_end(results, args))
+        if not args.skip_kernels and not args.dry_run:
+            section(results, "kernel_benchmarks", lambda: kernel_benchmarks(results, args))
+            section(results, "kernel_tests", lambda: kernel_tests(results, args))
+    results["total_s"] = round(time.perf_counter() - start, 1)
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=str))
+    print(f"[gpu_suite] wrote {path} ({results['total_s']} s)")
+    if results.get("models_note"):
+        print(f"[gpu_suite] {results['models_note']}")
+    print(table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

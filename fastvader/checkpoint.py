@@ -1,0 +1,90 @@
+"""Checkpoints that survive crashes: everything is written to a temporary name and renamed into
+place, so a crash mid-write leaves the previous checkpoint intact. Loading never unpickles
+arbitrary objects (safetensors, and ``torch.load(weights_only=True)`` for optimizer state)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block
+    finishes. A file or a directory may be written there."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _remove(tmp)
+    try:
+        yield tmp
+        if path.is_dir() and tmp.is_dir():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists():
+        p.unlink()
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+
+
+def save_checkpoint(run_dir: str | Path, step: int, lora_state: dict[str, torch.Tensor],
+                    train_state: dict[str, Any], keep: int = 0) -> Path:
+    """Write ``checkpoints/step_<N>/`` (lora.safetensors + state.pt) atomically, then point
+    ``checkpoints/latest`` at it and prune old ones (``keep`` > 0)."""
+    from safetensors.torch import save_file
+
+    root = Path(run_dir) / CHECKPOINT_DIR
+    final = root / f"step_{step:07d}"
+    with atomic_path(final) as tmp:
+        tmp.mkdir(parents=True)
+        save_file(lora_state, str(tmp / "lora.safetensors"))
+        torch.save(train_state, tmp / "state.pt")
+    with atomic_path(root / "latest") as tmp:
+        tmp.write_text(final.name)
+    if keep > 0:
+        for old in sorted(root.glob("step_*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    marker = root / "latest"
+    if marker.is_file():
+        candidate = root / marker.read_text().strip()
+        if (candidate / "state.pt").is_file():
+            return candidate
+    complete = [p for p in sorted(root.glob("step_*")) if (p / "state.pt").is_file()]
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    missing = [n for n in ("lora.safetensors", "state.pt") if not (path / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {missing}")
+    return load_file(str(path / "lora.safetensors")), torch.load(path / "state.pt", weights_only=True)

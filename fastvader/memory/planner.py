@@ -1,0 +1,569 @@
+"""Predict a training step's peak GPU memory and pick the fastest settings that fit a budget.
+
+Measurements come from the real modules built on the meta device (no weights allocated, a
+few seconds even for ModelScope 1.7B): the activations one gradient-carrying denoiser call
+keeps under each checkpointing policy (``saved_bytes``), the largest unit a policy recomputes
+in backward, the working set of a no-grad call, what ``decode_frames`` keeps per frame and its
+recompute peak, and what the reward keeps per frame. They are cached per geometry (see
+``cache_path``). The peak is then composed analytically:
+
+    static  = denoiser weights + LoRA (fp32) + its gradients + optimizer state
+              + frozen models (VAE, reward) when resident
+    kept(K) = K x (activations one grad step keeps under the policy + the scheduler's latents)
+              (offloaded: only tensors too small to move stay on the GPU)
+    peak    = static + max(sampling working set,
+                          kept(K-1) + one grad call's forward peak,
+                          kept(K) + decode kept + reward kept + frozen on demand
+                                  + max(denoiser recompute, decode recompute))
+
+Relative speed counts denoiser forward passes: a no-grad step is 1, a grad step is 3 (forward
++ backward) plus 1 per recomputation level (block / sub-block: 1, per-step nested: 2), with
+small fixed costs for offload copies and on-demand moves. It ranks settings; it is not a clock.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from ..config import TrainConfig, parse_bytes, parse_frame_spec, parse_truncation
+from .accounting import gpu_like_attention, record_saved
+
+GiB = 2 ** 30
+POLICIES = ("none", "block", "sub_block", "step")
+#: denoiser forward passes per grad step (forward + backward ~ 3, plus recomputation)
+GRAD_STEP_COST = {"none": 3.0, "block": 4.0, "sub_block": 4.0, "step": 5.0}
+OFFLOAD_COST_PER_GRAD_STEP = 0.5  # host copies out and back, mostly overlapped
+ON_DEMAND_COST = 0.3  # moving the VAE and reward on and off the GPU once per step
+#: what the allocator needs beyond the tensors (fragmentation, cuBLAS workspaces)
+HEADROOM = 0.92
+_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring on the meta device
+# ---------------------------------------------------------------------------------------------
+class LivePeak(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of tensors created inside the block that are alive at once (each storage once;
+    tensors saved for backward stay alive, so a grad forward's peak includes them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _free(self, key: int, n: int) -> None:
+        self.live -= n
+        self._seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t._base is None:
+                key = t.untyped_storage()._cdata
+                if key in self._seen:
+                    continue
+                n = t.untyped_storage().nbytes()
+                self._seen.add(key)
+                self.live += n
+                weakref.finalize(t, self._free, key, n)
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+@dataclass
+class Measurements:
+    """Bytes measured for one geometry (all activations at the activation dtype)."""
+
+    call_kept: dict[str, int]          # kept by one grad CFG call, per policy
+    call_forward_peak: dict[str, int]  # peak while that call runs forward, per policy
+    unit_peak: dict[str, int]          # largest unit a policy recomputes (block, sub_block)
+    nograd_working: int                # working set of one no-grad CFG call
+    latent_bytes: int                  # one latent batch (B, C, F, h, w)
+    decode_kept_first: int             # decode_frames with one grad frame
+    decode_kept_per_frame: int         # each further grad frame
+    decode_recompute: int              # peak while one decode chunk is recomputed with grad
+    reward_kept_per_frame: int
+    reward_fixed: int
+    scheduler_fixed: int               # the scheduler's tables: grad steps index into them
+    params: dict[str, int]             # parameter counts: denoiser, lora, vae, reward, text_encoder
+    lora_tensor_sizes: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def activation_dtype(cfg: TrainConfig, device_type: str = "cuda") -> torch.dtype:
+    """What activations are stored in on the target: the autocast dtype when it is half, else
+    the weights' dtype."""
+    from ..train_loop import _DTYPES
+
+    amp = cfg.train.precision
+    if amp == "auto":
+        amp = "bf16" if device_type == "cuda" else "fp32"
+    if amp in ("bf16", "fp16"):
+        return _DTYPES[amp]
+    return _DTYPES[weight_dtype_name(cfg, device_type)]
+
+
+def weight_dtype_name(cfg: TrainConfig, device_type: str = "cuda") -> str:
+    spec = cfg.backbone.dtype
+    if spec == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    return spec
+
+
+def _geometry_key(cfg: TrainConfig, dtype: torch.dtype) -> dict:
+    from .decode import decode_frames
+
+    return {"backbone": dataclasses.asdict(cfg.backbone), "video": [cfg.video.frames, cfg.video.height, cfg.video.width],
+            "batch": cfg.train.batch_size, "guidance": cfg.sampler.guidance_scale > 1.0,
+            "lora": [cfg.lora.rank, list(cfg.lora.target_modules)], "reward": cfg.reward_terms,
+            "reward_options": cfg.reward.options, "decode_chunk": cfg.memory.decode_chunk, "dtype": str(dtype),
+            "decode_impl": getattr(decode_frames, "__module__", "") + str(decode_frames.__code__.co_firstlineno),
+            "version": 5}
+
+
+def cache_path() -> Path:
+    root = os.environ.get("FASTVADER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastvader")
+    return Path(root) / "memory_measurements.json"
+
+
+def _count(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("diffusers", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+@contextlib.contextmanager
+def _meta_stays_put() -> Iterator[None]:
+    """Some adapters park a part on the CPU as they are built (``text_encoder.cpu()``); a meta
+    module has no data to move, so ``cpu()`` leaves meta modules where they are meanwhile."""
+    original = nn.Module.cpu
+
+    def cpu(module: nn.Module):
+        if any(p.is_meta for p in module.parameters()):
+            return module
+        return original(module)
+
+    nn.Module.cpu = cpu
+    try:
+        yield
+    finally:
+        nn.Module.cpu = original
+
+
+def build_on_meta(cfg: TrainConfig, dtype: torch.dtype):
+    """The configured backbone architecture (random init, no weights) and reward on the meta
+    device, LoRA injected: (backbone, reward, lora_params)."""
+    from ..backbones import build_backbone
+    from ..lora import add_lora
+    from ..rewards import build_reward
+
+    bcfg = dataclasses.replace(cfg.backbone, random_init=True, pretrained=None)
+    with torch.device("meta"), _quiet(), _meta_stays_put():
+        backbone = build_backbone(bcfg).freeze().to(dtype)
+        try:
+            reward = build_reward(cfg.reward).freeze().to(dtype)
+        except Exception as err:  # a reward that cannot be built without its weights
+            raise RuntimeError(f"the planner could not build reward {cfg.reward_terms} on the meta device "
+                               f"({err}); plan with a reward that has random_init, or measure on a GPU") from err
+        lora = add_lora(backbone.denoiser, cfg.lora.rank, cfg.lora.alpha, 0.0,
+                        cfg.lora.target_modules or backbone.default_lora_targets, True)
+    return backbone, reward, lora
+
+
+def _meta_embeddings(backbone, batch: int, dtype):
+    from ..backbones import PromptEmbeddings
+
+    try:
+        emb = backbone.encode_prompts(["a prompt"] * batch)
+        cond = emb.cond.to("meta", dtype)
+        uncond = None if emb.uncond is None else emb.uncond.to("meta", dtype)
+        return PromptEmbeddings(cond, uncond, {k: v.to("meta") for k, v in emb.extra.items()})
+    except Exception:  # text encoders that will not run on meta: the shape is all we need
+        dim = getattr(backbone.denoiser.config, "cross_attention_dim", 1024)
+        cond = torch.empty(batch, 77, dim, device="meta", dtype=dtype)
+        return PromptEmbeddings(cond, torch.empty_like(cond))
+
+
+def target_device_type(cfg: TrainConfig) -> str:
+    """Plans are for the GPU unless the config pins training to the CPU."""
+    return "cpu" if cfg.train.device == "cpu" else "cuda"
+
+
+def measure(cfg: TrainConfig, *, use_cache: bool = True, device_type: str | None = None) -> Measurements:
+    """Measure (or read from the cache) the per-component figures for ``cfg``'s geometry."""
+    device_type = device_type or target_device_type(cfg)
+    dtype = activation_dtype(cfg, device_type)
+    key = hashlib.sha1(json.dumps(_geometry_key(cfg, dtype), sort_keys=True, default=str).encode()).hexdigest()
+    path = cache_path()
+    cache: dict = {}
+    if use_cache and path.is_file():
+        try:
+            cache = json.loads(path.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        if key in cache:
+            return Measurements(**cache[key])
+    m = _measure(cfg, dtype)
+    if use_cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cache[key] = m.to_json()
+            path.write_text(json.dumps(cache, indent=1))
+        except OSError:
+            pass  # a read-only home only costs a re-measurement
+    return m
+
+
+def _measure(cfg: TrainConfig, dtype: torch.dtype) -> Measurements:
+    from ..sampling import classifier_free_guidance
+    from .checkpointing import checkpoint_units, enable_checkpointing
+    from .offload import grad_step_wrapper
+
+    backbone, reward, lora = build_on_meta(cfg, dtype)
+    batch = cfg.train.batch_size
+    shape = backbone.latent_shape(cfg.video.frames, cfg.video.height, cfg.video.width)
+    latents = torch.empty(batch, *shape, device="meta", dtype=dtype)
+    embeds = _meta_embeddings(backbone, batch, dtype)
+    g = cfg.sampler.guidance_scale
+    t = 500
+
+    def call(x):
+        return classifier_free_guidance(backbone, x, t, embeds, g)
+
+    call_kept, call_peak, unit_peak = {}, {}, {}
+    with gpu_like_attention():
+        for policy in POLICIES:
+            undo = enable_checkpointing(backbone.denoiser, policy)
+            try:
+                fn = grad_step_wrapper(policy, False)
+                step = fn(lambda x, _t: call(x)) if fn else (lambda x, _t: call(x))
+                with LivePeak() as live, record_saved([backbone, reward], gpu_attention=False) as log:
+                    out = step(latents, t)
+                call_kept[policy], call_peak[policy] = log.total, live.peak
+                del out
+            finally:
+                undo()
+        # the largest unit each policy recomputes: its internals, measured without checkpointing
+        for policy in ("block", "sub_block"):
+            units = checkpoint_units(backbone.denoiser, policy)
+            sizes: dict[int, int] = {}
+            with record_saved([backbone, reward], gpu_attention=False) as log:
+                handles = []
+                for i, u in enumerate(units):
+                    handles.append(u.register_forward_pre_hook(lambda _m, _a, i=i: sizes.__setitem__(i, -log.total)))
+                    handles.append(u.register_forward_hook(lambda _m, _a, _o, i=i: sizes.__setitem__(i, sizes[i] + log.total)))
+                try:
+                    call(latents)
+                finally:
+                    for h in handles:
+                        h.remove()
+            unit_peak[policy] = max(sizes.values(), default=0)
+        with torch.no_grad(), LivePeak() as live:
+            call(latents)
+        nograd = live.peak
+
+        # decode: what decode_frames keeps per grad frame (fit over 1 and 2 frames) and the
+        # peak of recomputing one chunk with gradients
+        vae = backbone.vae
+        lat = latents.detach().requires_grad_(True)
+        kept = []
+        for n in (1, 2):
+            with record_saved([vae]) as log:
+                backbone.decode_frames(lat, list(range(n)), list(range(n)), chunk=cfg.memory.decode_chunk)
+            kept.append(log.total)
+        # backward recomputes one chunk of frames through the VAE with gradients
+        chunk = min(cfg.memory.decode_chunk, shape[1])
+        z = lat[:, :, :chunk].transpose(1, 2).reshape(batch * chunk, shape[0], *shape[2:])
+        with LivePeak() as live:
+            vae.decode(z / getattr(vae.config, "scaling_factor", 1.0), return_dict=False)
+        decode_recompute = live.peak
+        with torch.no_grad():
+            pixels = backbone.decode_frames(latents, [0, 1] if shape[1] > 1 else [0])
+        px = pixels.float().detach().requires_grad_(True)
+        prompts = ["a prompt"] * batch
+        rk = []
+        for n in ((1, 2) if px.shape[1] > 1 else (1,)):
+            with record_saved([reward]) as log:
+                reward(px[:, :n], prompts)
+            rk.append(log.total)
+        reward_per_frame = rk[1] - rk[0] if len(rk) > 1 else rk[0]
+        reward_fixed = max(rk[0] - reward_per_frame, 0)
+
+    text = getattr(backbone, "text_encoder", None)
+    scheduler = backbone.make_scheduler(cfg.sampler.name)
+    table = getattr(scheduler, "alphas_cumprod", None)  # DDIM/DPM index it with each timestep
+    return Measurements(
+        scheduler_fixed=0 if table is None else table.numel() * table.element_size(),
+        call_kept=call_kept, call_forward_peak=call_peak, unit_peak=unit_peak, nograd_working=nograd,
+        latent_bytes=latents.numel() * latents.element_size(),
+        decode_kept_first=kept[0], decode_kept_per_frame=kept[1] - kept[0], decode_recompute=decode_recompute,
+        reward_kept_per_frame=reward_per_frame, reward_fixed=reward_fixed,
+        params={"denoiser": _count(backbone.denoiser) - sum(p.numel() for p in lora),
+                "lora": sum(p.numel() for p in lora), "vae": _count(backbone.vae), "reward": _count(reward),
+                "text_encoder": _count(text if isinstance(text, nn.Module) else None)},
+        lora_tensor_sizes=[p.numel() for p in lora])
+
+
+# ---------------------------------------------------------------------------------------------
+# composing a prediction
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Setting:
+    """The knobs the planner turns."""
+
+    checkpointing: str = "sub_block"
+    offload_activations: bool = False
+    frozen_placement: str = "resident"
+    optimizer: str = "adamw"
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "Setting":
+        m = cfg.memory
+        return cls(m.checkpointing, m.offload_activations, m.frozen_placement, cfg.optim.name)
+
+    def describe(self) -> str:
+        parts = [f"checkpointing={self.checkpointing}"]
+        parts.append("offload=on" if self.offload_activations else "offload=off")
+        parts.append(f"frozen={self.frozen_placement}")
+        parts.append(f"optim={self.optimizer}")
+        return " ".join(parts)
+
+    def overrides(self) -> list[str]:
+        return [f"memory.checkpointing={self.checkpointing}",
+                f"memory.offload_activations={str(self.offload_activations).lower()}",
+                f"memory.frozen_placement={self.frozen_placement}", f"optim.name={self.optimizer}"]
+
+
+@dataclass
+class Prediction:
+    setting: Setting
+    peak: int
+    parts: dict[str, int]
+    relative_time: float
+
+    def fits(self, budget: int) -> bool:
+        return self.peak <= budget * HEADROOM
+
+
+def _optimizer_state_bytes(name: str, tensor_sizes: list[int]) -> int:
+    """AdamW keeps two fp32 moments; bitsandbytes 8-bit keeps two uint8 moments (+ a small
+    per-block scale), except for tensors under 4096 elements, which stay 32-bit."""
+    total = 0
+    for n in tensor_sizes:
+        if name in ("adamw8bit", "paged_adamw8bit") and n >= 4096:
+            total += 2 * n + 8 * math.ceil(n / 256)
+        else:
+            total += 8 * n
+    return total
+
+
+def _count_frames(mode: str, arg, out_of: int) -> int:
+    if mode in ("all", "same"):
+        return out_of
+    if mode == "random":
+        return min(arg, out_of)
+    if mode == "stride":
+        return -(-out_of // arg)
+    return min(len(arg), out_of)
+
+
+def _frames_with_grad(cfg: TrainConfig) -> tuple[int, int]:
+    """(frames the reward sees, frames that carry gradients) at most, per video."""
+    f = cfg.video.frames
+    seen = _count_frames(*parse_frame_spec(cfg.frames.reward, f, "frames.reward"), f)
+    grad = _count_frames(*parse_frame_spec(cfg.frames.grad, f, "frames.grad"), seen)
+    return seen, grad
+
+
+def predict(cfg: TrainConfig, m: Measurements, setting: Setting | None = None) -> Prediction:
+    """The peak of one training step of ``cfg`` under ``setting`` (default: the config's own)."""
+    s = setting or Setting.from_config(cfg)
+    target = target_device_type(cfg)
+    wbytes = _DTYPE_BYTES[weight_dtype_name(cfg, target)]
+    act_bytes = torch.tensor([], dtype=activation_dtype(cfg, target)).element_size()
+    _, k = parse_truncation(cfg.sampler.truncation, cfg.sampler.steps)[1:]
+    seen, grad_frames = _frames_with_grad(cfg)
+    p = m.params
+    parts: dict[str, int] = {}
+    parts["denoiser weights"] = p["denoiser"] * wbytes
+    parts["lora + grads + optimizer"] = 8 * p["lora"] + _optimizer_state_bytes(s.optimizer, m.lora_tensor_sizes)
+    frozen = (p["vae"] + p["reward"]) * wbytes
+    parts["frozen models (resident)" if s.frozen_placement == "resident" else "frozen models (on demand)"] = frozen
+    static = parts["denoiser weights"] + parts["lora + grads + optimizer"]
+    resident_frozen = frozen if s.frozen_placement == "resident" else 0
+
+    # the scheduler's update multiplies by constants: it keeps nothing latent-sized
+    per_step = m.call_kept[s.checkpointing]
+    if s.offload_activations:
+        per_step = m.latent_bytes  # everything large moves to the host; count one latent for small leftovers
+    # fp32 base weights under half autocast: each linear/conv keeps a half copy of its weight
+    # for backward, once per grad step without checkpointing (once per unit otherwise)
+    weight_copies = p["denoiser"] * act_bytes if wbytes > act_bytes else 0
+    if s.checkpointing == "none":
+        per_step += weight_copies
+    kept = k * per_step + m.scheduler_fixed
+    recompute = {"none": 0, "block": m.unit_peak["block"], "sub_block": m.unit_peak["sub_block"],
+                 "step": m.call_kept["sub_block"] + m.unit_peak["sub_block"]}[s.checkpointing]
+    if s.offload_activations:
+        recompute += m.call_kept[s.checkpointing] if s.checkpointing != "step" else 0
+    decode_kept = m.decode_kept_first + (grad_frames - 1) * m.decode_kept_per_frame
+    reward_kept = m.reward_fixed + seen * m.reward_kept_per_frame
+    parts["activations kept (K grad steps)"] = kept
+    parts["decode kept"] = decode_kept
+    parts["reward kept"] = reward_kept
+    parts["backward recompute"] = max(recompute, m.decode_recompute)
+    phases = {
+        "sampling": resident_frozen + m.nograd_working,
+        "grad forward": resident_frozen + (k - 1) * per_step + m.call_forward_peak[s.checkpointing],
+        "backward": frozen + kept + decode_kept + reward_kept + 4 * p["lora"] + max(recompute, m.decode_recompute),
+    }
+    parts.update({f"phase: {name}": v for name, v in phases.items()})
+    peak = static + max(phases.values())
+
+    steps = cfg.sampler.steps
+    cost = (steps - k) + k * GRAD_STEP_COST[s.checkpointing]
+    cost += k * OFFLOAD_COST_PER_GRAD_STEP if s.offload_activations else 0
+    cost += ON_DEMAND_COST if s.frozen_placement == "on_demand" else 0
+    return Prediction(s, int(peak), parts, cost)
+
+
+def candidate_settings(cfg: TrainConfig) -> list[Setting]:
+    optimizers = ["adamw", "adamw8bit"] if cfg.optim.name in ("adamw", "adamw8bit") else [cfg.optim.name]
+    return [Setting(c, o, f, opt) for c in POLICIES for o in (False, True)
+            for f in ("resident", "on_demand") for opt in optimizers]
+
+
+@dataclass
+class Plan:
+    budget: int
+    current: Prediction
+    ranked: list[Prediction]  # fitting settings, fastest first
+
+    @property
+    def best(self) -> Prediction | None:
+        return self.ranked[0] if self.ranked else None
+
+    def table(self, limit: int = 12) -> str:
+        base = self.current.relative_time
+        def gib(n: int) -> str:
+            return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2 ** 20:.1f} MiB"
+
+        lines = [f"budget {self.budget / GiB:.1f} GiB (settings must fit {HEADROOM:.0%} of it); "
+                 f"config as given: {self.current.peak / GiB:.2f} GiB, "
+                 f"{'fits' if self.current.fits(self.budget) else 'does NOT fit'}",
+                 f"{'#':>2}  {'predicted peak':>14}  {'rel. time':>9}  setting"]
+        shown, seen = [], set()
+        for pred in self.ranked:  # one row per memory setting: its fastest/fewest-change optimizer
+            key = (pred.setting.checkpointing, pred.setting.offload_activations, pred.setting.frozen_placement)
+            if key not in seen:
+                seen.add(key)
+                shown.append(pred)
+        for i, pred in enumerate(shown[:limit], 1):
+            lines.append(f"{i:>2}  {gib(pred.peak):>14}  {pred.relative_time / base:>8.2f}x  "
+                         f"{pred.setting.describe()}")
+        if not self.ranked:
+            lines.append("    nothing fits: lower video size or frames.grad, or use more GPUs")
+        lines.append("composition of the config as given (bytes predicted from meta-device measurements):")
+        for name, v in self.current.parts.items():
+            lines.append(f"    {name:<34} {gib(v):>12}")
+        return "\n".join(lines)
+
+
+def make_plan(cfg: TrainConfig, budget: int | str, m: Measurements | None = None) -> Plan:
+    budget = parse_bytes(budget, "gpu_memory")
+    m = m or measure(cfg)
+    current = predict(cfg, m)
+    preds = [predict(cfg, m, s) for s in candidate_settings(cfg)]
+    own = Setting.from_config(cfg)
+
+    def changes(s: Setting) -> int:
+        return sum(a != b for a, b in zip(dataclasses.astuple(s), dataclasses.astuple(own)))
+
+    fitting = sorted((p for p in preds if p.fits(budget)), key=lambda p: (round(p.relative_time, 6), changes(p.setting), p.peak))
+    return Plan(budget, current, fitting)
+
+
+def apply_setting(cfg: TrainConfig, s: Setting) -> TrainConfig:
+    memory = dataclasses.replace(cfg.memory, checkpointing=s.checkpointing, offload_activations=s.offload_activations,
+                                 frozen_placement=s.frozen_placement)
+    new = cfg.replace(memory=memory, optim=dataclasses.replace(cfg.optim, name=s.optimizer))
+    new._base_dir = getattr(cfg, "_base_dir", None)  # type: ignore[attr-defined]
+    return new.validate()
+
+
+def apply_best_plan(cfg: TrainConfig, verbose: bool = True) -> TrainConfig:
+    """The config with the fastest setting that fits ``memory.gpu_memory`` (unchanged when the
+    config already is that setting). Raises ConfigError when nothing fits."""
+    from ..config import ConfigError
+
+    plan = make_plan(cfg, cfg.memory.gpu_memory)
+    if plan.best is None:
+        raise ConfigError(f"config: memory.gpu_memory={cfg.memory.gpu_memory!r}: no memory setting fits "
+                          f"(the config as given needs {plan.current.peak / GiB:.1f} GiB); lower video size, "
+                          "frames.grad or sampler.truncation, or train on several GPUs")
+    if verbose:
+        print(f"fastvader plan: {plan.best.setting.describe()} "
+              f"(predicted peak {plan.best.peak / GiB:.2f} GiB of {plan.budget / GiB:.1f} GiB)")
+    return apply_setting(cfg, plan.best.setting)
+
+
+def format_size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2 ** 20:.1f} MiB"
+
+
+def oom_message(cfg: TrainConfig, err: BaseException, device: torch.device) -> str:
+    """What to say when a step runs out of GPU memory: the card, the prediction, and what the
+    planner would change to fit it."""
+    total = None
+    if device.type == "cuda" and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(device).total_memory
+    head = f"CUDA out of memory in a training step ({str(err).splitlines()[0] if str(err) else 'no detail'})."
+    try:
+        m = measure(cfg)
+        budget = total or parse_bytes(cfg.memory.gpu_memory or "24GiB")
+        plan = make_plan(cfg, budget, m)
+        lines = [head, f"The planner predicts {format_size(plan.current.peak)} for this config on a "
+                       f"{format_size(budget)} budget."]
+        if plan.best is not None and plan.best.setting == Setting.from_config(cfg):
+            lines.append(f"The planner expects this config to fit; the difference is fragmentation or memory "
+                         "outside the step: try PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, fewer "
+                         "frames.grad or memory.decode_chunk=1.")
+        elif plan.best is not None:
+            lines.append("It would change: " + " ".join(
+                o for o, cur in zip(plan.best.setting.overrides(), Setting.from_config(cfg).overrides()) if o != cur)
+                + f" (predicted {format_size(plan.best.peak)}). Pass these with --set, or run with "
+                f"--gpu-memory {budget}B to apply it.")
+        else:
+            lines.append("No memory setting fits: lower video size, frames.grad or sampler.truncation.")
+        return "\n".join(lines)
+    except Exception as plan_err:  # the advice must never hide the OOM itself
+        return (f"{head} Try, in order: --set memory.checkpointing=step, memory.offload_activations=true, "
+                f"memory.frozen_placement=on_demand, optim.name=adamw8bit, fewer frames.grad "
+                f"(the planner could not run: {plan_err})")

@@ -1,0 +1,35 @@
+"""``clip_score``: text-video alignment with any CLIP: scale * cosine(frame, prompt), averaged
+over the frames the reward receives. Unlike the CLIPScore metric it is not clipped at 0, so
+negative alignments still get a gradient."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from ._clip import OPENCLIP_VIT_L_14, ClipReward, clip_param_count_builder
+from .base import register_reward
+
+
+@register_reward
+class ClipScoreReward(ClipReward):
+    name = "clip_score"
+    kind = "image"
+    default_pretrained = "openai/clip-vit-large-patch14"
+    expected_weights = ("any transformers CLIPModel: hub id (default openai/clip-vit-large-patch14) or "
+                        "save_pretrained folder")
+
+    def __init__(self, pretrained: str = "openai/clip-vit-large-patch14", tokenizer: str | None = None,
+                 scale: float = 1.0, checkpointing: bool = False, random_init: bool = False, config: Any = None,
+                 dtype: str = "auto"):
+        super().__init__(pretrained, random_init=random_init, config=config, checkpointing=checkpointing,
+                         tokenizer=tokenizer, dtype=dtype,
+                         real_config=OPENCLIP_VIT_L_14)
+        self.scale = float(scale)
+
+    def score_frames(self, frames, prompts):
+        return self.scale * self.frame_cosines(frames, prompts)
+
+    @classmethod
+    def real_architecture(cls) -> nn.Module:
+        return clip_param_count_builder(OPENCLIP_VIT_L_14)()

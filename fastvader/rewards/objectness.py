@@ -1,0 +1,133 @@
+"""``objectness``: YOLOS detection confidence of a target COCO class, to remove or add an object.
+
+Per frame, as VADER computes it with ``post_process_object_detection(threshold=0)``: each of
+YOLOS's 100 detection tokens gets its best class (excluding "no object") and that class's
+probability; the frame's confidence is the mean probability over the tokens whose best class is
+the target (and whose probability exceeds ``threshold``). ``mode: remove`` rewards
+1 - confidence (VADER's object-removal reward), ``mode: add`` rewards the confidence.
+
+When no token detects the target, the confidence is the constant 0 and **the gradient is zero**:
+the reward cannot pull an object into existence from nothing (use ``mode: add`` only where the
+object is already faintly detected, or pair it with a text-alignment reward).
+
+Preprocessing is YolosImageProcessor's (shortest side 800, longest at most 1333, both floored
+to multiples of 16, bilinear, ImageNet mean/std), differentiably; ``shortest_edge`` and
+``longest_edge`` trade accuracy for speed.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ._hf import (PretrainedReward, from_pretrained, label_index, processor_config, read_config,
+                  strip_private, transformers_module)
+from .base import register_reward
+from .preprocess import YOLOS_TRANSFORM, frames_to_images, write_processor_config
+
+# transformers convert_yolos_to_pytorch.py get_yolos_config (see ../shared/model-configs/reward_models)
+YOLOS_ARCHITECTURES = {
+    "hustvl/yolos-tiny": {"hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 12,
+                          "num_attention_heads": 3, "image_size": [800, 1333], "use_mid_position_embeddings": False},
+    "hustvl/yolos-small": {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 12,
+                           "num_attention_heads": 6, "image_size": [512, 864], "use_mid_position_embeddings": True},
+    "hustvl/yolos-base": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                          "num_attention_heads": 12, "image_size": [800, 1344], "use_mid_position_embeddings": True},
+}
+# COCO detection ids 0..90 ("N/A" at the ids COCO leaves unused), as in hustvl/yolos-* configs
+COCO_LABELS = [
+    'N/A', 'person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat',
+    'traffic light', 'fire hydrant', 'N/A', 'stop sign', 'parking meter', 'bench', 'bird', 'cat', 'dog',
+    'horse', 'sheep', 'cow', 'elephant', 'bear', 'zebra', 'giraffe', 'N/A', 'backpack', 'umbrella',
+    'N/A', 'N/A', 'handbag', 'tie', 'suitcase', 'frisbee', 'skis', 'snowboard', 'sports ball', 'kite',
+    'baseball bat', 'baseball glove', 'skateboard', 'surfboard', 'tennis racket', 'bottle', 'N/A',
+    'wine glass', 'cup', 'fork', 'knife', 'spoon', 'bowl', 'banana', 'apple', 'sandwich', 'orange',
+    'broccoli', 'carrot', 'hot dog', 'pizza', 'donut', 'cake', 'chair', 'couch', 'potted plant', 'bed',
+    'N/A', 'dining table', 'N/A', 'N/A', 'toilet', 'N/A', 'tv', 'laptop', 'mouse', 'remote', 'keyboard',
+    'cell phone', 'microwave', 'oven', 'toaster', 'sink', 'refrigerator', 'N/A', 'book', 'clock',
+    'vase', 'scissors', 'teddy bear', 'hair drier', 'toothbrush',
+]
+COCO_NUM_LABELS = len(COCO_LABELS)
+
+
+@register_reward
+class ObjectnessReward(PretrainedReward):
+    name = "objectness"
+    kind = "detection"
+    default_pretrained = "hustvl/yolos-tiny"
+    expected_weights = ("YolosForObjectDetection: hustvl/yolos-tiny (default), hustvl/yolos-small or "
+                        "hustvl/yolos-base (hub id or save_pretrained folder)")
+
+    def __init__(self, pretrained: str = "hustvl/yolos-tiny", target: str = "dog", mode: str = "remove",
+                 threshold: float = 0.0, shortest_edge: int | None = None, longest_edge: int | None = None,
+                 checkpointing: bool = False, random_init: bool = False, config: Any = None,
+                 dtype: str = "auto"):
+        super().__init__(dtype)
+        tf = transformers_module()
+        if mode not in ("remove", "add"):
+            raise ValueError(f"reward.options.objectness.mode={mode!r}: use remove or add")
+        self.mode = mode
+        self.threshold = float(threshold)
+        processor_cfg = None
+        if random_init:
+            if config is not None:
+                cfg = tf.YolosConfig(**strip_private(read_config(config, self.name)))
+            else:
+                cfg = tf.YolosConfig(id2label=dict(enumerate(COCO_LABELS)), **YOLOS_ARCHITECTURES[self.default_pretrained])
+            self.model = tf.YolosForObjectDetection(cfg).to(self.model_dtype)
+        else:
+            self.reject_config_with_weights(config)
+            self.model = from_pretrained(tf.YolosForObjectDetection, pretrained, reward=self.name,
+                                         dtype=self.model_dtype)
+            processor_cfg = processor_config(pretrained)
+        transform = YOLOS_TRANSFORM.updated_from_processor_config(processor_cfg)
+        if shortest_edge is not None:
+            transform = replace(transform, shortest_edge=int(shortest_edge))
+        if longest_edge is not None:
+            transform = replace(transform, longest_edge=int(longest_edge))
+        self.transform = transform
+        id2label = {int(k): v for k, v in self.model.config.id2label.items()}
+        self.target = label_index(id2label, target, reward=self.name)
+        self.target_name = id2label[self.target]
+        if checkpointing:
+            self.enable_checkpointing()
+
+    def checkpointed_layers(self):
+        return list(self.model.vit.encoder.layer)
+
+    def confidence(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1] -> target confidence per image (N,); 0 where nothing is detected."""
+        logits = self.model(pixel_values=self.to_model(self.transform(images.float()))).logits.float()
+        return self.confidence_from_logits(logits)
+
+    def confidence_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, tokens, classes + 1) detection logits -> (N,) target confidence."""
+        probs = logits.softmax(-1)[..., :-1]  # drop "no object"
+        best, labels = probs.max(-1)
+        hit = (labels == self.target) & (best > self.threshold)
+        count = hit.sum(-1)
+        total = (best * hit).sum(-1)
+        return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+    def score_frames(self, frames, prompts):
+        b, f = frames.shape[:2]
+        conf = self.confidence(frames_to_images(frames)).view(b, f)
+        return 1.0 - conf if self.mode == "remove" else conf
+
+    def save_pretrained(self, folder) -> None:
+        self.model.save_pretrained(str(folder))
+        write_processor_config(self.transform, folder)
+
+    @classmethod
+    def describe(cls) -> dict:
+        info = super().describe()
+        info["kind"] = "detection"
+        return info
+
+    @classmethod
+    def real_architecture(cls) -> nn.Module:
+        tf = transformers_module()
+        cfg = tf.YolosConfig(num_labels=COCO_NUM_LABELS, **YOLOS_ARCHITECTURES[cls.default_pretrained])
+        return tf.YolosForObjectDetection(cfg)

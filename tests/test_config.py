@@ -1,0 +1,110 @@
+"""Config validation: every bad input is refused before any model is built, with a message that
+names the field, the bad value and what is allowed."""
+import pytest
+
+from fastvader.config import ConfigError, TrainConfig, load_config, parse_bytes
+
+BASE = ["prompts.items=[a red square moving left]"]
+
+
+def cfg_with(*overrides):
+    return load_config(None, BASE + list(overrides))
+
+
+def test_defaults_validate_and_round_trip_through_yaml(tmp_path):
+    cfg = cfg_with("train.steps=7", "reward.options={target_color: {color: blue}}")
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    again = load_config(path)
+    assert again == cfg
+    assert again.train.steps == 7 and again.reward.options["target_color"]["color"] == "blue"
+
+
+def test_overrides_parse_yaml_values():
+    cfg = cfg_with("optim.lr=3e-5", "sampler.truncation=specific:3", "lora.target_modules=[to_q, to_v]")
+    assert cfg.optim.lr == pytest.approx(3e-5)
+    assert cfg.sampler.truncation == "specific:3"
+    assert cfg.lora.target_modules == ["to_q", "to_v"]
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["train.stepz=3"], "unknown key(s) ['train.stepz']"),
+    (["bogus.x=1"], "unknown key(s) ['bogus']"),
+    (["train.steps=ten"], "train.steps='ten' is invalid: expected an integer"),
+    (["optim.lr=fast"], "optim.lr='fast' is invalid: expected a number"),
+    (["train.progress=3"], "train.progress=3 is invalid: expected true or false"),
+    (["train.steps=0"], "train.steps=0 is invalid"),
+    (["sampler.steps=-2"], "sampler.steps=-2 is invalid"),
+    (["optim.grad_accum=0"], "optim.grad_accum=0"),
+    (["sampler.steps=10", "sampler.truncation=specific:11"], "K must be between 1 and sampler.steps=10"),
+    (["sampler.steps=10", "sampler.truncation=range:4-12"], "need 1 <= A <= B <= sampler.steps=10"),
+    (["sampler.truncation=sometimes"], "use last, rand, specific:K or range:A-B"),
+    (["video.frames=8", "frames.reward=list:0,8"], "frames [8] are outside the video (video.frames=8"),
+    (["video.frames=8", "frames.reward=random:9"], "K must be between 1 and video.frames=8"),
+    (["frames.grad=list:1,1"], "must not repeat"),
+    (["frames.reward=same"], "'same' is only for frames.grad"),
+    (["reward.name=beauty"], "reward.name='beauty' is invalid: choose from"),
+    (["reward.terms={brightness: 1.0, nope: 2.0}"], "reward.terms='nope'"),
+    (["reward.options={contrast: {}}"], "options name a reward in use"),
+    (["video.height=30"], "video.height=30 does not fit toy: it must be a multiple of 4"),
+    (["sampler.name=euler_a"], "sampler.name='euler_a' is invalid: choose one of"),
+    (["backbone.name=sora9"], "backbone.name='sora9' is invalid"),
+    (["optim.name=sgd"], "optim.name='sgd'"),
+    (["sampler.eta=1.5"], "sampler.eta=1.5 is invalid: must be in [0, 1]"),
+    (["memory.checkpointing=most"], "memory.checkpointing='most'"),
+    (["memory.gpu_memory=lots"], "memory.gpu_memory='lots'"),
+    (["train.device=tpu"], "train.device='tpu'"),
+    (["lora.rank=0"], "lora.rank=0"),
+    (["train.run_name=a/b"], "train.run_name='a/b'"),
+])
+def test_bad_values_name_field_value_and_what_is_allowed(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        cfg_with(*overrides)
+    assert needle in str(err.value)
+
+
+def test_missing_prompt_file_and_prompt_sources():
+    with pytest.raises(ConfigError, match="prompts.file='/nonexistent/prompts.txt' is invalid: the file does not exist"):
+        load_config(None, ["prompts.file=/nonexistent/prompts.txt"])
+    with pytest.raises(ConfigError, match="give prompts.items, prompts.file or prompts.template"):
+        load_config(None, [])
+    with pytest.raises(ConfigError, match="give only one of"):
+        load_config(None, BASE + ["prompts.template=<a> <b>"])
+    with pytest.raises(ConfigError, match=r"needs a non-empty list for each slot: \['b'\]"):
+        load_config(None, ["prompts.template=<a> <b>", "prompts.vocab={a: [x]}"])
+
+
+def test_prompt_file_resolves_relative_to_the_config(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a red square moving left\n")
+    (tmp_path / "c.yaml").write_text("prompts:\n  file: prompts.txt\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    from fastvader.prompts import PromptSource
+
+    assert PromptSource.from_config(cfg.prompts, cfg._base_dir).prompts == ["a red square moving left"]
+
+
+def test_missing_config_file_and_bad_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(None, ["train.steps"])
+
+
+def test_template_prompts_expand_every_combination():
+    from fastvader.prompts import expand_template
+
+    prompts = expand_template("a <color> <shape>", {"color": ["red", "blue"], "shape": ["square", "circle"]})
+    assert prompts == ["a red square", "a red circle", "a blue square", "a blue circle"]
+
+
+def test_parse_bytes():
+    assert parse_bytes("24GiB") == 24 * 2**30
+    assert parse_bytes("1.5 GB") == 1_500_000_000
+    with pytest.raises(ConfigError):
+        parse_bytes("24 parsecs")
+
+
+def test_reward_terms_shorthand():
+    assert cfg_with("reward.name=brightness").reward_terms == {"brightness": 1.0}
+    assert cfg_with("reward.terms={brightness: 2, contrast: 0.5}").reward_terms == {"brightness": 2.0, "contrast": 0.5}
+    assert isinstance(TrainConfig(), TrainConfig)
