@@ -88,7 +88,7 @@ class ToyWorld:
 
 
 def build_toy_world(config: ToyWorldConfig | None = None, seed: int = 0) -> ToyWorld:
-    """The toy architecture with random weights."""
+    """The toy architecture with random weights, in eval mode."""
     from diffusers import AutoencoderKL, UNet3DConditionModel
 
     config = config or ToyWorldConfig()
@@ -98,6 +98,10 @@ def build_toy_world(config: ToyWorldConfig | None = None, seed: int = 0) -> ToyW
                               config.text_layers, config.text_heads)
         unet = UNet3DConditionModel(**config.unet)
         vae = AutoencoderKL(**config.vae)
+    # Inference mode: UNet3DConditionModel's temporal convolutions carry dropout (p=0.1), which
+    # would make sampling random. Training code switches modules to train() itself.
+    for module in (text, unet, vae):
+        module.eval()
     return ToyWorld(config, WordTokenizer(config.vocab, config.max_length), text, unet, vae)
 
 
