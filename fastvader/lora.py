@@ -22,6 +22,9 @@ def add_lora(denoiser: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
                         target_modules=list(target_modules), init_lora_weights=init_weights)
     inject_adapter_in_model(config, denoiser)
     denoiser.requires_grad_(False)
+    for name, module in denoiser.named_modules():
+        if "lora_dropout" in name:
+            module.train()  # the base model stays in eval mode; the adapters' dropout trains
     params = []
     for name, p in denoiser.named_parameters():
         if "lora_" in name:

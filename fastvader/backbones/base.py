@@ -117,7 +117,10 @@ class Backbone(nn.Module):
         return [m for name, m in self.named_children() if name != "denoiser"]
 
     def freeze(self) -> "Backbone":
+        """No gradients for any base weight, and eval mode: dropout inside the pretrained
+        model would make sampling random (LoRA's own dropout is switched back on by add_lora)."""
         self.requires_grad_(False)
+        self.eval()
         return self
 
     @property
