@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .diffusers_common import (BYTE_TOKENIZER_VOCAB, MissingWeightsError, PerFrameVaeBackbone,
+from .diffusers_common import (BYTE_TOKENIZER_VOCAB, TINY_SD_VAE, MissingWeightsError, PerFrameVaeBackbone,
                                byte_level_clip_tokenizer, find_config_file, is_local, load_pretrained,
                                load_scheduler_config, load_tokenizer, read_json)
 
@@ -33,10 +33,6 @@ TINY_UNET = dict(sample_size=4, in_channels=4, out_channels=4,
                  block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
                  num_attention_heads=2, motion_num_attention_heads=2, motion_max_seq_length=32,
                  use_motion_mid_block=True)
-TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4,
-                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4,
-                sample_size=32, scaling_factor=0.18215)
 TINY_TEXT = dict(vocab_size=BYTE_TOKENIZER_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                  num_attention_heads=2, max_position_embeddings=16, hidden_act="quick_gelu", projection_dim=32,
                  bos_token_id=512, eos_token_id=513, pad_token_id=513)  # the byte-level tokenizer's ids
@@ -109,7 +105,7 @@ class AnimateDiffBackbone(PerFrameVaeBackbone):
         with torch.random.fork_rng():
             torch.manual_seed(int(options.get("seed", 0)))
             unet = UNetMotionModel(**TINY_UNET).to(dtype)
-            vae = AutoencoderKL(**TINY_VAE).to(dtype)
+            vae = AutoencoderKL(**TINY_SD_VAE).to(dtype)
             text = CLIPTextModel(CLIPTextConfig(**TINY_TEXT)).to(dtype)
         return cls(denoiser=unet, vae=vae, text_encoder=text,
                        tokenizer=byte_level_clip_tokenizer(TINY_TEXT["max_position_embeddings"]),

@@ -27,6 +27,13 @@ from .base import Backbone, PromptEmbeddings
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+#: the SD AutoencoderKL at a tiny size, shared by the per-frame-VAE families' tiny options
+TINY_SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4,
+                   down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                   block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4,
+                   sample_size=32, scaling_factor=0.18215)
+
+
 
 class MissingWeightsError(FileNotFoundError):
     """Weights or configs a backbone needs are not where it looked."""
