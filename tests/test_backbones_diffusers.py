@@ -383,7 +383,7 @@ def test_random_init_from_a_config_folder(tmp_path):
     from fastvader.backbones import modelscope
 
     (tmp_path / "unet_config.json").write_text(json.dumps(modelscope.TINY_UNET))
-    (tmp_path / "vae_config.json").write_text(json.dumps(modelscope.TINY_VAE))
+    (tmp_path / "vae_config.json").write_text(json.dumps(modelscope.TINY_SD_VAE))
     (tmp_path / "text_encoder_config.json").write_text(json.dumps({**modelscope.TINY_TEXT, "vocab_size": 600}))
     bb = build_backbone(BackboneConfig(name="modelscope", random_init=True, config_path=str(tmp_path), dtype="fp32"))
     assert bb.text_encoder.config.vocab_size == 600
