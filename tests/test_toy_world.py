@@ -97,7 +97,7 @@ def test_vae_reconstructs_held_out_frames(shipped):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "the shipped weights are under-trained (about 700 denoiser steps on a CPU shared by many "
+    "the shipped weights are under-trained (about 1500 denoiser steps on a CPU shared by many "
     "jobs): samples do not follow the prompt's colour yet; see docs/toy_world.md. Retrain with "
     "python -m fastvader.toy.train_world and remove this mark when it passes"))
 def test_samples_show_the_prompted_colour(shipped):
