@@ -121,12 +121,13 @@ def measure(device: str = "cuda", shapes=SHAPES, dtype: torch.dtype = torch.bflo
 
 
 def _model_configs() -> Path:
-    here = Path(__file__).resolve().parents[1]
-    for cand in (here.parent / "shared" / "model-configs", Path("/work/shared/model-configs")):
-        if cand.is_dir():
-            return cand
-    raise FileNotFoundError("model-configs folder not found next to the repository or at "
-                            "/work/shared/model-configs")
+    from fastvader.backbones.diffusers_common import shared_model_configs
+
+    found = shared_model_configs()
+    if found is None:
+        raise FileNotFoundError("model-configs folder not found: set FASTVADER_MODEL_CONFIGS, or put it in "
+                                "../shared/model-configs next to the repository")
+    return found
 
 
 def sd_vae(device, dtype, config: dict | None = None):

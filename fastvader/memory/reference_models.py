@@ -34,14 +34,16 @@ MODELSCOPE_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_e
 
 
 def model_configs_dir(explicit: str | os.PathLike | None = None) -> Path:
-    candidates = [explicit, os.environ.get("FASTVADER_MODEL_CONFIGS"),
-                  Path(__file__).resolve().parents[2].parent / "shared" / "model-configs",
-                  "/work/shared/model-configs"]
-    for c in candidates:
-        if c and Path(c).is_dir():
-            return Path(c)
-    raise FileNotFoundError("no model-configs folder found: set backbone.config_path or FASTVADER_MODEL_CONFIGS "
-                            "to the folder holding modelscope_t2v_1.7b/ and clip_hf/")
+    """``explicit`` when it is a folder, else the shared model-configs folder."""
+    from fastvader.backbones.diffusers_common import shared_model_configs
+
+    if explicit and Path(explicit).is_dir():
+        return Path(explicit)
+    found = shared_model_configs()
+    if found is None:
+        raise FileNotFoundError("no model-configs folder found: set backbone.config_path or FASTVADER_MODEL_CONFIGS "
+                                "to the folder holding modelscope_t2v_1.7b/ and clip_hf/")
+    return found
 
 
 def _read(path: Path) -> dict:
