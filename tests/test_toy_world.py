@@ -189,3 +189,34 @@ def test_toy_rewards_are_registered_and_weightless():
         assert reward(videos, ["a", "b"]).shape == (2,)
     with pytest.raises(ValueError, match="object_color.color"):
         ObjectColorReward("mauve")
+
+
+# -- the world's training script -------------------------------------------------------------
+def test_train_world_continues_a_world_and_saves_progress_along_the_way(tmp_path, shipped, monkeypatch):
+    from fastvader.toy import train_world as script
+    from fastvader.toy.train_world import TrainSettings, train_world
+
+    saved_unets = []
+    original_save = script.save_toy_world
+
+    def recording_save(world, path, *args, **kwargs):
+        saved_unets.append({k: v.clone() for k, v in world.unet.state_dict().items()})
+        original_save(world, path, *args, **kwargs)
+
+    monkeypatch.setattr(script, "save_toy_world", recording_save)
+    settings = TrainSettings(seed=5, vae_steps=0, denoiser_steps=3, batch_size=2, pool_videos=4,
+                             warmup_steps=1, save_every=2, log_every=1, offset_noise=0.1)
+    out = tmp_path / "world"
+    trained = train_world(settings, out, init=WEIGHTS_DIR)
+    record = json.loads((out / "training.json").read_text())
+    assert record["denoiser"]["steps"] == 3 and record["settings"]["offset_noise"] == 0.1
+    reloaded = load_toy_world(out)
+    # the VAE (and so the latent space) is kept; the denoiser moved and what was saved is it
+    assert torch.equal(reloaded.vae.decoder.conv_out.weight, shipped.vae.decoder.conv_out.weight)
+    for key, value in reloaded.unet.state_dict().items():
+        assert torch.equal(value, trained.unet.state_dict()[key].half().float()), key
+    moved = sum(not torch.equal(v, shipped.unet.state_dict()[k]) for k, v in reloaded.unet.state_dict().items())
+    assert moved > 0.5 * len(shipped.unet.state_dict())
+    # one save at step 2 (the EMA so far), one at the end; the EMA went on moving in between
+    assert len(saved_unets) == 2
+    assert any(not torch.equal(saved_unets[0][k], saved_unets[1][k]) for k in saved_unets[0])

@@ -51,12 +51,14 @@ class TrainSettings:
     batch_size: int = 16
     denoiser_lr: float = 8e-4
     prompt_dropout: float = 0.1
+    offset_noise: float = 0.1          # std of a per-video, per-channel constant added to the noise
     ema_decay: float = 0.995
     warmup_steps: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     minutes: float | None = None       # wall-clock cap for both phases together
     log_every: int = 25
+    save_every: int = 0                # write the EMA world to --out every N denoiser steps (0: only at the end)
 
 
 def _lr_factor(step: int, total: int, warmup: int, started: float, deadline: float) -> float:
@@ -220,8 +222,11 @@ def encode_pool(world: ToyWorld, settings: TrainSettings) -> tuple[list[str], to
     return prompts, torch.cat(means), torch.cat(stds)
 
 
-def train_denoiser(world: ToyWorld, settings: TrainSettings, deadline: float = math.inf) -> dict:
-    """Phase 2: text encoder + UNet on the encoded pool. Leaves the EMA weights in ``world``."""
+def train_denoiser(world: ToyWorld, settings: TrainSettings, deadline: float = math.inf,
+                   out: Path | None = None) -> dict:
+    """Phase 2: text encoder + UNet on the encoded pool. Leaves the EMA weights in ``world``
+    (and, with ``settings.save_every``, writes them to ``out`` along the way, so a run stopped
+    early keeps its progress)."""
     from diffusers import DDPMScheduler
 
     prompts, means, stds = encode_pool(world, settings)
@@ -248,6 +253,13 @@ def train_denoiser(world: ToyWorld, settings: TrainSettings, deadline: float = m
         mean, std = means[index], stds[index]
         latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
         noise = torch.randn(latents.shape, generator=generator)
+        if settings.offset_noise:
+            # Offset noise: the schedule's last step still carries ~7% of the signal, so a model
+            # trained on zero-mean noise learns to copy the mean colour from x_T, and at sampling
+            # time (where x_T has none) every frame drifts to mid-gray. A shared per-channel shift
+            # teaches it to set the frame-wide colour itself: backgrounds, object colours.
+            shift = torch.randn((*latents.shape[:2], 1, 1, 1), generator=generator)
+            noise = noise + settings.offset_noise * shift
         timesteps = torch.randint(noise_schedule.config.num_train_timesteps, (settings.batch_size,),
                                   generator=generator)
         noisy = noise_schedule.add_noise(latents, noise, timesteps)
@@ -265,6 +277,9 @@ def train_denoiser(world: ToyWorld, settings: TrainSettings, deadline: float = m
                 averaged.lerp_(live, 1.0 - decay)
         log.step(step, loss.item())
         steps_run = step + 1
+        if out is not None and settings.save_every and steps_run % settings.save_every == 0:
+            save_toy_world(ToyWorld(world.config, world.tokenizer, ema["text_encoder"], ema["unet"], world.vae), out)
+            print(f"[denoiser] saved the EMA world to {out} at step {steps_run}", flush=True)
     models.load_state_dict(ema.state_dict())
     models.eval()
     return dict(steps=steps_run, history=log.history, seconds=time.time() - log.start)
@@ -287,7 +302,7 @@ def train_world(settings: TrainSettings, out: Path = WEIGHTS_DIR, init: Path | N
     if settings.decoder_steps:
         summary["decoder"] = finetune_decoder(world, settings, deadlines["decoder"])
     if settings.denoiser_steps:
-        summary["denoiser"] = train_denoiser(world, settings, deadlines["denoiser"])
+        summary["denoiser"] = train_denoiser(world, settings, deadlines["denoiser"], out)
     for module in (world.vae, world.unet, world.text_encoder):
         module.requires_grad_(False)
     save_toy_world(world, out)
@@ -315,22 +330,30 @@ def main(argv: list[str] | None = None) -> int:
                              "pass --vae-steps 0 to keep its VAE (and latent scale) as it is")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
     parser.add_argument("--pool-videos", type=int, default=defaults.pool_videos, help="(default: %(default)s)")
+    parser.add_argument("--offset-noise", type=float, default=defaults.offset_noise,
+                        help="std of the per-channel noise offset (0 switches it off; default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=defaults.denoiser_lr, help="denoiser peak lr (default: %(default)s)")
+    parser.add_argument("--save-every", type=int, default=defaults.save_every,
+                        help="write the EMA world to --out every N denoiser steps (default: %(default)s, only at the end)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     for name, least in (("vae_steps", 0), ("decoder_steps", 0), ("denoiser_steps", 0),
-                        ("batch_size", 1), ("pool_videos", 1)):
+                        ("batch_size", 1), ("pool_videos", 1), ("save_every", 0)):
         if getattr(args, name) < least:
             parser.error(f"--{name.replace('_', '-')} must be >= {least}; got {getattr(args, name)}")
     if args.init is None and args.vae_steps == 0:
         parser.error("--vae-steps 0 needs --init DIR (a world whose VAE to keep)")
     if args.minutes is not None and args.minutes <= 0:
         parser.error(f"--minutes must be > 0; got {args.minutes}")
+    if args.offset_noise < 0 or args.lr <= 0:
+        parser.error(f"--offset-noise must be >= 0 and --lr > 0; got {args.offset_noise} and {args.lr}")
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = TrainSettings(seed=args.seed, vae_steps=args.vae_steps, decoder_steps=args.decoder_steps,
                              denoiser_steps=args.denoiser_steps, batch_size=args.batch_size,
-                             pool_videos=args.pool_videos, minutes=args.minutes)
+                             pool_videos=args.pool_videos, minutes=args.minutes,
+                             offset_noise=args.offset_noise, denoiser_lr=args.lr, save_every=args.save_every)
     train_world(settings, args.out, args.init)
     return 0
 
