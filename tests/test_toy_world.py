@@ -96,10 +96,22 @@ def test_vae_reconstructs_held_out_frames(shipped):
     assert mse < VAE_MSE_LIMIT, f"VAE reconstruction MSE {mse:.5f} >= {VAE_MSE_LIMIT}"
 
 
+def test_samples_follow_the_prompted_background_and_mostly_the_colour(shipped):
+    """Over 16 prompts spread across the scenes: the background is right nearly always and the
+    colour far above chance (1 in 5). Measured on the shipped weights: 16/16 and 9/16; the
+    weights before offset-noise training scored 9/16 and 2/16 here."""
+    from fastvader.toy.quality import evaluation_prompts, prompt_accuracy
+
+    accuracy, videos = prompt_accuracy(shipped, evaluation_prompts(16, seed=0), seed=0, steps=15)
+    assert videos.shape == (16, synthetic.FRAMES, 3, synthetic.HEIGHT, synthetic.WIDTH)
+    assert accuracy["background"] >= 0.9, accuracy
+    assert accuracy["color"] >= 0.4, accuracy
+
+
 @pytest.mark.xfail(strict=False, reason=(
-    "the shipped weights are under-trained (about 1500 denoiser steps on a CPU shared by many "
-    "jobs): samples do not follow the prompt's colour yet; see docs/toy_world.md. Retrain with "
-    "python -m fastvader.toy.train_world and remove this mark when it passes"))
+    "colour follows the prompt in about 60% of samples, not all: blue on a light background still "
+    "comes out white (see docs/toy_world.md). Train the world further with "
+    "python -m fastvader.toy.train_world --init fastvader/toy/weights and remove this mark when it passes"))
 def test_samples_show_the_prompted_colour(shipped):
     prompts = ["a red square moving right on a gray background",
                "a green circle moving up on a dark background",
