@@ -232,3 +232,17 @@ def test_train_world_continues_a_world_and_saves_progress_along_the_way(tmp_path
     # one save at step 2 (the EMA so far), one at the end; the EMA went on moving in between
     assert len(saved_unets) == 2
     assert any(not torch.equal(saved_unets[0][k], saved_unets[1][k]) for k in saved_unets[0])
+
+
+def test_offset_noise_shifts_each_video_and_channel_by_one_shared_constant():
+    from fastvader.toy.train_world import training_noise
+
+    shape = (64, 4, 8, 8, 8)   # 512 values per (video, channel)
+    plain = training_noise(shape, 0.0, torch.Generator().manual_seed(0))
+    offset = training_noise(shape, 0.5, torch.Generator().manual_seed(0))
+    # the same underlying draw, plus a constant over frames and pixels
+    shift = offset - plain
+    assert torch.allclose(shift, shift[:, :, :1, :1, :1].expand_as(shift), atol=1e-6)
+    # per-(video, channel) means: about 1/sqrt(512) = 0.044 apart without offset, about 0.5 with it
+    assert float(plain.mean(dim=(2, 3, 4)).std()) < 0.08
+    assert 0.38 < float(offset.mean(dim=(2, 3, 4)).std()) < 0.62

@@ -222,6 +222,20 @@ def encode_pool(world: ToyWorld, settings: TrainSettings) -> tuple[list[str], to
     return prompts, torch.cat(means), torch.cat(stds)
 
 
+def training_noise(shape: torch.Size, offset: float, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise for latents (B, C, F, h, w), plus ``offset`` times one standard-normal
+    constant per video and channel (offset noise).
+
+    The schedule's last step still carries ~7% of the signal, so a model trained on zero-mean
+    noise learns to copy the mean colour from x_T, and at sampling time (where x_T has none)
+    every frame drifts to mid-gray. The shared shift teaches it to set frame-wide colour itself:
+    backgrounds, object colours."""
+    noise = torch.randn(shape, generator=generator)
+    if offset:
+        noise = noise + offset * torch.randn((*shape[:2], 1, 1, 1), generator=generator)
+    return noise
+
+
 def train_denoiser(world: ToyWorld, settings: TrainSettings, deadline: float = math.inf,
                    out: Path | None = None) -> dict:
     """Phase 2: text encoder + UNet on the encoded pool. Leaves the EMA weights in ``world``
@@ -252,14 +266,7 @@ def train_denoiser(world: ToyWorld, settings: TrainSettings, deadline: float = m
         batch_prompts = ["" if d else prompts[i] for i, d in zip(index.tolist(), drop.tolist())]
         mean, std = means[index], stds[index]
         latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
-        noise = torch.randn(latents.shape, generator=generator)
-        if settings.offset_noise:
-            # Offset noise: the schedule's last step still carries ~7% of the signal, so a model
-            # trained on zero-mean noise learns to copy the mean colour from x_T, and at sampling
-            # time (where x_T has none) every frame drifts to mid-gray. A shared per-channel shift
-            # teaches it to set the frame-wide colour itself: backgrounds, object colours.
-            shift = torch.randn((*latents.shape[:2], 1, 1, 1), generator=generator)
-            noise = noise + settings.offset_noise * shift
+        noise = training_noise(latents.shape, settings.offset_noise, generator)
         timesteps = torch.randint(noise_schedule.config.num_train_timesteps, (settings.batch_size,),
                                   generator=generator)
         noisy = noise_schedule.add_noise(latents, noise, timesteps)
