@@ -246,3 +246,50 @@ def test_offset_noise_shifts_each_video_and_channel_by_one_shared_constant():
     # per-(video, channel) means: about 1/sqrt(512) = 0.044 apart without offset, about 0.5 with it
     assert float(plain.mean(dim=(2, 3, 4)).std()) < 0.08
     assert 0.38 < float(offset.mean(dim=(2, 3, 4)).std()) < 0.62
+
+
+def test_high_noise_weight_is_the_v_loss_capped_and_normalised():
+    from diffusers import DDPMScheduler
+
+    from fastvader.toy.train_world import timestep_loss_weights
+
+    alphas = DDPMScheduler.from_config(ToyWorldConfig().scheduler).alphas_cumprod
+    assert torch.equal(timestep_loss_weights(alphas, 0.0), torch.ones_like(alphas))
+    weights = timestep_loss_weights(alphas, 20.0)
+    assert abs(float(weights.mean()) - 1.0) < 1e-5
+    inverse_snr = (1 - alphas) / alphas
+    raw = 1 + inverse_snr.clamp(max=20.0)
+    # proportional to 1 + 1/SNR below the cap, flat at the cap above it
+    ratio = weights / raw
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-5)
+    low, high = int((inverse_snr < 0.1).nonzero().max()), int((inverse_snr > 20).nonzero().min())
+    assert float(weights[high] / weights[low]) == pytest.approx(21.0 / (1 + float(inverse_snr[low])), rel=1e-4)
+    assert torch.all(weights[high:] == weights[high])
+
+
+def test_sentence_gate_puts_every_word_into_every_token_and_starts_closed(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    world = build_toy_world(ToyWorldConfig(), seed=0)
+    encoder = world.text_encoder
+    ids = world.tokenizer(["a red square moving left", "a red square moving up", ""])
+    with torch.no_grad():
+        ungated = encoder.norm(encoder.encoder(encoder.token(ids) + encoder.position))
+        assert torch.allclose(encoder(ids), ungated, atol=1e-6)  # a new gate is closed
+        encoder.sentence_gate.fill_(1.0)
+        gated = encoder(ids)
+    words = (ids[0] != 0).sum()
+    assert torch.allclose(gated[0], ungated[0] + ungated[0, :words].mean(dim=0), atol=1e-5)
+    assert torch.allclose(gated[2], ungated[2], atol=1e-6)  # the empty prompt has no words to pool
+    # "red" (position 1) now differs between the two prompts by far more than through attention alone
+    assert (gated[0, 1] - gated[1, 1]).abs().max() > 3 * (ungated[0, 1] - ungated[1, 1]).abs().max()
+
+    # a world saved before the gate existed loads with the gate closed
+    encoder.sentence_gate.data.zero_()
+    save_toy_world(world, tmp_path, dtype=None)
+    state = load_file(str(tmp_path / "text_encoder.safetensors"))
+    del state["sentence_gate"]
+    save_file(state, str(tmp_path / "text_encoder.safetensors"))
+    loaded = load_toy_world(tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(loaded.text_encoder(ids), ungated, atol=1e-6)

@@ -64,7 +64,15 @@ class WordTokenizer:
 
 
 class ToyTextEncoder(nn.Module):
-    """Token + position embeddings and a small transformer: (B, L) ids -> (B, L, D)."""
+    """Token + position embeddings and a small transformer: (B, L) ids -> (B, L, D).
+
+    Every output token also gets ``sentence_gate`` times the mean of the prompt's word tokens.
+    Cross-attention that has learned to ignore a word (its attention weight near zero) gets no
+    gradient to start looking at it: the world trained without the gate ignored "left / right /
+    up / down" completely. The pooled sentence puts every word into the tokens the UNet does
+    attend to. The gate starts at zero, so a world saved without it loads as exactly the same model."""
+
+    PAD = 0
 
     def __init__(self, vocab_size: int, max_length: int, dim: int, layers: int, heads: int):
         super().__init__()
@@ -73,9 +81,13 @@ class ToyTextEncoder(nn.Module):
         layer = nn.TransformerEncoderLayer(dim, heads, dim * 4, dropout=0.0, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
+        self.sentence_gate = nn.Parameter(torch.zeros(dim))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.encoder(self.token(ids) + self.position[:, : ids.shape[1]]))
+        tokens = self.norm(self.encoder(self.token(ids) + self.position[:, : ids.shape[1]]))
+        words = (ids != self.PAD).unsqueeze(-1).to(tokens.dtype)
+        sentence = (tokens * words).sum(dim=1, keepdim=True) / words.sum(dim=1, keepdim=True).clamp(min=1.0)
+        return tokens + self.sentence_gate * sentence
 
 
 @dataclass
@@ -137,5 +149,9 @@ def load_toy_world(path: str | Path | None = None) -> ToyWorld:
     config = ToyWorldConfig(**json.loads((path / "world.json").read_text()))
     world = build_toy_world(config)
     for name in ("text_encoder", "unet", "vae"):
-        getattr(world, name).load_state_dict(load_file(str(path / f"{name}.safetensors")), strict=True)
+        state = load_file(str(path / f"{name}.safetensors"))
+        if name == "text_encoder" and "sentence_gate" not in state:
+            # saved before the gate existed: a zero gate is that model exactly
+            state["sentence_gate"] = torch.zeros_like(world.text_encoder.sentence_gate)
+        getattr(world, name).load_state_dict(state, strict=True)
     return world
