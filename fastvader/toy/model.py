@@ -90,6 +90,42 @@ class ToyTextEncoder(nn.Module):
         return tokens + self.sentence_gate * sentence
 
 
+class FramePosition(nn.Module):
+    """A learned per-frame vector added to the input of a temporal transformer block's attention
+    (diffusers' ``BasicTransformerBlock.pos_embed`` hook): (B*h*w, F, C) -> same.
+
+    UNet3DConditionModel's temporal attention has no frame positions, and its temporal
+    convolutions tell frames apart only through their zero padding, so "moving left" and
+    "moving right" differ only in which frame comes first, something the model barely sees.
+    Zero-initialised: a world saved without it loads as exactly the same model."""
+
+    def __init__(self, frames: int, channels: int):
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(1, frames, channels))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        frames = hidden_states.shape[1]
+        if frames > self.table.shape[1]:
+            raise ValueError(f"this toy world's frame positions cover {self.table.shape[1]} frames "
+                             f"(ToyWorldConfig.frames); got a video of {frames}: set video.frames <= "
+                             f"{self.table.shape[1]}")
+        return hidden_states + self.table[:, :frames].to(hidden_states.dtype)
+
+
+def add_frame_positions(unet: nn.Module, frames: int) -> list[str]:
+    """Give every block of every temporal transformer in ``unet`` a ``FramePosition``; returns
+    the names of the blocks that got one."""
+    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+
+    named = []
+    for name, module in unet.named_modules():
+        if isinstance(module, TransformerTemporalModel):
+            for index, block in enumerate(module.transformer_blocks):
+                block.pos_embed = FramePosition(frames, block.norm1.normalized_shape[0])
+                named.append(f"{name}.transformer_blocks.{index}")
+    return named
+
+
 @dataclass
 class ToyWorld:
     config: ToyWorldConfig
@@ -109,6 +145,7 @@ def build_toy_world(config: ToyWorldConfig | None = None, seed: int = 0) -> ToyW
         text = ToyTextEncoder(len(config.vocab), config.max_length, config.text_dim,
                               config.text_layers, config.text_heads)
         unet = UNet3DConditionModel(**config.unet)
+        add_frame_positions(unet, config.frames)
         vae = AutoencoderKL(**config.vae)
     # Inference mode: UNet3DConditionModel's temporal convolutions carry dropout (p=0.1), which
     # would make sampling random. Training code switches modules to train() itself.
@@ -150,8 +187,10 @@ def load_toy_world(path: str | Path | None = None) -> ToyWorld:
     world = build_toy_world(config)
     for name in ("text_encoder", "unet", "vae"):
         state = load_file(str(path / f"{name}.safetensors"))
-        if name == "text_encoder" and "sentence_gate" not in state:
-            # saved before the gate existed: a zero gate is that model exactly
-            state["sentence_gate"] = torch.zeros_like(world.text_encoder.sentence_gate)
+        # Saved before the sentence gate and frame positions existed: both start at zero, which
+        # is that model exactly.
+        for key, value in getattr(world, name).state_dict().items():
+            if key.endswith(("sentence_gate", "pos_embed.table")) and key not in state:
+                state[key] = torch.zeros_like(value)
         getattr(world, name).load_state_dict(state, strict=True)
     return world

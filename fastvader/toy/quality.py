@@ -2,7 +2,9 @@
 
     python -m fastvader.toy.quality [--weights DIR] [--videos N] [--grid FILE.png]
 
-- VAE: mean squared reconstruction error of held-out synthetic frames (pixels in [0, 1]).
+- VAE: mean squared reconstruction error of held-out synthetic frames (pixels in [0, 1]), and
+  the share of held-out videos whose round trip through the VAE still shows each attribute
+  (the ceiling for any denoiser on its latents).
 - Samples (DDIM 25 steps, guidance 7.5): for N prompts spread over the scenes, the share whose
   pixels show the prompt's colour, background, motion direction and shape, as measured by
   fastvader.toy.world.describe_video (the same measures score the generator at 100%).
@@ -30,6 +32,23 @@ def vae_reconstruction_mse(world: ToyWorld, videos: int = 32, seed: int = 987_65
     return float(((reconstruction - clips) ** 2).mean())
 
 
+def attribute_accuracy(prompts: list[str], videos: torch.Tensor) -> dict[str, float]:
+    """Share of ``videos`` whose measured attributes match their prompts, per attribute."""
+    hits = {key: 0 for key in ATTRIBUTES}
+    for prompt, video in zip(prompts, videos):
+        named, seen = synthetic.parse_prompt(prompt), synthetic.describe_video(video)
+        for key in ATTRIBUTES:
+            hits[key] += int(named[key] == seen[key])
+    return {key: hits[key] / len(prompts) for key in ATTRIBUTES}
+
+
+@torch.no_grad()
+def vae_round_trip_accuracy(world: ToyWorld, videos: int = 48, seed: int = 987_654) -> dict[str, float]:
+    """attribute_accuracy of held-out videos after encoding and decoding them."""
+    prompts, clips = synthetic.sample_batch(videos, seed=seed, partial_prompt_prob=0.0)
+    return attribute_accuracy(prompts, decode_latents(world.vae, encode_latents(world.vae, clips)))
+
+
 def evaluation_prompts(count: int, seed: int = 0) -> list[str]:
     """``count`` full prompts, cycling through colours, directions and backgrounds so every
     value appears about equally often."""
@@ -44,12 +63,7 @@ def prompt_accuracy(world: ToyWorld, prompts: list[str], seed: int = 0, steps: i
     samples themselves."""
     videos = torch.cat([sample_videos(world, prompts[i:i + batch], seed=seed + i, steps=steps, guidance=guidance)
                         for i in range(0, len(prompts), batch)])
-    hits = {key: 0 for key in ATTRIBUTES}
-    for prompt, video in zip(prompts, videos):
-        named, seen = synthetic.parse_prompt(prompt), synthetic.describe_video(video)
-        for key in ATTRIBUTES:
-            hits[key] += int(named[key] == seen[key])
-    return {key: hits[key] / len(prompts) for key in ATTRIBUTES}, videos
+    return attribute_accuracy(prompts, videos), videos
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     world = load_toy_world(args.weights)
     start = time.time()
     mse = vae_reconstruction_mse(world)
+    round_trip = vae_round_trip_accuracy(world)
     prompts = evaluation_prompts(args.videos, args.seed)
     accuracy, videos = prompt_accuracy(world, prompts, args.seed, args.steps, args.guidance)
-    report = dict(vae_heldout_mse=round(mse, 5), videos=len(prompts), steps=args.steps,
+    report = dict(vae_heldout_mse=round(mse, 5), vae_round_trip=round_trip, videos=len(prompts), steps=args.steps,
                   guidance=args.guidance, accuracy=accuracy, seconds=round(time.time() - start, 1))
     print(json.dumps(report, indent=1))
     if args.grid:

@@ -2,19 +2,22 @@
 
     python -m fastvader.toy.train_world [--out DIR] [--minutes M] [--seed S]
 
-Two phases, both on the CPU in about 20 minutes on 2 cores:
+Three phases (the shipped weights took about 6 hours of 2-core CPU in five continued stages, see
+docs/toy_world.md):
 
 1. The VAE, on single frames in [-1, 1]: mean squared reconstruction error plus a small KL
    term, fresh synthetic videos every step. Its ``scaling_factor`` is then set to 1 / std of
    the posterior samples of held-out frames, so the denoiser sees latents of about unit std.
-2. The text encoder and the UNet3DConditionModel together, on scaled VAE latents of a fixed
+2. Optionally the decoder alone, on the frozen encoder's latents (same latent space).
+3. The text encoder and the UNet3DConditionModel together, on scaled VAE latents of a fixed
    pool of encoded videos (a fresh posterior sample each time a video is drawn), with the
-   standard epsilon-prediction DDPM loss under the noise schedule of ``ToyWorldConfig.scheduler``.
-   10% of prompts are replaced by the empty prompt so classifier-free guidance works. An
+   epsilon-prediction DDPM loss under the noise schedule of ``ToyWorldConfig.scheduler``, each
+   video weighted by 1 + min(1/SNR, 20) of its timestep (``timestep_loss_weights``), and offset
+   noise. 10% of prompts are replaced by the empty prompt so classifier-free guidance works. An
    exponential moving average of both models is what gets saved.
 
-Everything is seeded; ``--minutes`` caps the wall time (the phases get 1/5 and 4/5 of it and
-stop early when their share runs out), so a capped run is reproducible only given its step
+Everything is seeded; ``--minutes`` caps the wall time (shared between the phases that run, see
+PHASE_SHARES; each stops early when its share runs out), so a capped run is reproducible only given its step
 counts, which ``training.json`` records next to the weights.
 """
 from __future__ import annotations
@@ -43,7 +46,7 @@ class TrainSettings:
     vae_videos_per_step: int = 8       # 4 random frames of each: 32 frames a step
     vae_frames_per_video: int = 4
     vae_lr: float = 1.5e-3
-    vae_kl_weight: float = 1e-4        # per latent element, against per-pixel MSE
+    vae_kl_weight: float = 2e-5        # per latent element, against per-pixel MSE (1e-4 blurred shapes away)
     decoder_steps: int = 0             # decoder-only fine-tuning on the frozen encoder's latents
     decoder_lr: float = 1e-3
     pool_videos: int = 2048            # encoded once for the denoiser phase
@@ -52,7 +55,12 @@ class TrainSettings:
     denoiser_lr: float = 8e-4
     prompt_dropout: float = 0.1
     offset_noise: float = 0.1          # std of a per-video, per-channel constant added to the noise
-    high_noise_weight: float = 0.0     # cap of the 1/SNR term in the loss weight (0: plain epsilon loss)
+    high_noise_weight: float = 20.0    # cap of the 1/SNR term in the loss weight (0: plain epsilon loss)
+    frame_position_init: float = 0.0   # std of random values added to the frame positions
+    sentence_gate_init: float = 0.0    # std of random values added to the text encoder's sentence gate
+    contrast_weight: float = 0.0       # weight of the wrong-word hinge (0: off), see contrast_loss
+    contrast_margin: float = 0.2       # how much worse (relative) a wrong word must explain the video
+    contrast_min_timestep: int = 300   # the hinge applies where the noisy video does not show it all
     ema_decay: float = 0.995
     warmup_steps: int = 50
     weight_decay: float = 0.01
@@ -253,6 +261,72 @@ def timestep_loss_weights(alphas_cumprod: torch.Tensor, cap: float) -> torch.Ten
     return weights / weights.mean()
 
 
+def open_frame_positions(unet: torch.nn.Module, std: float, generator: torch.Generator) -> int:
+    """Add normal(0, std) values to every ``FramePosition`` table of ``unet``; returns how many.
+
+    Positions that start at (or near) zero sit on a saddle: a direction word can only matter
+    through frame positions, and positions only get a gradient once a word makes them matter, so
+    both stay put (measured: 1,100 steps from zero left the tables below 0.01 and the direction
+    words without any effect). Small random positions (and an opened sentence gate, the text side
+    of the same saddle) move the model off it; on the 2-core CPU that was not yet enough for the
+    direction words to take effect (docs/toy_world.md)."""
+    from .model import FramePosition
+
+    opened = 0
+    for module in unet.modules():
+        if isinstance(module, FramePosition):
+            with torch.no_grad():
+                module.table.add_(std * torch.randn(module.table.shape, generator=generator))
+            opened += 1
+    return opened
+
+
+ATTRIBUTE_WORDS = (tuple(synthetic.COLORS), tuple(synthetic.SHAPES), tuple(synthetic.DIRECTIONS),
+                   tuple(synthetic.BACKGROUNDS))
+
+
+def swap_one_attribute(prompt: str, generator: torch.Generator) -> str | None:
+    """``prompt`` with one of the attributes it names (picked at random) replaced by another value
+    of the same attribute: "a red square moving left" -> "a red square moving up". None when the
+    prompt names none (the empty prompt)."""
+    words = prompt.split()
+    slots = [(i, options) for i, word in enumerate(words) for options in ATTRIBUTE_WORDS if word in options]
+    if not slots:
+        return None
+    i, options = slots[int(torch.randint(len(slots), (1,), generator=generator))]
+    others = [option for option in options if option != words[i]]
+    words[i] = others[int(torch.randint(len(others), (1,), generator=generator))]
+    return " ".join(words)
+
+
+def contrast_loss(right: torch.Tensor, wrong: torch.Tensor, margin: float) -> torch.Tensor:
+    """Hinge on how much worse the prompt with a wrong word explains the same noisy video:
+    mean of relu(margin - (wrong - right) / right), per-video errors ``right`` and ``wrong``.
+
+    The plain loss rewards using a word only as much as the word tells about the noisy video, and
+    the stage-4 world's loss did not change at all when the direction word was swapped. The hinge
+    asks for the difference directly and is zero once a word makes it. Used for 300 steps of
+    stage 5 (docs/toy_world.md): it widened the colour gap, not the direction one."""
+    gap = (wrong - right) / right.detach().clamp(min=1e-8)
+    return F.relu(margin - gap).mean()
+
+
+def _wrong_word_hinge(world: ToyWorld, settings: TrainSettings, prompts: list[str], noisy: torch.Tensor,
+                      noise: torch.Tensor, timesteps: torch.Tensor, right: torch.Tensor,
+                      generator: torch.Generator) -> torch.Tensor:
+    """contrast_loss over the batch's videos at timesteps >= contrast_min_timestep, each against
+    its prompt with one attribute swapped (zero when none qualifies)."""
+    swapped = [swap_one_attribute(p, generator) for p in prompts]
+    chosen = [i for i, (p, t) in enumerate(zip(swapped, timesteps.tolist()))
+              if p is not None and t >= settings.contrast_min_timestep]
+    if not chosen:
+        return right.new_zeros(())
+    text = world.text_encoder(world.tokenizer([swapped[i] for i in chosen]))
+    wrong = world.unet(noisy[chosen], timesteps[chosen], encoder_hidden_states=text, return_dict=False)[0]
+    wrong_per_video = ((wrong - noise[chosen]) ** 2).flatten(1).mean(dim=1)
+    return contrast_loss(right[chosen], wrong_per_video, settings.contrast_margin)
+
+
 def train_denoiser(world: ToyWorld, settings: TrainSettings, deadline: float = math.inf,
                    out: Path | None = None) -> dict:
     """Phase 2: text encoder + UNet on the encoded pool. Leaves the EMA weights in ``world``
@@ -261,6 +335,15 @@ def train_denoiser(world: ToyWorld, settings: TrainSettings, deadline: float = m
     from diffusers import DDPMScheduler
 
     prompts, means, stds = encode_pool(world, settings)
+    if settings.frame_position_init:
+        filled = open_frame_positions(world.unet, settings.frame_position_init,
+                                      torch.Generator().manual_seed(settings.seed * 1000 + 4))
+        print(f"[denoiser] opened {filled} frame-position tables (std {settings.frame_position_init})", flush=True)
+    if settings.sentence_gate_init:
+        with torch.no_grad():  # the text side of the same saddle (see ToyTextEncoder)
+            gate = world.text_encoder.sentence_gate
+            gate.add_(settings.sentence_gate_init * torch.randn(
+                gate.shape, generator=torch.Generator().manual_seed(settings.seed * 1000 + 5)))
     noise_schedule = DDPMScheduler.from_config(world.config.scheduler)
     scaling = world.vae.config.scaling_factor
     loss_weights = timestep_loss_weights(noise_schedule.alphas_cumprod, settings.high_noise_weight)
@@ -292,6 +375,9 @@ def train_denoiser(world: ToyWorld, settings: TrainSettings, deadline: float = m
         prediction = world.unet(noisy, timesteps, encoder_hidden_states=text, return_dict=False)[0]
         per_video = ((prediction - noise) ** 2).flatten(1).mean(dim=1)
         loss = (loss_weights[timesteps] * per_video).mean()
+        if settings.contrast_weight:
+            loss = loss + settings.contrast_weight * _wrong_word_hinge(
+                world, settings, batch_prompts, noisy, noise, timesteps, per_video, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(models.parameters(), settings.grad_clip)
@@ -361,6 +447,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--high-noise-weight", type=float, default=defaults.high_noise_weight,
                         help="weight the epsilon loss by 1 + min(1/SNR, this), normalised to mean 1 "
                              "(0: unweighted; default: %(default)s)")
+    parser.add_argument("--frame-position-init", type=float, default=defaults.frame_position_init,
+                        help="add normal(0, this) to the frame positions before training "
+                             "(0: leave them; default: %(default)s)")
+    parser.add_argument("--sentence-gate-init", type=float, default=defaults.sentence_gate_init,
+                        help="add normal(0, this) to the text encoder's sentence gate before training "
+                             "(0: leave it; default: %(default)s)")
+    parser.add_argument("--contrast-weight", type=float, default=defaults.contrast_weight,
+                        help="weight of the hinge asking a prompt with one wrong word to explain the video "
+                             "worse by --contrast-margin (0: off; default: %(default)s)")
+    parser.add_argument("--contrast-margin", type=float, default=defaults.contrast_margin, help="(default: %(default)s)")
     parser.add_argument("--vae-lr", type=float, default=defaults.vae_lr, help="(default: %(default)s)")
     parser.add_argument("--vae-kl-weight", type=float, default=defaults.vae_kl_weight,
                         help="KL weight per latent element against per-pixel MSE (default: %(default)s)")
@@ -378,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--vae-steps 0 needs --init DIR (a world whose VAE to keep)")
     if args.minutes is not None and args.minutes <= 0:
         parser.error(f"--minutes must be > 0; got {args.minutes}")
+    for name in ("frame_position_init", "sentence_gate_init", "contrast_weight", "contrast_margin"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0; got {getattr(args, name)}")
     if args.high_noise_weight < 0 or args.vae_kl_weight < 0 or args.vae_lr <= 0:
         parser.error(f"--high-noise-weight and --vae-kl-weight must be >= 0 and --vae-lr > 0; got "
                      f"{args.high_noise_weight}, {args.vae_kl_weight} and {args.vae_lr}")
@@ -390,7 +489,9 @@ def main(argv: list[str] | None = None) -> int:
                              pool_videos=args.pool_videos, minutes=args.minutes,
                              offset_noise=args.offset_noise, denoiser_lr=args.lr,
                              high_noise_weight=args.high_noise_weight, vae_lr=args.vae_lr,
-                             vae_kl_weight=args.vae_kl_weight, save_every=args.save_every)
+                             vae_kl_weight=args.vae_kl_weight, frame_position_init=args.frame_position_init,
+                             sentence_gate_init=args.sentence_gate_init, contrast_weight=args.contrast_weight,
+                             contrast_margin=args.contrast_margin, save_every=args.save_every)
     train_world(settings, args.out, args.init)
     return 0
 
