@@ -400,3 +400,19 @@ def test_contrast_loss_is_a_relative_hinge_that_pushes_the_wrong_prompt_away():
     loss.backward()
     assert wrong.grad[0] == 0 and wrong.grad[1] < 0 and wrong.grad[2] < 0  # lowering the loss raises them
     assert right.grad[0] == 0 and right.grad[1] > 0 and right.grad[2] > 0
+
+
+@pytest.mark.parametrize("flag, value, rule", [
+    ("--lr", "0", "> 0"), ("--vae-lr", "-1e-3", "> 0"), ("--offset-noise", "-0.1", ">= 0"),
+    ("--high-noise-weight", "-1", ">= 0"), ("--vae-kl-weight", "-1e-5", ">= 0"),
+    ("--frame-position-init", "-0.1", ">= 0"), ("--sentence-gate-init", "-0.5", ">= 0"),
+    ("--contrast-weight", "-0.01", ">= 0"), ("--contrast-margin", "-0.2", ">= 0"),
+])
+def test_train_world_cli_names_the_bad_flag_and_the_rule(flag, value, rule, capsys, tmp_path):
+    from fastvader.toy.train_world import main
+
+    # no steps and a scratch --out: should the check go missing, this fails fast and harms nothing
+    with pytest.raises(SystemExit):
+        main(["--init", str(WEIGHTS_DIR), "--out", str(tmp_path), "--vae-steps", "0",
+              "--denoiser-steps", "0", f"{flag}={value}"])
+    assert f"{flag} must be {rule}; got {float(value)}" in capsys.readouterr().err

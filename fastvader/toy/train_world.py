@@ -474,14 +474,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--vae-steps 0 needs --init DIR (a world whose VAE to keep)")
     if args.minutes is not None and args.minutes <= 0:
         parser.error(f"--minutes must be > 0; got {args.minutes}")
-    for name in ("frame_position_init", "sentence_gate_init", "contrast_weight", "contrast_margin"):
+    for name in ("offset_noise", "high_noise_weight", "vae_kl_weight", "frame_position_init",
+                 "sentence_gate_init", "contrast_weight", "contrast_margin"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0; got {getattr(args, name)}")
-    if args.high_noise_weight < 0 or args.vae_kl_weight < 0 or args.vae_lr <= 0:
-        parser.error(f"--high-noise-weight and --vae-kl-weight must be >= 0 and --vae-lr > 0; got "
-                     f"{args.high_noise_weight}, {args.vae_kl_weight} and {args.vae_lr}")
-    if args.offset_noise < 0 or args.lr <= 0:
-        parser.error(f"--offset-noise must be >= 0 and --lr > 0; got {args.offset_noise} and {args.lr}")
+    for name in ("lr", "vae_lr"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0; got {getattr(args, name)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = TrainSettings(seed=args.seed, vae_steps=args.vae_steps, decoder_steps=args.decoder_steps,
