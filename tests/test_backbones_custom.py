@@ -142,7 +142,10 @@ def test_vc2_tiny_strict_round_trip_through_safetensors_and_ckpt(tmp_path):
             assert torch.equal(got_state[k], v), k
         if path == saved:  # same tensors -> same function; checked once, it is the slow part
             with torch.no_grad():
-                assert torch.equal(loaded.denoise(latents, torch.tensor(700), context), want)
+                # two separately built models with equal weights agree to rounding, not bits: CPU
+                # kernels may pick other SIMD paths for other allocations
+                torch.testing.assert_close(loaded.denoise(latents, torch.tensor(700), context), want,
+                                           rtol=1e-5, atol=1e-6)
     assert want.abs().mean() > 0  # the comparison above is not between zeros
 
 
@@ -478,7 +481,11 @@ def test_opensora_tiny_strict_round_trip_and_errors(tmp_path):
         assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
     x, y = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 8, 32)
     with torch.no_grad():
-        assert torch.equal(model.denoise(x, torch.tensor(500.0), y), loaded.denoise(x, torch.tensor(500.0), y))
+        want = model.denoise(x, torch.tensor(500.0), y)
+        # equal weights give equal outputs to rounding (not bits: CPU kernels may take other SIMD
+        # paths for other allocations); a wrong weight moves them far beyond this tolerance
+        torch.testing.assert_close(loaded.denoise(x, torch.tensor(500.0), y), want, rtol=1e-5, atol=1e-6)
+        assert want.abs().mean() > 0
 
     # rope.freqs is deterministic and may be absent from a transformers-format export: recomputed
     stdit_state = {k: v for k, v in model.denoiser.state_dict().items() if k != "rope.freqs"}
