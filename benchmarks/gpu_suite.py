@@ -168,7 +168,7 @@ class GradStepTimer:
 
 def run_once(cfg, path: str, base_backbone, base_reward, lora_state: dict | None, dry: bool) -> dict[str, Any]:
     """Build a Trainer around copies of the prebuilt models, warm up one step, measure one."""
-    from fastvader import train_loop
+    from fastvader.training import trainer as train_loop
     from fastvader.lora import lora_state_dict
 
     device = torch.device("cpu" if dry else "cuda")

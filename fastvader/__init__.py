@@ -4,19 +4,19 @@ Public API::
 
     from fastvader import TrainConfig, load_config, train, apply, revert
 """
-from ._compat import hide_repo_kernels_package
+from fastvader._compat import hide_repo_kernels_package
 
 hide_repo_kernels_package()  # before anything imports transformers or diffusers
 
-from .config import ConfigError  # noqa: E402, TrainConfig, load_config
-from .patching import apply, revert  # noqa: E402
+from fastvader.config import ConfigError, TrainConfig, load_config  # noqa: E402
+from fastvader.patching import apply, revert  # noqa: E402
 
 __version__ = "0.1.0"
 
 
-def train(config: "TrainConfig", **kwargs):
-    """Run the training loop; see :func:`fastvader.train_loop.train`."""
-    from .train_loop import train as _train
+def train(config: TrainConfig, **kwargs):
+    """Run the training loop; see :func:`fastvader.training.trainer.train`."""
+    from fastvader.training.trainer import train as _train
 
     return _train(config, **kwargs)
 

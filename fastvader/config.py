@@ -475,8 +475,8 @@ def resolve_path(cfg: TrainConfig, path: str) -> Path:
 
 
 def validate(cfg: TrainConfig) -> None:
-    from .backbones import available_backbones, backbone_class
-    from .rewards import available_rewards, expand_terms
+    from fastvader.backbones import available_backbones, backbone_class
+    from fastvader.rewards import available_rewards, expand_terms
 
     v = cfg.video
     for name in ("frames", "height", "width", "fps"):
@@ -592,8 +592,8 @@ def validate(cfg: TrainConfig) -> None:
 
 def _validate_trust(cfg: TrainConfig) -> None:
     """The guards, safeguards and logging sections (docs/trust.md)."""
-    from .guards import check_precision_for_family
-    from .rewards import available_rewards, expand_terms
+    from fastvader.monitoring.guards import check_precision_for_family
+    from fastvader.rewards import available_rewards, expand_terms
 
     g = cfg.guards
     _positive("guards.max_bad_steps", g.max_bad_steps)

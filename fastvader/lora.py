@@ -60,7 +60,7 @@ def save_lora(denoiser: nn.Module, path: str | Path, metadata: dict[str, str]) -
     atomically."""
     from safetensors.torch import save_file
 
-    from .checkpoint import atomic_path
+    from fastvader.io.checkpoint import atomic_path
 
     state = {DIFFUSERS_PREFIX + k: v for k, v in lora_state_dict(denoiser).items()}
     path = Path(path)

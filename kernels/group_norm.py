@@ -18,7 +18,7 @@ norms, without a copy; anything else is made contiguous first.
 File layout, like every kernel file: the ``@triton.jit`` kernels, the launchers (checks and
 block sizes), a ``torch.autograd.Function``, the plain-PyTorch reference (the float64 test
 oracle and the CPU path), the public functional entry, and the ``FusedGroupNormAct`` module.
-The diffusers drop-in lives in ``fastvader/patches_group_norm.py``.
+The diffusers drop-in lives in ``fastvader/patching/group_norm.py``.
 """
 from __future__ import annotations
 

@@ -16,9 +16,9 @@ shapes, dtypes and strides and picks block sizes, a ``torch.autograd.Function``,
 reference (the test oracle and the CPU path) and the public entry :func:`temporal_attention`,
 which picks the implementation with :func:`fastvader.kernels._backend.active_backend`.
 
-The diffusers attention processor that routes video models through this op lives in
-:mod:`fastvader.patches_temporal_attention` (it needs diffusers; this module does not); the
-patch is registered at the bottom of this file.
+The diffusers attention processor that routes video models through this op, and its
+``fastvader.apply`` patch, live in :mod:`fastvader.patching.temporal_attention` (they need
+diffusers; this module does not).
 """
 from __future__ import annotations
 
@@ -592,33 +592,6 @@ def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
         raise ValueError(f"temporal_attention ({backend} path): {why_not}; "
                          "use temporal_attention_reference for such inputs")
     return TemporalAttentionFunction.apply(q, k, v, bias, heads, scale)
-
-
-# ----------------------------------------------------------------------------------------------
-# fastvader.apply / revert registration
-# ----------------------------------------------------------------------------------------------
-def _apply_patch(model):
-    # diffusers is only needed to patch a model; keep it out of this module's imports.
-    from fastvader.patches_temporal_attention import patch_temporal_attention
-
-    return patch_temporal_attention(model)
-
-
-def _patch_backend() -> str:
-    return active_backend(None)
-
-
-def _register() -> None:
-    from fastvader.patching import PATCHES, Patch, register_patch
-
-    if "temporal_attention" not in PATCHES:
-        register_patch(Patch(
-            "temporal_attention", _apply_patch, _patch_backend,
-            "temporal self-attention of TransformerTemporalModel / AnimateDiffTransformer3D "
-            "through fastvader.kernels.temporal_attention"))
-
-
-_register()
 
 
 class _CallableModule(types.ModuleType):

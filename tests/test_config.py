@@ -78,7 +78,7 @@ def test_prompt_file_resolves_relative_to_the_config(tmp_path):
     (tmp_path / "prompts.txt").write_text("a red square moving left\n")
     (tmp_path / "c.yaml").write_text("prompts:\n  file: prompts.txt\n")
     cfg = load_config(tmp_path / "c.yaml")
-    from fastvader.prompts import PromptSource
+    from fastvader.training.prompts import PromptSource
 
     assert PromptSource.from_config(cfg.prompts, cfg._base_dir).prompts == ["a red square moving left"]
 
@@ -91,7 +91,7 @@ def test_missing_config_file_and_bad_override_syntax(tmp_path):
 
 
 def test_template_prompts_expand_every_combination():
-    from fastvader.prompts import expand_template
+    from fastvader.training.prompts import expand_template
 
     prompts = expand_template("a <color> <shape>", {"color": ["red", "blue"], "shape": ["square", "circle"]})
     assert prompts == ["a red square", "a red circle", "a blue square", "a blue circle"]

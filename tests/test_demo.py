@@ -3,7 +3,7 @@ clearly higher validation reward after a short run (fixed seed, shortened schedu
 from pathlib import Path
 
 from fastvader.config import load_config
-from fastvader.train_loop import train
+from fastvader.training.trainer import train
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import importlib
-from .base import Backbone, PromptEmbeddings
+from fastvader.backbones.base import Backbone, PromptEmbeddings
 
 # name -> "module:Class". The class implements Backbone and ``from_config(BackboneConfig)``.
 _REGISTRY: dict[str, str] = {

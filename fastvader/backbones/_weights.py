@@ -19,6 +19,8 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from fastvader import precision
+
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -206,12 +208,7 @@ def materialize_meta_tensors(module: torch.nn.Module) -> list[str]:
 
 def resolve_dtype(name: str) -> torch.dtype:
     """BackboneConfig.dtype -> torch dtype. ``auto``: bf16 where CUDA is present, else fp32."""
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    if name not in table:
-        raise ValueError(f"backbone.dtype={name!r} is invalid: choose auto, fp32, bf16 or fp16")
-    return table[name]
+    return precision.resolve_dtype(name, "backbone.dtype")
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -23,9 +23,9 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 import torch.nn as nn
 
-from .base import Backbone, PromptEmbeddings
+from fastvader.backbones._weights import resolve_dtype
+from fastvader.backbones.base import Backbone, PromptEmbeddings
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: the SD AutoencoderKL at a tiny size, shared by the per-frame-VAE families' tiny options
 TINY_SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4,
@@ -46,15 +46,6 @@ class CheckpointMismatchError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # dtypes and config folders
 # ---------------------------------------------------------------------------------------------
-def resolve_dtype(spec: str) -> torch.dtype:
-    """BackboneConfig.dtype -> torch dtype. auto = bf16 when a GPU is present, else fp32."""
-    if spec == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    if spec not in _DTYPES:
-        raise ValueError(f"backbone.dtype={spec!r} is not supported; choose auto, fp32, bf16 or fp16")
-    return _DTYPES[spec]
-
-
 def shared_model_configs() -> Path | None:
     """The shared ``model-configs`` folder: $FASTVADER_MODEL_CONFIGS, then ``../shared`` next to
     the repository, then /work/shared. None when none exists."""
@@ -358,7 +349,7 @@ class DiffusersBackbone(Backbone):
         """Name, defaults and parameter counts per component of the real configuration, built on
         the meta device (nothing is allocated). ``params`` is None when the configs are absent."""
         quiet_diffusers_config_warnings()
-        from . import _REGISTRY
+        from fastvader.backbones import _REGISTRY
 
         name = next((k for k, v in _REGISTRY.items() if v.endswith(":" + cls.__name__)), cls.family)
         info: dict[str, Any] = dict(name=name, family=cls.family, hub_id=cls.hub_id,
@@ -438,7 +429,7 @@ class DiffusersBackbone(Backbone):
         if name not in self.samplers:
             raise ValueError(f"sampler.name={name!r} does not fit {self.family} ({self.prediction_type} "
                              f"prediction); use one of {list(self.samplers)}")
-        from fastvader.sampling import make_scheduler
+        from fastvader.training.sampling import make_scheduler
 
         return make_scheduler(name, self.scheduler_config)
 

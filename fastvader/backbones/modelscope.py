@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .diffusers_common import (BYTE_TOKENIZER_VOCAB, TINY_SD_VAE, PerFrameVaeBackbone, byte_level_clip_tokenizer,
+from fastvader.backbones.diffusers_common import (BYTE_TOKENIZER_VOCAB, TINY_SD_VAE, PerFrameVaeBackbone, byte_level_clip_tokenizer,
                                find_config_file, load_pretrained, load_scheduler_config, load_tokenizer,
                                read_json)
 

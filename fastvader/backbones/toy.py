@@ -5,7 +5,7 @@ from typing import Sequence
 
 import torch
 
-from .base import Backbone, PromptEmbeddings
+from fastvader.backbones.base import Backbone, PromptEmbeddings
 
 
 class ToyBackbone(Backbone):
@@ -59,6 +59,6 @@ class ToyBackbone(Backbone):
                              return_dict=False)[0]
 
     def make_scheduler(self, name: str):
-        from fastvader.sampling import make_scheduler
+        from fastvader.training.sampling import make_scheduler
 
         return make_scheduler(name, self.world.scheduler)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .diffusers_common import (BYTE_TOKENIZER_VOCAB, DiffusersBackbone,
+from fastvader.backbones.diffusers_common import (BYTE_TOKENIZER_VOCAB, DiffusersBackbone,
                                byte_level_clip_tokenizer, find_config_file, load_pretrained,
                                load_scheduler_config, load_tokenizer, read_json)
 

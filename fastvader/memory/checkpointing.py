@@ -33,7 +33,7 @@ def _wrap(module: nn.Module) -> Callable[[], None]:
         import torch
 
         if torch.is_grad_enabled():
-            forward.checkpoint_hits += 1  # read by the startup self-check (fastvader.selfcheck)
+            forward.checkpoint_hits += 1  # read by the startup self-check (fastvader.monitoring.selfcheck)
             return checkpoint(original, *args, use_reentrant=False, **kwargs)
         return original(*args, **kwargs)
 

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.nn as nn
 
-from ..selfcheck import record_engagement
+from fastvader.monitoring.selfcheck import record_engagement
 
 #: tensors smaller than this stay where they are: a copy costs more than it frees
 MIN_OFFLOAD_BYTES = 1 << 16
@@ -93,7 +93,7 @@ def grad_step_wrapper(checkpointing: str, offload: bool,
     """The sampler's wrapper for gradient-carrying denoiser calls: per-step checkpointing when
     ``checkpointing == "step"``, activation offload when ``offload``; both nest (offload then
     parks only the step's input latent). None when neither applies."""
-    from .checkpointing import step_checkpoint
+    from fastvader.memory.checkpointing import step_checkpoint
 
     if checkpointing != "step" and not offload:
         return None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import OptimConfig
+from fastvader.config import OptimConfig
 
 
 def build_optimizer(cfg: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

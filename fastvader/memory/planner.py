@@ -36,8 +36,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from ..config import TrainConfig, parse_bytes, parse_frame_spec, parse_truncation
-from .accounting import gpu_like_attention, record_saved
+from fastvader.config import TrainConfig, parse_bytes, parse_frame_spec, parse_truncation
+from fastvader.memory.accounting import gpu_like_attention, record_saved
 
 GiB = 2 ** 30
 POLICIES = ("none", "block", "sub_block", "step")
@@ -107,14 +107,14 @@ class Measurements:
 def activation_dtype(cfg: TrainConfig, device_type: str = "cuda") -> torch.dtype:
     """What activations are stored in on the target: the autocast dtype when it is half, else
     the weights' dtype."""
-    from ..train_loop import _DTYPES
+    from fastvader.precision import DTYPES
 
     amp = cfg.train.precision
     if amp == "auto":
         amp = "bf16" if device_type == "cuda" else "fp32"
     if amp in ("bf16", "fp16"):
-        return _DTYPES[amp]
-    return _DTYPES[weight_dtype_name(cfg, device_type)]
+        return DTYPES[amp]
+    return DTYPES[weight_dtype_name(cfg, device_type)]
 
 
 def weight_dtype_name(cfg: TrainConfig, device_type: str = "cuda") -> str:
@@ -125,7 +125,7 @@ def weight_dtype_name(cfg: TrainConfig, device_type: str = "cuda") -> str:
 
 
 def _geometry_key(cfg: TrainConfig, dtype: torch.dtype) -> dict:
-    from .decode import decode_frames
+    from fastvader.memory.decode import decode_frames
 
     return {"backbone": dataclasses.asdict(cfg.backbone), "video": [cfg.video.frames, cfg.video.height, cfg.video.width],
             "batch": cfg.train.batch_size, "guidance": cfg.sampler.guidance_scale > 1.0,
@@ -180,9 +180,9 @@ def _meta_stays_put() -> Iterator[None]:
 def build_on_meta(cfg: TrainConfig, dtype: torch.dtype):
     """The configured backbone architecture (random init, no weights) and reward on the meta
     device, LoRA injected: (backbone, reward, lora_params)."""
-    from ..backbones import build_backbone
-    from ..lora import add_lora
-    from ..rewards import build_reward
+    from fastvader.backbones import build_backbone
+    from fastvader.lora import add_lora
+    from fastvader.rewards import build_reward
 
     bcfg = dataclasses.replace(cfg.backbone, random_init=True, pretrained=None)
     with torch.device("meta"), _quiet(), _meta_stays_put():
@@ -198,7 +198,7 @@ def build_on_meta(cfg: TrainConfig, dtype: torch.dtype):
 
 
 def _meta_embeddings(backbone, batch: int, dtype):
-    from ..backbones import PromptEmbeddings
+    from fastvader.backbones import PromptEmbeddings
 
     try:
         emb = backbone.encode_prompts(["a prompt"] * batch)
@@ -242,9 +242,9 @@ def measure(cfg: TrainConfig, *, use_cache: bool = True, device_type: str | None
 
 
 def _measure(cfg: TrainConfig, dtype: torch.dtype) -> Measurements:
-    from ..sampling import classifier_free_guidance
-    from .checkpointing import checkpoint_units, enable_checkpointing
-    from .offload import grad_step_wrapper
+    from fastvader.training.sampling import classifier_free_guidance
+    from fastvader.memory.checkpointing import checkpoint_units, enable_checkpointing
+    from fastvader.memory.offload import grad_step_wrapper
 
     backbone, reward, lora = build_on_meta(cfg, dtype)
     batch = cfg.train.batch_size
@@ -521,7 +521,7 @@ def apply_setting(cfg: TrainConfig, s: Setting) -> TrainConfig:
 def apply_best_plan(cfg: TrainConfig, verbose: bool = True) -> TrainConfig:
     """The config with the fastest setting that fits ``memory.gpu_memory`` (unchanged when the
     config already is that setting). Raises ConfigError when nothing fits."""
-    from ..config import ConfigError
+    from fastvader.config import ConfigError
 
     plan = make_plan(cfg, cfg.memory.gpu_memory)
     if plan.best is None:

@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbones import register_backbone
-from ..backbones.base import Backbone, PromptEmbeddings
-from ..rewards.base import REWARDS, Reward, register_reward
+from fastvader.backbones import register_backbone
+from fastvader.backbones.base import Backbone, PromptEmbeddings
+from fastvader.rewards.base import REWARDS, Reward, register_reward
 
 MODELSCOPE_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                             beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
@@ -100,7 +100,7 @@ class ModelScopeArch(Backbone):
         return out.to(latents.dtype)
 
     def make_scheduler(self, name: str):
-        from ..sampling import make_scheduler
+        from fastvader.training.sampling import make_scheduler
 
         return make_scheduler(name, MODELSCOPE_SCHEDULER)
 

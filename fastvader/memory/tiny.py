@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import TrainConfig
+from fastvader.config import TrainConfig
 
 
 def tiny_toy_config(output_dir: str | Path, **sections: dict) -> TrainConfig:

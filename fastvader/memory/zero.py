@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..config import TrainConfig
+from fastvader.config import TrainConfig
 
 
 def deepspeed_config(cfg: TrainConfig, amp_dtype: torch.dtype, world_size: int = 1) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import REWARDS, Reward, WeightedSum, build_reward_from_spec, register_reward
+from fastvader.rewards.base import REWARDS, Reward, WeightedSum, build_reward_from_spec, register_reward
 
 # Modules whose import registers rewards. Real-model rewards import transformers lazily inside
 # their constructors, so listing them here stays cheap.

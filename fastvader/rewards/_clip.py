@@ -17,10 +17,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._hf import (PretrainedReward, RewardWeightsError, from_pretrained, processor_config, read_config,
+from fastvader.rewards._hf import (PretrainedReward, RewardWeightsError, from_pretrained, processor_config, read_config,
                   strip_private, transformers_module)
-from ._text import eos_positions, load_tokenizer
-from .preprocess import CLIP_TRANSFORM, ImageTransform, frames_to_images, write_processor_config
+from fastvader.rewards._text import eos_positions, load_tokenizer
+from fastvader.rewards.preprocess import CLIP_TRANSFORM, ImageTransform, frames_to_images, write_processor_config
 
 # open_clip/src/open_clip/model_configs (EXACT copies in ../shared/model-configs/open_clip)
 OPENCLIP_VIT_L_14 = {

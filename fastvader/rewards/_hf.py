@@ -16,7 +16,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .base import Reward
+from fastvader import precision
+
+from fastvader.rewards.base import Reward
 
 
 class RewardWeightsError(FileNotFoundError):
@@ -36,23 +38,10 @@ def transformers_module():
 # ---------------------------------------------------------------------------------------------
 # dtypes
 # ---------------------------------------------------------------------------------------------
-_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-}
-
-
 def resolve_dtype(dtype: str | torch.dtype, reward: str) -> torch.dtype:
     """``auto``: bf16 when a GPU is present (frozen reward models run in half precision there),
     fp32 on CPU (CPU half-precision matmuls are slow and inexact)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"reward.options.{reward}.dtype={dtype!r} is not a dtype; use auto, fp32, bf16 or fp16")
-    return _DTYPES[dtype]
+    return precision.resolve_dtype(dtype, f"reward.options.{reward}.dtype")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +300,7 @@ class PretrainedReward(Reward):
 def processor_config(source: str | os.PathLike | None) -> dict | None:
     """The checkpoint's ``preprocessor_config.json`` (local folder, or fetched for a hub id);
     None when there is none, so the reference processor's defaults apply."""
-    from .preprocess import read_processor_config
+    from fastvader.rewards.preprocess import read_processor_config
 
     if source is None:
         return None

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from ._hf import RewardWeightsError, is_local, transformers_module
+from fastvader.rewards._hf import RewardWeightsError, is_local, transformers_module
 
 BYTE_TOKENIZER_FILE = "fastvader_tokenizer.json"
 HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")

@@ -15,10 +15,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ._hf import (PretrainedReward, from_pretrained, label_index, processor_config, read_config,
+from fastvader.rewards._hf import (PretrainedReward, from_pretrained, label_index, processor_config, read_config,
                   strip_private, transformers_module)
-from .base import register_reward
-from .preprocess import VIDEOMAE_TRANSFORM, frames_to_images, sample_frames, write_processor_config
+from fastvader.rewards.base import register_reward
+from fastvader.rewards.preprocess import VIDEOMAE_TRANSFORM, frames_to_images, sample_frames, write_processor_config
 
 _STOPWORDS = {"a", "an", "the", "of", "in", "on", "at", "with", "and", "is", "are", "to", "his", "her", "their",
               "while", "someone", "person", "man", "woman", "people"}

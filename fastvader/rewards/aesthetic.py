@@ -13,9 +13,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ._clip import OPENCLIP_VIT_L_14, ClipReward, clip_param_count_builder
-from ._hf import RewardWeightsError, check_state_dict, find_weight_file, load_state_dict_file
-from .base import register_reward
+from fastvader.rewards._clip import OPENCLIP_VIT_L_14, ClipReward, clip_param_count_builder
+from fastvader.rewards._hf import RewardWeightsError, check_state_dict, find_weight_file, load_state_dict_file
+from fastvader.rewards.base import register_reward
 
 MLP_FILES = ("aesthetic_mlp.safetensors", "sac+logos+ava1-l14-linearMSE.pth")
 

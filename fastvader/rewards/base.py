@@ -114,7 +114,7 @@ def register_reward(cls: type[Reward]) -> type[Reward]:
 def build_reward_from_spec(terms: dict[str, float], options: dict[str, dict[str, Any]] | None = None) -> Reward:
     """One reward for ``{name: weight}``; a WeightedSum when there are several (or a weight != 1).
     ``options[name]`` are keyword arguments of that reward's constructor (paths, targets)."""
-    from . import available_rewards  # registers the built-ins
+    from fastvader.rewards import available_rewards  # registers the built-ins
 
     options = options or {}
     built: dict[str, Reward] = {}

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch.nn as nn
 
-from ._clip import (OPENCLIP_VIT_H_14, ClipReward, clip_config, clip_param_count_builder, fast_init,
+from fastvader.rewards._clip import (OPENCLIP_VIT_H_14, ClipReward, clip_config, clip_param_count_builder, fast_init,
                     open_clip_state_to_hf)
-from ._hf import check_state_dict, find_weight_file, from_pretrained, load_state_dict_file
-from .base import register_reward
+from fastvader.rewards._hf import check_state_dict, find_weight_file, from_pretrained, load_state_dict_file
+from fastvader.rewards.base import register_reward
 
 
 @register_reward

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ._hf import (PretrainedReward, from_pretrained, label_index, processor_config, read_config,
+from fastvader.rewards._hf import (PretrainedReward, from_pretrained, label_index, processor_config, read_config,
                   strip_private, transformers_module)
-from .base import register_reward
-from .preprocess import YOLOS_TRANSFORM, frames_to_images, write_processor_config
+from fastvader.rewards.base import register_reward
+from fastvader.rewards.preprocess import YOLOS_TRANSFORM, frames_to_images, write_processor_config
 
 # transformers convert_yolos_to_pytorch.py get_yolos_config (see ../shared/model-configs/reward_models)
 YOLOS_ARCHITECTURES = {

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch.nn as nn
 
-from ._clip import OPENCLIP_VIT_H_14, ClipReward, clip_param_count_builder
-from .base import register_reward
+from fastvader.rewards._clip import OPENCLIP_VIT_H_14, ClipReward, clip_param_count_builder
+from fastvader.rewards.base import register_reward
 
 
 @register_reward

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from .base import Reward, register_reward
+from fastvader.rewards.base import Reward, register_reward
 
 _NAMED_COLORS = {
     "red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0),

@@ -24,11 +24,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._hf import (PretrainedReward, check_state_dict, find_weight_file,
+from fastvader.rewards._hf import (PretrainedReward, check_state_dict, find_weight_file,
                   load_state_dict_file, read_config, strip_private)
-from ._text import eos_positions, load_tokenizer
-from .base import register_reward
-from .preprocess import VICLIP_TRANSFORM, frames_to_images, sample_frames
+from fastvader.rewards._text import eos_positions, load_tokenizer
+from fastvader.rewards.base import register_reward
+from fastvader.rewards.preprocess import VICLIP_TRANSFORM, frames_to_images, sample_frames
 
 CHECKPOINT_FILES = ("model.safetensors", "ViClip-InternVid-10M-FLT.pth")
 

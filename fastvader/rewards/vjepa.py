@@ -28,10 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._hf import (PretrainedReward, from_pretrained, processor_config, read_config, strip_private,
+from fastvader.rewards._hf import (PretrainedReward, from_pretrained, processor_config, read_config, strip_private,
                   transformers_module)
-from .base import register_reward
-from .preprocess import (VJEPA2_TRANSFORM, frames_to_images, pad_frames_to_multiple, sample_frames,
+from fastvader.rewards.base import register_reward
+from fastvader.rewards.preprocess import (VJEPA2_TRANSFORM, frames_to_images, pad_frames_to_multiple, sample_frames,
                          write_processor_config)
 
 # transformers convert_vjepa2_to_hf.py get_vjepa2_config("vit_large")

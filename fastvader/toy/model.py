@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import world as _world
+from fastvader.toy import world as _world
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 WEIGHT_FILES = ["world.json", "text_encoder.safetensors", "unet.safetensors", "vae.safetensors"]

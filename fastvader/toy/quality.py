@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from . import world as synthetic
-from .model import WEIGHTS_DIR, ToyWorld, load_toy_world
-from .sample import decode_latents, encode_latents, sample_videos, save_grid
+from fastvader.toy import world as synthetic
+from fastvader.toy.model import WEIGHTS_DIR, ToyWorld, load_toy_world
+from fastvader.toy.sample import decode_latents, encode_latents, sample_videos, save_grid
 
 ATTRIBUTES = ("color", "background", "direction", "shape")
 

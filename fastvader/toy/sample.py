@@ -1,6 +1,6 @@
 """Sampling the embedded world without the training machinery: DDIM with classifier-free
 guidance, then the VAE decode. Small on purpose (tests and the world's training script use it);
-fastvader.sampling is the general sampler with gradients and truncation."""
+fastvader.training.sampling is the general sampler with gradients and truncation."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import world as synthetic
-from .model import WEIGHTS_DIR, ToyWorld, ToyWorldConfig, build_toy_world, load_toy_world, save_toy_world
-from .sample import encode_latents
+from fastvader.toy import world as synthetic
+from fastvader.toy.model import WEIGHTS_DIR, ToyWorld, ToyWorldConfig, build_toy_world, load_toy_world, save_toy_world
+from fastvader.toy.sample import encode_latents
 
 
 @dataclass
@@ -270,7 +270,7 @@ def open_frame_positions(unet: torch.nn.Module, std: float, generator: torch.Gen
     words without any effect). Small random positions (and an opened sentence gate, the text side
     of the same saddle) move the model off it; on the 2-core CPU that was not yet enough for the
     direction words to take effect (docs/toy_world.md)."""
-    from .model import FramePosition
+    from fastvader.toy.model import FramePosition
 
     opened = 0
     for module in unet.modules():

@@ -28,7 +28,7 @@ from fastvader.backbones._weights import (CheckpointMismatchError, MissingWeight
                                           materialize_meta_tensors, read_state_dict, resolve_dtype)
 from fastvader.backbones.base import Backbone, PromptEmbeddings
 
-from .config import OpenSoraConfig, load_json_configs, tiny_config
+from fastvader.backbones.opensora.config import OpenSoraConfig, load_json_configs, tiny_config
 
 __all__ = ["OpenSoraBackbone", "OpenSoraConfig", "convert_to_safetensors", "MissingWeightsError",
            "CheckpointMismatchError"]
@@ -53,9 +53,9 @@ class OpenSoraBackbone(Backbone):
 
     def __init__(self, config: OpenSoraConfig | None = None, *, fps: int = 24, local_files_only: bool = False,
                  text_encoder_device: str | None = None, keep_text_encoder: bool = False, seed: int = 0):
-        from .stdit3 import STDiT3
-        from .text_encoder import T5TextEncoder
-        from .vae import OpenSoraVAE
+        from fastvader.backbones.opensora.stdit3 import STDiT3
+        from fastvader.backbones.opensora.text_encoder import T5TextEncoder
+        from fastvader.backbones.opensora.vae import OpenSoraVAE
 
         super().__init__()
         self.config = config or OpenSoraConfig()
@@ -132,7 +132,7 @@ class OpenSoraBackbone(Backbone):
         if "rope.freqs" not in stdit:
             # a frozen, deterministic parameter that a transformers-format export may leave out
             # (from_pretrained would only warn): recompute it rather than refuse the file
-            from .stdit3 import RotaryEmbedding
+            from fastvader.backbones.opensora.stdit3 import RotaryEmbedding
 
             stdit = {**stdit, "rope.freqs": RotaryEmbedding(self.config.stdit.head_dim).freqs.detach()}
         for module, state, source, family in ((self.denoiser, stdit, sources[0], "opensora (STDiT3)"),
@@ -162,7 +162,7 @@ class OpenSoraBackbone(Backbone):
             model = cls(config)
         from transformers import T5Config, T5EncoderModel
 
-        from .config import T5_V1_1_XXL
+        from fastvader.backbones.opensora.config import T5_V1_1_XXL
 
         text = (config or OpenSoraConfig()).text
         with torch.device("meta"):
@@ -213,14 +213,14 @@ class OpenSoraBackbone(Backbone):
         return -out[:, : self.config.stdit.in_channels].to(latents.dtype)
 
     def _shift(self) -> float:
-        from .scheduler import opensora_shift
+        from fastvader.backbones.opensora.scheduler import opensora_shift
 
         return opensora_shift(*self.video_size)
 
     def make_scheduler(self, name: str):
         if name != "euler_flow":
             raise ValueError(f"sampler.name={name!r}: opensora is a rectified-flow model; use euler_flow")
-        from .scheduler import OpenSoraFlowScheduler
+        from fastvader.backbones.opensora.scheduler import OpenSoraFlowScheduler
 
         scheduler = OpenSoraFlowScheduler(num_train_timesteps=1000, shift=self._shift())
         self._schedulers.add(scheduler)
@@ -257,8 +257,8 @@ def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, *, pa
                            dtype: torch.dtype | None = None, unsafe_pickle: bool = False) -> Path:
     """Convert an Open-Sora ``.bin``/``.pt`` state dict (``part``: 'stdit' or 'vae') to safetensors,
     checked key by key against the real architecture first."""
-    from .stdit3 import STDiT3
-    from .vae import OpenSoraVAE
+    from fastvader.backbones.opensora.stdit3 import STDiT3
+    from fastvader.backbones.opensora.vae import OpenSoraVAE
 
     if part not in ("stdit", "vae"):
         raise ValueError("part must be 'stdit' or 'vae'")

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .config import STDiT3Config
+from fastvader.backbones.opensora.config import STDiT3Config
 
 
 def _per_sample(value, batch: int, device) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from .config import TextConfig
+from fastvader.backbones.opensora.config import TextConfig
 
 
 class HashT5Tokenizer:

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .config import TemporalVAEConfig, VAEConfig
+from fastvader.backbones.opensora.config import TemporalVAEConfig, VAEConfig
 
 
 class CausalConv3d(nn.Module):

@@ -29,7 +29,7 @@ from fastvader.backbones._weights import (CheckpointMismatchError, MissingWeight
                                           materialize_meta_tensors, read_state_dict, resolve_dtype)
 from fastvader.backbones.base import Backbone, PromptEmbeddings
 
-from .config import VideoCrafter2Config, load_yaml_config, tiny_config
+from fastvader.backbones.videocrafter2.config import VideoCrafter2Config, load_yaml_config, tiny_config
 
 __all__ = ["VideoCrafter2Backbone", "VideoCrafter2Config", "convert_to_safetensors", "expected_checkpoint_shapes",
            "MissingWeightsError", "CheckpointMismatchError"]
@@ -67,10 +67,10 @@ class VideoCrafter2Backbone(Backbone):
     def __init__(self, config: VideoCrafter2Config | None = None, *, tokenizer_source: str | None = None,
                  tiny: bool = False, fps: int = 24, local_files_only: bool = False,
                  dropout_in_training: bool = False):
-        from .schedule import LVDMNoiseSchedule
-        from .text_encoder import OpenCLIPTextEmbedder
-        from .unet import LVDMUNet3D
-        from .vae import build_vae
+        from fastvader.backbones.videocrafter2.schedule import LVDMNoiseSchedule
+        from fastvader.backbones.videocrafter2.text_encoder import OpenCLIPTextEmbedder
+        from fastvader.backbones.videocrafter2.unet import LVDMUNet3D
+        from fastvader.backbones.videocrafter2.vae import build_vae
 
         super().__init__()
         self.config = config or VideoCrafter2Config()
@@ -193,7 +193,7 @@ class VideoCrafter2Backbone(Backbone):
     @property
     def tokenizer(self):
         if getattr(self.text_encoder, "tokenizer", None) is None:
-            from .text_encoder import make_tokenizer
+            from fastvader.backbones.videocrafter2.text_encoder import make_tokenizer
 
             self.text_encoder.tokenizer = make_tokenizer(self.config.text, self._tokenizer_source, self._tiny,
                                                          self._local_files_only)
@@ -203,7 +203,7 @@ class VideoCrafter2Backbone(Backbone):
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeddings:
         """(B, 77, 1024) penultimate-layer embeddings; ``uncond`` is the empty prompt (the
         original's ``uncond_type: empty_seq``)."""
-        from .text_encoder import tokenize
+        from fastvader.backbones.videocrafter2.text_encoder import tokenize
 
         prompts = list(prompts)
         tokens = tokenize(self.tokenizer, prompts + [""])
@@ -241,7 +241,7 @@ class VideoCrafter2Backbone(Backbone):
         scheduler = _make_scheduler(name, config)
         d = self.config.diffusion
         if name == "ddim" and d.use_scale:
-            from .schedule import scaled_ddim_from_config
+            from fastvader.backbones.videocrafter2.schedule import scaled_ddim_from_config
 
             scheduler = scaled_ddim_from_config(scheduler.config, d.scale_b, d.fix_scale_bug)
         return scheduler
@@ -257,10 +257,10 @@ class VideoCrafter2Backbone(Backbone):
 
 
 def _make_scheduler(name: str, config: dict):
-    """The lead's ``fastvader.sampling.make_scheduler`` when present."""
+    """The lead's ``fastvader.training.sampling.make_scheduler`` when present."""
     try:
-        from fastvader.sampling import make_scheduler
-    except ImportError:  # fastvader.sampling lands with the training loop; until then, diffusers directly
+        from fastvader.training.sampling import make_scheduler
+    except ImportError:  # fastvader.training.sampling lands with the training loop; until then, diffusers directly
         from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
         table = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}

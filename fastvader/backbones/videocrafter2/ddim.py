@@ -6,8 +6,8 @@ from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .config import DiffusionConfig
-from .schedule import scale_array
+from fastvader.backbones.videocrafter2.config import DiffusionConfig
+from fastvader.backbones.videocrafter2.schedule import scale_array
 
 
 class LVDMScaledDDIMScheduler(DDIMScheduler):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .config import DiffusionConfig
+from fastvader.backbones.videocrafter2.config import DiffusionConfig
 
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
@@ -74,6 +74,6 @@ class LVDMNoiseSchedule(nn.Module):
 def scaled_ddim_from_config(config: dict, scale_b: float, fix_scale_bug: bool):
     """An :class:`~fastvader.backbones.videocrafter2.ddim.LVDMScaledDDIMScheduler` with
     ``config`` (a diffusers DDIM config dict). Imported lazily: diffusers loads slowly."""
-    from .ddim import LVDMScaledDDIMScheduler
+    from fastvader.backbones.videocrafter2.ddim import LVDMScaledDDIMScheduler
 
     return LVDMScaledDDIMScheduler.from_ddim_config(config, scale_b=scale_b, fix_scale_bug=fix_scale_bug)

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .config import TextConfig
+from fastvader.backbones.videocrafter2.config import TextConfig
 
 SOT_TOKEN = 49406
 EOT_TOKEN = 49407

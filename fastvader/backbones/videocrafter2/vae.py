@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from .config import VAEConfig
+from fastvader.backbones.videocrafter2.config import VAEConfig
 
 # diffusers name fragment <-> LDM name fragment, for the parts that do not depend on the level
 _MID = [

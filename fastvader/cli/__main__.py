@@ -1,0 +1,5 @@
+import sys
+
+from fastvader.cli.app import main
+
+sys.exit(main())

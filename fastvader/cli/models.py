@@ -1,0 +1,64 @@
+"""``fastvader models``: the catalogue of every backbone and reward with its defaults and
+parameter counts (from the real configurations, built on the meta device)."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastvader.cli.common import command_parser
+
+
+def _describe(cls, name: str) -> dict[str, Any]:
+    describe = getattr(cls, "describe", None)
+    if describe is None:
+        return {"name": name, "defaults": getattr(cls, "defaults", {}), "params": None}
+    try:
+        entry = dict(describe())
+    except Exception as err:  # one broken entry must not hide the others
+        entry = {"error": f"{type(err).__name__}: {err}"}
+    entry.setdefault("name", name)
+    return entry
+
+
+def catalog() -> dict[str, list[dict[str, Any]]]:
+    from fastvader.backbones import available_backbones, backbone_class
+    from fastvader.rewards import PRESETS, REWARDS, available_rewards
+
+    available_rewards()  # registers the built-ins
+    backbones = [_describe(backbone_class(n), n) for n in available_backbones()]
+    rewards = [_describe(cls, n) for n, cls in sorted(REWARDS.items())]
+    rewards += [{"name": n, "kind": "preset", "terms": terms} for n, terms in sorted(PRESETS.items())]
+    return {"backbones": backbones, "rewards": rewards}
+
+
+def add_parser(sub) -> None:
+    p = command_parser(sub, "models", "list backbones and rewards with defaults and parameter counts", config=False)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    data = catalog()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for kind in ("backbones", "rewards"):
+        print(f"{kind}:")
+        for entry in data[kind]:
+            print(_format_entry(entry))
+    return 0
+
+
+def _format_entry(entry: dict[str, Any]) -> str:
+    params = entry.get("params")
+    if isinstance(params, dict):
+        params = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in params.items())
+    elif isinstance(params, int):
+        params = f"{params:,}"
+    kind = entry.get("kind") or entry.get("prediction_type") or ""
+    lines = [f"  {entry['name']:<20} {kind:<10} params: {params}"]
+    if entry.get("weights"):
+        lines.append(f"  {'':<20} weights: {entry['weights']}")
+    if entry.get("defaults"):
+        lines.append(f"  {'':<20} defaults: {entry['defaults']}")
+    return "\n".join(lines)

@@ -1,0 +1,213 @@
+"""The ``group_norm`` drop-in for ``fastvader.apply``: fused GroupNorm+SiLU in diffusers models.
+
+What it replaces (each replacement returns an undo callable that restores the original objects):
+
+- ``ResnetBlock2D`` (VAE and UNet) whose norms are ``nn.GroupNorm`` and nonlinearity ``nn.SiLU``:
+  the block's ``forward`` is replaced, on the instance, by :func:`_fused_resnet_forward`, which
+  is diffusers 0.42's ``ResnetBlock2D.forward`` with norm1+SiLU and norm2+SiLU fused. Swapping
+  ``nonlinearity`` for ``nn.Identity`` instead would be wrong: the block also applies it to the
+  time embedding. Blocks that already carry an instance-level ``forward`` (accelerate hooks)
+  are left alone.
+- UNet3D ``TemporalConvLayer``: in each of ``conv1..conv4`` (Sequential: GroupNorm, SiLU, ...),
+  the GroupNorm becomes a ``FusedGroupNormAct(activation="silu")`` sharing its Parameters and
+  the SiLU an ``nn.Identity``.
+- ``conv_norm_out`` + ``conv_act`` of the VAE ``Encoder``/``Decoder`` and of
+  ``UNet2DConditionModel``/``UNet3DConditionModel``: the same swap (their forwards apply the
+  two back to back and nowhere else).
+- ``Attention.group_norm`` (the VAE mid-block attention's input norm): a fused norm without
+  activation.
+
+State-dict keys do not change (the fused module names its Parameters ``weight``/``bias`` and
+shares the original ones), so checkpoints load either way and LoRA adapters are unaffected.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from fastvader.kernels.group_norm import FusedGroupNormAct, backend_for, group_norm
+from fastvader.patching.core import Patch, Undo, register_patch
+
+PATCH_NAME = "group_norm"
+RECOMPUTE_PATCH_NAME = "group_norm_conv"
+
+
+def _fused_norm(norm: nn.GroupNorm, x: torch.Tensor, activation):
+    return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, activation)
+
+
+def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """diffusers ``ResnetBlock2D.forward`` (0.42) with each GroupNorm+SiLU pair as one fused op."""
+    return _resnet_forward(self, input_tensor, temb, recompute_conv=False)
+
+
+def _fused_resnet_forward_recompute(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args,
+                                    **kwargs) -> torch.Tensor:
+    """As :func:`_fused_resnet_forward`, and each norm-SiLU-conv run is checkpointed so that it
+    keeps only its input: backward recomputes the (cheap, bandwidth-bound) norm+SiLU to feed
+    the convolution's backward. Non-reentrant checkpointing stops recomputing as soon as the
+    conv's saved input exists, so the convolution itself is not run again."""
+    return _resnet_forward(self, input_tensor, temb, recompute_conv=True)
+
+
+def _resnet_forward(self, input_tensor, temb, recompute_conv: bool):
+    def norm1_act_conv1(x):
+        h = _fused_norm(self.norm1, x, "silu")
+        if self.upsample is not None:
+            if h.shape[0] >= 64:  # diffusers: upsample_nearest_nhwc fails with large batches
+                h = h.contiguous()
+            h = self.upsample(h)
+        elif self.downsample is not None:
+            h = self.downsample(h)
+        return self.conv1(h)
+
+    def norm2_act_conv2(h):
+        h = _fused_norm(self.norm2, h, "silu")
+        h = self.dropout(h)
+        return self.conv2(h)
+
+    def run(fn, x):
+        if recompute_conv and torch.is_grad_enabled():
+            return checkpoint(fn, x, use_reentrant=False)
+        return fn(x)
+
+    hidden_states = run(norm1_act_conv1, input_tensor)
+    if self.upsample is not None:
+        if input_tensor.shape[0] >= 64:
+            input_tensor = input_tensor.contiguous()
+        input_tensor = self.upsample(input_tensor)
+    elif self.downsample is not None:
+        input_tensor = self.downsample(input_tensor)
+
+    if self.time_emb_proj is not None:
+        if not self.skip_time_act:
+            temb = self.nonlinearity(temb)
+        temb = self.time_emb_proj(temb)[:, :, None, None]
+
+    if self.time_embedding_norm == "scale_shift":
+        if temb is None:
+            raise ValueError(
+                f" `temb` should not be None when `time_embedding_norm` is {self.time_embedding_norm}")
+        time_scale, time_shift = torch.chunk(temb, 2, dim=1)
+        hidden_states = _fused_norm(self.norm2, hidden_states, None)
+        hidden_states = hidden_states * (1 + time_scale) + time_shift
+        hidden_states = self.nonlinearity(hidden_states)
+        hidden_states = self.dropout(hidden_states)
+        hidden_states = self.conv2(hidden_states)
+    else:
+        if self.time_embedding_norm == "default" and temb is not None:
+            hidden_states = hidden_states + temb
+        hidden_states = run(norm2_act_conv2, hidden_states)
+
+    if self.conv_shortcut is not None:
+        if self.training:
+            input_tensor = input_tensor.contiguous()
+        input_tensor = self.conv_shortcut(input_tensor)
+
+    return (input_tensor + hidden_states) / self.output_scale_factor
+
+
+def _patch_resnet_block(block: nn.Module, recompute_conv: bool = False) -> Undo | None:
+    from diffusers.models.resnet import ResnetBlock2D
+
+    if (type(block).forward is not ResnetBlock2D.forward  # a subclass with its own forward
+            or "forward" in block.__dict__  # hooked by someone else (accelerate offload, ...)
+            # "ada_group"/"spatial" blocks carry other norm classes: left alone
+            or type(block.norm1) is not nn.GroupNorm or type(block.norm2) is not nn.GroupNorm
+            or type(block.nonlinearity) is not nn.SiLU):
+        return None
+    forward = _fused_resnet_forward_recompute if recompute_conv else _fused_resnet_forward
+    block.forward = types.MethodType(forward, block)
+
+    def undo() -> None:
+        block.__dict__.pop("forward", None)
+
+    return undo
+
+
+def _swap_pair(parent: nn.Module, norm_key: str, act_key: str, activation="silu") -> Undo | None:
+    """Replace ``parent.<norm_key>`` (GroupNorm) by a fused module and ``parent.<act_key>``
+    (SiLU) by Identity; keys may be Sequential indices."""
+    norm, act = parent._modules.get(norm_key), parent._modules.get(act_key)
+    if type(norm) is not nn.GroupNorm or type(act) is not nn.SiLU:
+        return None
+    parent._modules[norm_key] = FusedGroupNormAct.from_group_norm(norm, activation)
+    parent._modules[act_key] = nn.Identity()
+
+    def undo() -> None:
+        parent._modules[norm_key] = norm
+        parent._modules[act_key] = act
+
+    return undo
+
+
+def _swap_norm(parent: nn.Module, norm_key: str) -> Undo | None:
+    norm = parent._modules.get(norm_key)
+    if type(norm) is not nn.GroupNorm:
+        return None
+    parent._modules[norm_key] = FusedGroupNormAct.from_group_norm(norm, None)
+
+    def undo() -> None:
+        parent._modules[norm_key] = norm
+
+    return undo
+
+
+def _conv_out_owner_types() -> tuple[type, ...]:
+    """Classes whose forward applies ``conv_norm_out`` then ``conv_act`` back to back and uses
+    ``conv_act`` nowhere else (checked against diffusers 0.42)."""
+    from diffusers.models.autoencoders.vae import Decoder, Encoder
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.models.unets.unet_3d_condition import UNet3DConditionModel
+
+    return (Encoder, Decoder, UNet2DConditionModel, UNet3DConditionModel)
+
+
+def apply_group_norm(model: nn.Module, recompute_conv: bool = False) -> list[Undo]:
+    """Patch every supported GroupNorm(+SiLU) site in ``model``; one undo per replacement.
+
+    ``recompute_conv``: in ResnetBlock2D, also checkpoint each norm-SiLU-conv run so that it
+    keeps only its input for backward (the ``group_norm_conv`` op)."""
+    try:
+        from diffusers.models.attention_processor import Attention
+        from diffusers.models.resnet import ResnetBlock2D, TemporalConvLayer
+    except ImportError:  # no diffusers: nothing of ours to patch
+        return []
+    conv_out_owners = _conv_out_owner_types()
+    undos: list[Undo] = []
+    # Collect first: the swaps below change the module tree being walked.
+    for module in list(model.modules()):
+        found: list[Undo | None] = []
+        if isinstance(module, ResnetBlock2D):
+            found.append(_patch_resnet_block(module, recompute_conv))
+        elif isinstance(module, TemporalConvLayer):
+            for name in ("conv1", "conv2", "conv3", "conv4"):
+                seq = getattr(module, name, None)
+                if isinstance(seq, nn.Sequential) and len(seq) >= 2:
+                    found.append(_swap_pair(seq, "0", "1"))
+        elif type(module) in conv_out_owners:
+            found.append(_swap_pair(module, "conv_norm_out", "conv_act"))
+        elif isinstance(module, Attention) and module._modules.get("group_norm") is not None:
+            found.append(_swap_norm(module, "group_norm"))
+        undos.extend(u for u in found if u is not None)
+    return undos
+
+
+def _backend() -> str:
+    return backend_for("cuda" if torch.cuda.is_available() else "cpu")
+
+
+register_patch(Patch(
+    PATCH_NAME, apply_group_norm, _backend,
+    "GroupNorm+SiLU fused (ResnetBlock2D, TemporalConvLayer, conv_norm_out/conv_act, "
+    "Attention.group_norm); backward recomputes from the input and fp32 mean/rstd",
+))
+register_patch(Patch(
+    RECOMPUTE_PATCH_NAME, lambda model: apply_group_norm(model, recompute_conv=True), _backend,
+    "group_norm, and each ResnetBlock2D norm-SiLU-conv run keeps only its input (backward "
+    "recomputes norm+SiLU, not the conv). Use instead of group_norm: after group_norm has "
+    "patched a model this op finds nothing left to patch",
+))

@@ -1,0 +1,170 @@
+"""Route the temporal self-attention of diffusers video UNets through
+:func:`fastvader.kernels.temporal_attention.temporal_attention`.
+
+Which modules: every diffusers ``Attention`` inside a ``TransformerTemporalModel``
+(UNet3DConditionModel: its ``transformer_in`` and the ``temp_attentions`` of its blocks) or an
+``AnimateDiffTransformer3D`` (UNetMotionModel's motion modules). They are found by type, not by
+name. Inside those transformers both ``attn1`` and ``attn2`` of each ``BasicTransformerBlock``
+attend over frames (``double_self_attention``): hidden states arrive as
+(batch x height x width, frames, channels), with the motion modules' sinusoidal positional
+embedding already added by the block.
+
+The processor calls the module's own ``to_q`` / ``to_k`` / ``to_v`` / ``to_out`` (so LoRA-wrapped
+peft layers keep working and keep training), then the fused kernel in place of SDPA. Calls it
+cannot serve (cross-attention with ``encoder_hidden_states``, 4-D inputs, a ``spatial_norm``,
+more frames or wider heads than the kernel takes) go to the processor it replaced, with a
+one-time warning.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from fastvader.kernels.temporal_attention import kernel_supports, temporal_attention
+from fastvader.kernels._backend import active_backend
+from fastvader.patching.core import Patch, register_patch
+
+__all__ = ["TemporalAttentionProcessor", "temporal_attention_modules", "patch_temporal_attention"]
+
+
+def _temporal_transformer_types() -> tuple[type, ...]:
+    types: list[type] = []
+    try:
+        from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+
+        types.append(TransformerTemporalModel)
+    except ImportError:  # pragma: no cover - older/newer diffusers layouts
+        pass
+    try:
+        from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+
+        types.append(AnimateDiffTransformer3D)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def _attention_type() -> type:
+    from diffusers.models.attention_processor import Attention
+
+    return Attention
+
+
+def temporal_attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The diffusers ``Attention`` modules of ``model`` that attend over frames, in module order,
+    each once (``model`` itself may be a temporal transformer)."""
+    temporal_types = _temporal_transformer_types()
+    if not temporal_types:
+        return []
+    attention_type = _attention_type()
+    found: list[nn.Module] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, temporal_types):
+            for sub in module.modules():
+                if isinstance(sub, attention_type) and id(sub) not in seen:
+                    seen.add(id(sub))
+                    found.append(sub)
+    return found
+
+
+class TemporalAttentionProcessor:
+    """diffusers attention processor: ``AttnProcessor2_0``'s semantics with the fused
+    temporal-attention kernel in place of SDPA.
+
+    ``fallback`` is the processor this one replaced; it serves the calls the kernel cannot.
+    The score scale is ``attn.scale`` (head_dim ** -0.5 unless the module says otherwise).
+    """
+
+    def __init__(self, fallback: Callable | None = None):
+        self.fallback = fallback
+
+    def _why_not(self, attn, hidden_states, encoder_hidden_states) -> str | None:
+        if encoder_hidden_states is not None:
+            return "cross-attention (encoder_hidden_states given)"
+        if hidden_states.ndim != 3:
+            return f"{hidden_states.ndim}-D hidden states (expected (N, frames, channels))"
+        if getattr(attn, "spatial_norm", None) is not None:
+            return "spatial_norm"
+        if active_backend(hidden_states.device) == "reference":
+            return None  # the reference path takes anything
+        inner = attn.to_q.out_features if hasattr(attn.to_q, "out_features") else hidden_states.shape[-1]
+        probe = hidden_states.new_empty((0, hidden_states.shape[1], inner))
+        return kernel_supports(probe, attn.heads)
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 *args, **kwargs) -> torch.Tensor:
+        why_not = self._why_not(attn, hidden_states, encoder_hidden_states)
+        if why_not is not None:
+            if self.fallback is None:
+                raise ValueError(f"fastvader temporal attention cannot serve this call ({why_not}) "
+                                 "and has no fallback processor")
+            warnings.warn(f"fastvader temporal attention: {why_not}; this call uses the original "
+                          f"processor {type(self.fallback).__name__}", stacklevel=2)
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                 *args, **kwargs)
+
+        residual = hidden_states
+        n_rows, frames, _ = hidden_states.shape
+
+        bias = None
+        if attention_mask is not None:
+            # diffusers' additive mask, prepared to (N * heads, 1 or F, F), viewed per head.
+            mask = attn.prepare_attention_mask(attention_mask, frames, n_rows)
+            bias = mask.view(n_rows, attn.heads, -1, mask.shape[-1])
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        heads = attn.heads
+        head_dim = key.shape[-1] // heads
+        if attn.norm_q is not None:  # per-head norms act on the last (head_dim) axis
+            query = attn.norm_q(query.unflatten(-1, (heads, head_dim))).flatten(-2)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key.unflatten(-1, (heads, head_dim))).flatten(-2)
+        if not (query.dtype == key.dtype == value.dtype):  # e.g. an fp32 norm under autocast
+            query, key = query.to(value.dtype), key.to(value.dtype)
+
+        hidden_states = temporal_attention(query, key, value, heads, scale=attn.scale, bias=bias)
+        hidden_states = hidden_states.to(query.dtype)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)  # dropout
+
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def patch_temporal_attention(model: nn.Module) -> list[Callable[[], None]]:
+    """Give every temporal attention module of ``model`` a :class:`TemporalAttentionProcessor`;
+    return one undo callable per module, each restoring the exact previous processor object."""
+    undo: list[Callable[[], None]] = []
+    for attn in temporal_attention_modules(model):
+        previous = attn.processor
+        if isinstance(previous, TemporalAttentionProcessor):
+            continue  # already routed through the kernel
+        attn.set_processor(TemporalAttentionProcessor(fallback=previous))
+
+        def restore(attn=attn, previous=previous) -> None:
+            attn.set_processor(previous)
+
+        undo.append(restore)
+    return undo
+
+
+def _patch_backend() -> str:
+    return active_backend(None)
+
+
+register_patch(Patch(
+    "temporal_attention", patch_temporal_attention, _patch_backend,
+    "temporal self-attention of TransformerTemporalModel / AnimateDiffTransformer3D "
+    "through fastvader.kernels.temporal_attention"))

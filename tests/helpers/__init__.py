@@ -1,0 +1,1 @@
+"""Fixtures and tiny models the tests share."""

@@ -1,0 +1,101 @@
+"""Logging backends: TensorBoard gets the scalars, videos, grids and reward curve; W&B when asked
+for; a backend that raises never stops training; metrics.jsonl stays the source of truth."""
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+from tests.helpers.trust import metrics, single_thread, tiny_config  # noqa: E402,F401
+import pytest  # noqa: E402
+
+from fastvader.io import loggers as logging_backends  # noqa: E402
+from fastvader.training.trainer import train  # noqa: E402
+
+
+def test_tensorboard_event_files_hold_the_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_config(tmp_path, name="tb", train={"steps": 3}, validation={"every": 2},
+                      logging={"tensorboard": True}, safeguards={"second_reward": "brightness"})
+    summary = train(cfg)
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in ("train/reward", "train/loss", "train/grad_norm", "train/lora_norm", "train/lora_change",
+                "train/reward_change", "heldout/reward", "heldout/second_reward"):
+        assert tag in tags["scalars"], tag
+    rows = metrics(tmp_path / "tb")
+    logged = events.Scalars("train/reward")
+    assert [e.step for e in logged] == [1, 2, 3]
+    assert [e.value for e in logged] == pytest.approx([r["reward"] for r in rows], rel=1e-6)
+    heldout = events.Scalars("heldout/reward")
+    assert [e.step for e in heldout] == [0, 2, 3]  # before, the round at step 2, after
+    assert heldout[-1].value == pytest.approx(summary["reward_after"], rel=1e-6)
+    images = set(tags["images"])
+    assert {"reward_curve", "samples/before_grid", "samples/after_grid", "videos/after/0"} <= images
+    gif = events.Images("videos/after/0")[0]
+    assert gif.encoded_image_string[:6] == b"GIF89a"
+
+
+class RaisingBackend(logging_backends.LogBackend):
+    name = "raising"
+
+    def __init__(self):
+        self.calls = 0
+
+    def log_scalars(self, step, scalars):
+        self.calls += 1
+        raise ConnectionError("the logging service is down")
+
+
+def test_a_raising_backend_does_not_stop_training(tmp_path, monkeypatch):
+    raising = RaisingBackend()
+    build = logging_backends.Loggers.from_config
+
+    def with_raising(cfg, run_dir):
+        loggers = build(cfg, run_dir)
+        loggers.backends.insert(0, raising)
+        return loggers
+    monkeypatch.setattr(logging_backends.Loggers, "from_config", with_raising)
+    cfg = tiny_config(tmp_path, name="flaky", train={"steps": 3}, logging={"tensorboard": True})
+    with pytest.warns(UserWarning, match="logging backend raising switched off: log_scalars raised ConnectionError"):
+        summary = train(cfg)
+    assert raising.calls == 1, "a failed backend is switched off after its first error"
+    assert summary["status"] == "completed" and len(metrics(tmp_path / "flaky")) == 3
+    assert list((tmp_path / "flaky" / "tensorboard").glob("events.*")), "the healthy backend kept logging"
+
+
+def test_wandb_asked_for_but_not_installed_only_warns(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    cfg = tiny_config(tmp_path, name="nowandb", train={"steps": 1}, logging={"wandb": True})
+    with pytest.warns(UserWarning, match="wandb is not installed"):
+        summary = train(cfg)
+    assert summary["status"] == "completed"
+
+
+def test_wandb_gets_scalars_videos_and_the_reward_curve(tmp_path, monkeypatch):
+    logged, calls = [], []
+
+    class FakeRun:
+        def log(self, data, step=None):
+            logged.append((step, data))
+
+        def finish(self):
+            calls.append("finish")
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw)) or FakeRun()
+    fake.Video = lambda data, fps, format: ("video", data.shape, fps, format)
+    fake.Image = lambda path: ("image", path)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = tiny_config(tmp_path, name="wb", train={"steps": 2},
+                      logging={"wandb": True, "wandb_project": "proj", "wandb_mode": "offline"})
+    train(cfg)
+    init = calls[0][1]
+    assert init["project"] == "proj" and init["mode"] == "offline" and init["name"] == "wb"
+    assert calls[-1] == "finish"
+    keys = {k for _, data in logged for k in data}
+    assert {"train/reward", "train/lora_delta", "heldout/reward", "reward_curve", "videos/after/0"} <= keys
+    video = next(data["videos/after/0"] for _, data in logged if "videos/after/0" in data)
+    assert video[0] == "video" and video[1] == (3, 3, 16, 16) and video[3] == "gif"

@@ -1,0 +1,156 @@
+"""The training loop on the embedded world's architecture (random weights, tiny schedules)."""
+import json
+
+import pytest
+import torch
+
+from fastvader.config import load_config
+from fastvader.training.frames import FrameSelector
+from fastvader.memory.decode import decode_frames
+from fastvader.training.sampling import TruncationPolicy
+from fastvader.training.trainer import Trainer
+
+
+def tiny_config(tmp_path, *overrides):
+    return load_config(None, [
+        "prompts.items=[a red square moving left, a blue circle moving up]",
+        "backbone.random_init=true", "sampler.steps=3", "train.steps=2", "train.progress=false",
+        f"train.output_dir={tmp_path}", "train.run_name=run", "validation.save_videos=false",
+        "validation.prompts=[a green square moving right]", "reward.name=brightness", "optim.lr=1e-3",
+        *overrides])
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    return Trainer(tiny_config(tmp_path_factory.mktemp("loop"), "sampler.steps=4", "sampler.truncation=specific:2"))
+
+
+def _record_denoiser_calls(trainer):
+    """Hook the denoiser: remember each call's output and which calls receive gradient."""
+    calls, got_grad = [], set()
+
+    def hook(module, args, output):
+        output = output[0] if isinstance(output, tuple) else output.sample
+        index = len(calls)
+        calls.append(output.requires_grad)
+        if output.requires_grad:
+            output.register_hook(lambda g: got_grad.add(index))
+    return calls, got_grad, trainer.backbone.denoiser.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_gradients_reach_lora_only_from_the_last_k_steps(trainer, k):
+    calls, got_grad, handle = _record_denoiser_calls(trainer)
+    try:
+        embeds = trainer.prompt_cache(["a red square moving left"])
+        noise = trainer.sampler.initial_noise(1, trainer.latent_shape, torch.Generator().manual_seed(0), "cpu")
+        latents = trainer.sampler.sample(embeds, noise, grad_steps=k)
+        latents.mean().backward()
+    finally:
+        handle.remove()
+        trainer.optimizer.zero_grad(set_to_none=True)
+    steps = trainer.sampler.steps
+    assert len(calls) == steps  # CFG batches cond and uncond into one call per step
+    assert calls == [False] * (steps - k) + [True] * k
+    assert got_grad == set(range(steps - k, steps))
+
+
+def test_rand_truncation_draws_k_once_per_video_within_bounds():
+    g = torch.Generator().manual_seed(0)
+    draws = [TruncationPolicy.parse("rand", 5).draw(g) for _ in range(200)]
+    assert set(draws) == {1, 2, 3, 4, 5}
+    draws = [TruncationPolicy.parse("range:2-3", 5).draw(g) for _ in range(50)]
+    assert set(draws) == {2, 3}
+    assert TruncationPolicy.parse("last", 5).draw(g) == 1
+    assert TruncationPolicy.parse("specific:4", 5).draw(g) == 4
+
+
+def test_frame_selector_modes():
+    g = torch.Generator().manual_seed(0)
+    frames, grad = FrameSelector("random:3", "same", 8).draw(g)
+    assert len(frames) == 3 and frames == sorted(set(frames)) and grad == frames
+    assert FrameSelector("stride:3", "same", 8).draw(g) == ([0, 3, 6], [0, 3, 6])
+    assert FrameSelector("list:1,5", "list:5", 8).draw(g) == ([1, 5], [5])
+    frames, grad = FrameSelector("all", "random:2", 8).draw(g)
+    assert frames == list(range(8)) and len(grad) == 2 and set(grad) <= set(frames)
+
+
+def test_decode_frames_carries_gradients_only_for_grad_frames(trainer):
+    vae = trainer.backbone.vae
+    latents = torch.randn(1, 4, 6, 8, 8, requires_grad=True)
+    video = decode_frames(vae, latents, frames=[1, 3, 5], grad_frames=[3])
+    assert video.shape == (1, 3, 3, 32, 32)
+    video.sum().backward()
+    per_frame = latents.grad.abs().sum(dim=(0, 1, 3, 4))
+    assert per_frame[3] > 0
+    assert torch.count_nonzero(per_frame) == 1
+    with torch.no_grad():  # values equal the plain decode of the same frames
+        plain = vae.decode(latents[:, :, 1] / vae.config.scaling_factor).sample
+    torch.testing.assert_close(video[:, 0].detach(), (plain / 2 + 0.5).clamp(0, 1))
+
+
+def test_training_changes_lora_only(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path))
+    base = {n: p.detach().clone() for n, p in trainer.backbone.named_parameters() if "lora_" not in n}
+    lora = {n: p.detach().clone() for n, p in trainer.backbone.named_parameters() if "lora_" in n}
+    trainer.train_step()
+    trainer.train_step()
+    after = dict(trainer.backbone.named_parameters())
+    assert all(torch.equal(base[n], after[n]) for n in base), "a base weight changed"
+    assert any(not torch.equal(lora[n], after[n]) for n in lora), "no LoRA weight changed"
+    trainable = {n for n, p in trainer.backbone.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def _lora(trainer):
+    return {n: p.detach().clone() for n, p in trainer.backbone.denoiser.named_parameters() if "lora_" in n}
+
+
+def test_resume_continues_exactly(tmp_path):
+    common = ["sampler.truncation=rand", "frames.reward=random:2", "sampler.eta=0.5", "sampler.steps=2"]
+    straight = Trainer(tiny_config(tmp_path / "a", "train.steps=8", *common))
+    straight.fit()
+
+    first = Trainer(tiny_config(tmp_path / "b", "train.steps=4", "train.checkpoint_every=4", *common))
+    first.fit()
+    resumed = Trainer(tiny_config(tmp_path / "b", "train.steps=8", *common), resume=tmp_path / "b" / "run")
+    assert resumed.step == 4
+    resumed.fit()
+    a, b = _lora(straight), _lora(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_crash_mid_checkpoint_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    from fastvader.io import checkpoint as ckpt
+
+    trainer = Trainer(tiny_config(tmp_path))
+    trainer.train_step()
+    good = trainer.save_checkpoint()
+    good_lora = _lora(trainer)
+    trainer.train_step()
+
+    def crash(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise KeyboardInterrupt("power cut")
+    monkeypatch.setattr(ckpt.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint()
+    monkeypatch.undo()
+    assert ckpt.latest_checkpoint(trainer.run_dir) == good
+    assert not list((trainer.run_dir / "checkpoints").glob("*.tmp*"))
+    again = Trainer(tiny_config(tmp_path), resume=trainer.run_dir)
+    assert again.step == 1
+    for name, value in good_lora.items():
+        torch.testing.assert_close(_lora(again)[name], value, rtol=0, atol=0)
+
+
+def test_grad_accumulation_matches_a_larger_batch_direction(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "optim.grad_accum=2"))
+    result = trainer.train_step()
+    assert result.step == 1 and result.grad_norm > 0 and torch.isfinite(torch.tensor(result.loss))
+    assert {"sample", "decode", "reward", "backward"} <= set(result.timings)
