@@ -3,7 +3,7 @@
 # bitsandbytes and diffusers import by that name.
 from setuptools import find_packages, setup
 
-packages = find_packages(include=["fastvader", "fastvader.*"]) + ["fastvader.kernels"]
+packages = find_packages(include=["fastvader", "fastvader.*"]) + ["fastvader.kernels", "fastvader.kernels.ops"]
 
 setup(
     packages=packages,

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_temporal_attention import SHAPES, attention_eager, attention_sdpa  # noqa: E402
 
 from fastvader.kernels import _backend  # noqa: E402
-from fastvader.kernels.temporal_attention import (  # noqa: E402
+from fastvader.kernels.ops.temporal_attention import (  # noqa: E402
     temporal_attention,
     temporal_attention_reference,
 )

@@ -23,7 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastvader.kernels.temporal_attention import (  # noqa: E402
+from fastvader.kernels.ops.temporal_attention import (  # noqa: E402
     _padded_dims,
     _pick_block_rows,
     _q_block,

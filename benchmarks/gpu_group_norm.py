@@ -79,7 +79,7 @@ def measure(device: str = "cuda", shapes=SHAPES, dtype: torch.dtype = torch.bflo
             groups: int = GROUPS, reps: int = 10) -> list[dict]:
     """One dict per shape: fused and eager fwd / fwd+bwd ms, share of the bandwidth floor,
     bytes saved for backward."""
-    from fastvader.kernels.group_norm import group_norm_triton
+    from fastvader.kernels.ops.group_norm import group_norm_triton
 
     dev = torch.device(device)
     bw = copy_bandwidth(dev, nbytes=(1 << 30) if dev.type == "cuda" else (1 << 24))

@@ -70,7 +70,7 @@ def attention_eager(q, k, v, heads):
 
 
 def _attention_fastvader(q, k, v, heads):
-    from fastvader.kernels.temporal_attention import temporal_attention
+    from fastvader.kernels.ops.temporal_attention import temporal_attention
 
     return temporal_attention(q, k, v, heads)
 

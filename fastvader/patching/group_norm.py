@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from fastvader.kernels.group_norm import FusedGroupNormAct, backend_for, group_norm
+from fastvader.kernels import FusedGroupNormAct, group_norm, group_norm_backend
 from fastvader.patching.core import Patch, Undo, register_patch
 
 PATCH_NAME = "group_norm"
@@ -197,7 +197,7 @@ def apply_group_norm(model: nn.Module, recompute_conv: bool = False) -> list[Und
 
 
 def _backend() -> str:
-    return backend_for("cuda" if torch.cuda.is_available() else "cpu")
+    return group_norm_backend("cuda" if torch.cuda.is_available() else "cpu")
 
 
 register_patch(Patch(

@@ -1,5 +1,5 @@
 """Route the temporal self-attention of diffusers video UNets through
-:func:`fastvader.kernels.temporal_attention.temporal_attention`.
+:func:`fastvader.kernels.temporal_attention`.
 
 Which modules: every diffusers ``Attention`` inside a ``TransformerTemporalModel``
 (UNet3DConditionModel: its ``transformer_in`` and the ``temp_attentions`` of its blocks) or an
@@ -23,8 +23,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from fastvader.kernels.temporal_attention import kernel_supports, temporal_attention
-from fastvader.kernels._backend import active_backend
+from fastvader.kernels import active_backend, temporal_attention, temporal_attention_supports
 from fastvader.patching.core import Patch, register_patch
 
 __all__ = ["TemporalAttentionProcessor", "temporal_attention_modules", "patch_temporal_attention"]
@@ -93,7 +92,7 @@ class TemporalAttentionProcessor:
             return None  # the reference path takes anything
         inner = attn.to_q.out_features if hasattr(attn.to_q, "out_features") else hidden_states.shape[-1]
         probe = hidden_states.new_empty((0, hidden_states.shape[1], inner))
-        return kernel_supports(probe, attn.heads)
+        return temporal_attention_supports(probe, attn.heads)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,

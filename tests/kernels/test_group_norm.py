@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastvader.kernels import group_norm as gn_mod
-from fastvader.kernels.group_norm import (FusedGroupNormAct, group_norm, group_norm_reference,
+from fastvader.kernels.ops import group_norm as gn_mod
+from fastvader.kernels.ops.group_norm import (FusedGroupNormAct, group_norm, group_norm_reference,
                                           group_norm_triton)
 
 needs_kernel = pytest.mark.skipif(gn_mod.backend_for("cpu") == "reference" and not torch.cuda.is_available(),

@@ -17,13 +17,12 @@ import pytest
 import torch
 
 from fastvader.kernels import _backend
-from fastvader.kernels.temporal_attention import (
+from fastvader.kernels.ops.temporal_attention import (
     kernel_supports,
     temporal_attention,
     temporal_attention_reference,
 )
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KERNEL_BACKEND = _backend.active_backend(DEVICE)
@@ -114,7 +113,7 @@ def test_largest_odd_shape():
 def test_query_frame_blocks(monkeypatch, bias_shape):
     # Long clips walk the query frames in blocks of 16 (from 64 padded frames on); force the
     # blocked path on F = 24 (padded to 32: two blocks, the second one ragged).
-    import fastvader.kernels.temporal_attention as ta
+    import fastvader.kernels.ops.temporal_attention as ta
 
     monkeypatch.setattr(ta, "_BLOCKED_FROM_F_PAD", 32)
     assert ta._q_block(32) == 16
@@ -265,7 +264,7 @@ def test_importable_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
         "import torch\n"
-        "from fastvader.kernels.temporal_attention import temporal_attention, temporal_attention_reference\n"
+        "from fastvader.kernels.ops.temporal_attention import temporal_attention, temporal_attention_reference\n"
         "from fastvader.kernels._backend import triton_available\n"
         "assert not triton_available()\n"
         "q = torch.randn(2, 3, 8)\n"
@@ -463,14 +462,17 @@ def test_processor_falls_back_for_cross_attention():
     torch.testing.assert_close(got, want)
 
 
-def test_public_name_is_callable_however_it_was_imported():
-    import fastvader.kernels as kernels
-    import fastvader.kernels.temporal_attention as module  # the submodule shares the name
+def test_public_ops_are_plain_functions_however_the_ops_were_imported():
+    import fastvader.kernels.ops.group_norm  # noqa: F401  (importing the op modules first must not matter)
+    import fastvader.kernels.ops.temporal_attention  # noqa: F401
+    from fastvader.kernels import group_norm, temporal_attention
 
     q = torch.randn(3, 4, 8)
-    want = temporal_attention_reference(q, q, q, 2)
-    for entry in (kernels.temporal_attention, module):
-        torch.testing.assert_close(entry(q, q, q, 2), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(temporal_attention(q, q, q, 2), temporal_attention_reference(q, q, q, 2),
+                               rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 4, 5)
+    torch.testing.assert_close(group_norm(x, 2, activation="silu"),
+                               torch.nn.functional.silu(torch.nn.functional.group_norm(x, 2)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind, path, n_modules, head_shapes", [

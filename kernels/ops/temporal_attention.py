@@ -22,12 +22,9 @@ diffusers; this module does not).
 """
 from __future__ import annotations
 
-import sys
-import types
-
 import torch
 
-from ._backend import active_backend, interpreter_enabled
+from fastvader.kernels._backend import active_backend, interpreter_enabled
 
 try:  # Triton is optional: without it every call takes the reference path.
     import triton
@@ -592,14 +589,3 @@ def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
         raise ValueError(f"temporal_attention ({backend} path): {why_not}; "
                          "use temporal_attention_reference for such inputs")
     return TemporalAttentionFunction.apply(q, k, v, bias, heads, scale)
-
-
-class _CallableModule(types.ModuleType):
-    """``fastvader.kernels.temporal_attention`` names both this module and its function; when
-    the package attribute is the module (it was imported first), calling it calls the function."""
-
-    def __call__(self, q, k, v, heads, scale=None, bias=None):
-        return temporal_attention(q, k, v, heads, scale=scale, bias=bias)
-
-
-sys.modules[__name__].__class__ = _CallableModule

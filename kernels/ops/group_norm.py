@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ._backend import active_backend
+from fastvader.kernels._backend import active_backend
 
 try:  # importing fastvader.kernels must not require triton
     import triton
