@@ -22,6 +22,23 @@ def _err(field_name: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"config: {field_name}={value!r} is invalid: {allowed}")
 
 
+#: A field that is auto, on or off. YAML 1.1 reads unquoted on/off/yes/no/true/false as booleans,
+#: so `--set kernels.enabled=off` arrives as False: booleans and those words become "on"/"off".
+Switch = typing.NewType("Switch", str)
+SWITCH_VALUES = ("auto", "on", "off")
+
+
+def switch_word(value: Any) -> Any:
+    """True/"yes"/"ON" -> "on", False/"no"/"false" -> "off", "Auto" -> "auto"; anything else
+    is returned as it came, for validation to name."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str):
+        word = value.strip().lower()
+        return {"true": "on", "yes": "on", "false": "off", "no": "off"}.get(word, word)
+    return value
+
+
 # ---------------------------------------------------------------------------------------------
 # sections
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +170,7 @@ class MemoryConfig:
 @dataclass
 class KernelConfig:
     #: fastvader.apply on the denoiser and VAE: auto (on CUDA) | on | off
-    enabled: str = "auto"
+    enabled: Switch = "auto"
     #: which ops; empty = all registered
     ops: list = field(default_factory=list)
 
@@ -314,6 +331,10 @@ def _coerce(tp, value, where: str):
         if isinstance(value, bool):
             return value
         raise _err(where, value, "expected true or false")
+    if tp is Switch:
+        if not isinstance(value, (bool, str)):
+            raise _err(where, value, f"expected one of {list(SWITCH_VALUES)}")
+        return switch_word(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _err(where, value, "expected an integer")
@@ -572,7 +593,7 @@ def validate(cfg: TrainConfig) -> None:
                    "DeepSpeed raises for it with ZeRO offload and does not partition its 8-bit states; "
                    "use optim.name=adamw with ZeRO, or memory.zero_stage=0 to keep the 8-bit optimizer")
 
-    _choice("kernels.enabled", str(cfg.kernels.enabled).lower(), ["auto", "on", "off", "true", "false"])
+    _choice("kernels.enabled", switch_word(cfg.kernels.enabled), SWITCH_VALUES)
 
     t = cfg.train
     _positive("train.steps", t.steps)

@@ -56,11 +56,31 @@ def test_overrides_parse_yaml_values():
     (["train.device=tpu"], "train.device='tpu'"),
     (["lora.rank=0"], "lora.rank=0"),
     (["train.run_name=a/b"], "train.run_name='a/b'"),
+    (["kernels.enabled=sometimes"], "kernels.enabled='sometimes' is invalid: choose one of ['auto', 'on', 'off']"),
+    (["kernels.enabled=2"], "kernels.enabled=2 is invalid: expected one of ['auto', 'on', 'off']"),
 ])
 def test_bad_values_name_field_value_and_what_is_allowed(overrides, needle):
     with pytest.raises(ConfigError) as err:
         cfg_with(*overrides)
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("written, read", [
+    ("off", "off"), ("on", "on"), ("auto", "auto"), ("no", "off"), ("yes", "on"), ("false", "off"),
+    ("true", "on"), ("'OFF'", "off"), ("'true'", "on"), ("Auto", "auto"),
+])
+def test_kernels_enabled_takes_the_words_yaml_reads_as_booleans(written, read):
+    """YAML 1.1 reads unquoted on/off/yes/no as booleans; the README tells users to write off."""
+    assert cfg_with(f"kernels.enabled={written}").kernels.enabled == read
+
+
+def test_kernels_enabled_off_in_a_yaml_file_survives_a_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("kernels: {enabled: off}\nprompts: {items: [a red square moving left]}\n")
+    cfg = load_config(path)
+    assert cfg.kernels.enabled == "off"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path).kernels.enabled == "off"
 
 
 def test_missing_prompt_file_and_prompt_sources():
