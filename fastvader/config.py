@@ -275,8 +275,10 @@ class TrainConfig:
     # -- construction --------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict | None, *, base_dir: str | Path | None = None) -> "TrainConfig":
+        """``base_dir``: the folder of the YAML file the data came from; a relative
+        ``prompts.file`` is looked for in the working folder, then there."""
         cfg = _build(cls, data or {}, "")
-        cfg._base_dir = str(base_dir) if base_dir else None  # type: ignore[attr-defined]
+        cfg.prompts = _with_prompt_file_resolved(cfg.prompts, base_dir)
         return cfg
 
     @classmethod
@@ -376,6 +378,18 @@ def _build(cls, data: dict, prefix: str):
                           f"{(prefix.rstrip('.') or 'the top level')} accepts {sorted(names)}")
     kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
     return cls(**kwargs)
+
+
+def _with_prompt_file_resolved(prompts: PromptConfig, base_dir: str | Path | None) -> PromptConfig:
+    """The section with ``file`` made absolute when it is found (in the working folder, else
+    beside the config), so that the config stays usable wherever it goes next: rebuilt by
+    ``dataclasses.replace``, or saved into a run folder and loaded from there on resume."""
+    if not prompts.file:
+        return prompts
+    path = Path(os.path.expanduser(prompts.file))
+    candidates = [path] if path.is_absolute() or base_dir is None else [path, Path(base_dir) / path]
+    found = next((c for c in candidates if c.is_file()), None)
+    return prompts if found is None else dataclasses.replace(prompts, file=os.path.abspath(found))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,14 +501,6 @@ def _choice(name: str, value, allowed) -> None:
         raise _err(name, value, f"choose one of {list(allowed)}")
 
 
-def resolve_path(cfg: TrainConfig, path: str) -> Path:
-    p = Path(os.path.expanduser(path))
-    base = getattr(cfg, "_base_dir", None)
-    if not p.is_absolute() and not p.exists() and base is not None and (Path(base) / p).exists():
-        return Path(base) / p
-    return p
-
-
 def validate(cfg: TrainConfig) -> None:
     from fastvader.backbones import available_backbones, backbone_class
     from fastvader.rewards import available_rewards, expand_terms
@@ -560,7 +566,7 @@ def validate(cfg: TrainConfig) -> None:
         raise _err("prompts", "(none)", "give prompts.items, prompts.file or prompts.template")
     if sources > 1:
         raise _err("prompts", "(several)", "give only one of prompts.items, prompts.file, prompts.template")
-    if p.file and not resolve_path(cfg, p.file).is_file():
+    if p.file and not Path(p.file).is_file():
         raise _err("prompts.file", p.file, "the file does not exist")
     if p.template:
         slots = re.findall(r"<(\w+)>", p.template)
