@@ -7,6 +7,7 @@ import dataclasses
 import os
 import re
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -502,13 +503,23 @@ def _choice(name: str, value, allowed) -> None:
 
 
 def validate(cfg: TrainConfig) -> None:
+    """Refuse any value that cannot work, section by section, before a model is built."""
+    for check in (_validate_video, _validate_backbone, _validate_sampler, _validate_frames, _validate_lora,
+                  _validate_reward, _validate_optim, _validate_prompts, _validate_validation,
+                  _validate_memory, _validate_kernels, _validate_train, _validate_guards,
+                  _validate_safeguards, _validate_logging):
+        check(cfg)
+
+
+def _validate_video(cfg: TrainConfig) -> None:
+    for name in ("frames", "height", "width", "fps"):
+        _positive(f"video.{name}", getattr(cfg.video, name))
+
+
+def _validate_backbone(cfg: TrainConfig) -> None:
     from fastvader.backbones import available_backbones, backbone_class
-    from fastvader.rewards import available_rewards, expand_terms
 
     v = cfg.video
-    for name in ("frames", "height", "width", "fps"):
-        _positive(f"video.{name}", getattr(v, name))
-
     _choice("backbone.name", cfg.backbone.name, available_backbones())
     _choice("backbone.dtype", cfg.backbone.dtype, ["auto", "fp32", "bf16", "fp16"])
     if cfg.backbone.config_path and not cfg.backbone.random_init:
@@ -518,6 +529,8 @@ def validate(cfg: TrainConfig) -> None:
     except ValueError as e:
         raise ConfigError(f"config: {e}") from None
 
+
+def _validate_sampler(cfg: TrainConfig) -> None:
     s = cfg.sampler
     _choice("sampler.name", s.name, ["ddim", "dpm++", "euler_flow"])
     _positive("sampler.steps", s.steps)
@@ -526,16 +539,24 @@ def validate(cfg: TrainConfig) -> None:
     _positive("sampler.guidance_scale", s.guidance_scale, allow_zero=True)
     parse_truncation(s.truncation, s.steps)
 
-    parse_frame_spec(cfg.frames.reward, v.frames, "frames.reward")
+
+def _validate_frames(cfg: TrainConfig) -> None:
+    parse_frame_spec(cfg.frames.reward, cfg.video.frames, "frames.reward")
     if cfg.frames.reward == "same":
         raise _err("frames.reward", "same", "'same' is only for frames.grad")
-    parse_frame_spec(cfg.frames.grad, v.frames, "frames.grad")
+    parse_frame_spec(cfg.frames.grad, cfg.video.frames, "frames.grad")
 
+
+def _validate_lora(cfg: TrainConfig) -> None:
     lo = cfg.lora
     _positive("lora.rank", lo.rank)
     _positive("lora.alpha", lo.alpha)
     if not 0.0 <= lo.dropout < 1.0:
         raise _err("lora.dropout", lo.dropout, "must be in [0, 1)")
+
+
+def _validate_reward(cfg: TrainConfig) -> None:
+    from fastvader.rewards import available_rewards, expand_terms
 
     r = cfg.reward
     if not r.terms and not r.name:
@@ -551,6 +572,8 @@ def validate(cfg: TrainConfig) -> None:
         if name not in in_use:
             raise _err(f"reward.options.{name}", r.options[name], f"options name a reward in use: {list(in_use)}")
 
+
+def _validate_optim(cfg: TrainConfig) -> None:
     o = cfg.optim
     _choice("optim.name", o.name, ["adamw", "adamw8bit", "paged_adamw8bit"])
     _positive("optim.lr", o.lr)
@@ -560,6 +583,8 @@ def validate(cfg: TrainConfig) -> None:
     if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
         raise _err("optim.betas", o.betas, "two numbers in [0, 1)")
 
+
+def _validate_prompts(cfg: TrainConfig) -> None:
     p = cfg.prompts
     sources = sum(bool(x) for x in (p.items, p.file, p.template))
     if sources == 0:
@@ -572,15 +597,19 @@ def validate(cfg: TrainConfig) -> None:
         slots = re.findall(r"<(\w+)>", p.template)
         if not slots:
             raise _err("prompts.template", p.template, "use <slot> markers, e.g. '<animal> <activity>'")
-        missing = [s_ for s_ in slots if not p.vocab.get(s_)]
+        missing = [s for s in slots if not p.vocab.get(s)]
         if missing:
             raise _err("prompts.vocab", p.vocab, f"needs a non-empty list for each slot: {missing}")
 
+
+def _validate_validation(cfg: TrainConfig) -> None:
     va = cfg.validation
     _positive("validation.every", va.every, allow_zero=True)
     if not va.seeds or not all(isinstance(x, int) for x in va.seeds):
         raise _err("validation.seeds", va.seeds, "a non-empty list of integers")
 
+
+def _validate_memory(cfg: TrainConfig) -> None:
     m = cfg.memory
     _choice("memory.checkpointing", m.checkpointing, ["none", "block", "sub_block", "step"])
     _positive("memory.decode_chunk", m.decode_chunk)
@@ -599,8 +628,12 @@ def validate(cfg: TrainConfig) -> None:
                    "DeepSpeed raises for it with ZeRO offload and does not partition its 8-bit states; "
                    "use optim.name=adamw with ZeRO, or memory.zero_stage=0 to keep the 8-bit optimizer")
 
+
+def _validate_kernels(cfg: TrainConfig) -> None:
     _choice("kernels.enabled", switch_word(cfg.kernels.enabled), SWITCH_VALUES)
 
+
+def _validate_train(cfg: TrainConfig) -> None:
     t = cfg.train
     _positive("train.steps", t.steps)
     _positive("train.batch_size", t.batch_size)
@@ -614,20 +647,27 @@ def validate(cfg: TrainConfig) -> None:
     if not re.match(r"^[\w.\-]+$", t.run_name):
         raise _err("train.run_name", t.run_name, "letters, digits, '.', '_' and '-' only")
 
-    _validate_trust(cfg)
 
-
-def _validate_trust(cfg: TrainConfig) -> None:
-    """The guards, safeguards and logging sections (docs/trust.md)."""
-    from fastvader.monitoring.guards import check_precision_for_family
-    from fastvader.rewards import available_rewards, expand_terms
+def _validate_guards(cfg: TrainConfig) -> None:
+    """docs/trust.md. fp16 on a family that ships in bf16 is refused, or only warned about when
+    the user forces it."""
+    from fastvader.monitoring.guards import fp16_risk
 
     g = cfg.guards
     _positive("guards.max_bad_steps", g.max_bad_steps)
     _positive("guards.reward_window", g.reward_window)
     for name in ("min_grad_norm", "min_lora_change", "min_reward_change"):
         _positive(f"guards.{name}", getattr(g, name), allow_zero=True)
-    check_precision_for_family(cfg)
+    risk = fp16_risk(cfg.backbone.name, cfg.train.precision, cfg.backbone.dtype)
+    if risk and not g.allow_fp16:
+        raise ConfigError(f"config: {risk}, or set guards.allow_fp16=true to force fp16.")
+    if risk:
+        warnings.warn(f"fastvader: {risk}; forced by guards.allow_fp16=true.", stacklevel=2)
+
+
+def _validate_safeguards(cfg: TrainConfig) -> None:
+    """docs/trust.md."""
+    from fastvader.rewards import available_rewards
 
     s = cfg.safeguards
     if s.second_reward is not None and s.second_reward not in available_rewards():
@@ -649,9 +689,10 @@ def _validate_trust(cfg: TrainConfig) -> None:
     if s.regularizer != "none" and s.regularizer_weight == 0:
         raise _err("safeguards.regularizer_weight", 0.0, f"set a weight > 0 for regularizer={s.regularizer!r}")
 
-    lg = cfg.logging
-    if lg.wandb_mode is not None:
-        _choice("logging.wandb_mode", lg.wandb_mode, ["online", "offline", "disabled"])
+
+def _validate_logging(cfg: TrainConfig) -> None:
+    if cfg.logging.wandb_mode is not None:
+        _choice("logging.wandb_mode", cfg.logging.wandb_mode, ["online", "offline", "disabled"])
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
