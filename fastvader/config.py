@@ -10,6 +10,7 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Optional, Union
 
 import yaml
@@ -187,7 +188,6 @@ class LoopConfig:
     device: str = "auto"
     output_dir: str = "runs"
     run_name: str = "run"
-    log_every: int = 1
     checkpoint_every: int = 0
     #: keep at most this many step checkpoints (0 = all)
     keep_checkpoints: int = 2
@@ -314,8 +314,11 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------
 # building dataclasses from plain data, with type checks
 # ---------------------------------------------------------------------------------------------
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+#: Fields that are gone, with what an old config (or a run's saved config.yaml) that sets one
+#: should do instead.
+REMOVED_FIELDS = MappingProxyType({
+    "train.log_every": "every step is logged (metrics.jsonl and the logging backends); delete the key",
+})
 
 
 def _coerce(tp, value, where: str):
@@ -374,6 +377,9 @@ def _build(cls, data: dict, prefix: str):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    for key in (prefix + k for k in unknown):
+        if key in REMOVED_FIELDS:
+            raise ConfigError(f"config: {key} was removed: {REMOVED_FIELDS[key]}")
     if unknown:
         raise ConfigError(f"config: unknown key(s) {[prefix + k for k in unknown]}; "
                           f"{(prefix.rstrip('.') or 'the top level')} accepts {sorted(names)}")
@@ -640,7 +646,6 @@ def _validate_train(cfg: TrainConfig) -> None:
     _choice("train.precision", t.precision, ["auto", "fp32", "bf16", "fp16"])
     if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", t.device):
         raise _err("train.device", t.device, "auto, cpu, cuda or cuda:N")
-    _positive("train.log_every", t.log_every)
     _positive("train.checkpoint_every", t.checkpoint_every, allow_zero=True)
     _positive("train.keep_checkpoints", t.keep_checkpoints, allow_zero=True)
     _positive("train.cpu_threads", t.cpu_threads, allow_zero=True)

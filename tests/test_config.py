@@ -8,6 +8,7 @@ import pytest
 from fastvader.config import ConfigError, TrainConfig, load_config, parse_bytes
 
 BASE = ["prompts.items=[a red square moving left]"]
+PRESETS = Path(__file__).resolve().parents[1] / "configs"
 TINY_RUN = """
 backbone: {{name: toy, random_init: true}}
 sampler: {{steps: 2}}
@@ -31,6 +32,11 @@ def test_defaults_validate_and_round_trip_through_yaml(tmp_path):
     assert again.train.steps == 7 and again.reward.options["target_color"]["color"] == "blue"
 
 
+@pytest.mark.parametrize("preset", sorted(PRESETS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_loads_and_validates(preset):
+    assert load_config(preset).train.steps > 0
+
+
 def test_overrides_parse_yaml_values():
     cfg = cfg_with("optim.lr=3e-5", "sampler.truncation=specific:3", "lora.target_modules=[to_q, to_v]")
     assert cfg.optim.lr == pytest.approx(3e-5)
@@ -41,6 +47,7 @@ def test_overrides_parse_yaml_values():
 @pytest.mark.parametrize("overrides, needle", [
     (["train.stepz=3"], "unknown key(s) ['train.stepz']"),
     (["bogus.x=1"], "unknown key(s) ['bogus']"),
+    (["train.log_every=10"], "config: train.log_every was removed: every step is logged"),
     (["train.steps=ten"], "train.steps='ten' is invalid: expected an integer"),
     (["optim.lr=fast"], "optim.lr='fast' is invalid: expected a number"),
     (["train.progress=3"], "train.progress=3 is invalid: expected true or false"),
