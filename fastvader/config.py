@@ -7,8 +7,10 @@ import dataclasses
 import os
 import re
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Optional, Union
 
 import yaml
@@ -20,6 +22,23 @@ class ConfigError(ValueError):
 
 def _err(field_name: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"config: {field_name}={value!r} is invalid: {allowed}")
+
+
+#: A field that is auto, on or off. YAML 1.1 reads unquoted on/off/yes/no/true/false as booleans,
+#: so `--set kernels.enabled=off` arrives as False: booleans and those words become "on"/"off".
+Switch = typing.NewType("Switch", str)
+SWITCH_VALUES = ("auto", "on", "off")
+
+
+def switch_word(value: Any) -> Any:
+    """True/"yes"/"ON" -> "on", False/"no"/"false" -> "off", "Auto" -> "auto"; anything else
+    is returned as it came, for validation to name."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str):
+        word = value.strip().lower()
+        return {"true": "on", "yes": "on", "false": "off", "no": "off"}.get(word, word)
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +172,7 @@ class MemoryConfig:
 @dataclass
 class KernelConfig:
     #: fastvader.apply on the denoiser and VAE: auto (on CUDA) | on | off
-    enabled: str = "auto"
+    enabled: Switch = "auto"
     #: which ops; empty = all registered
     ops: list = field(default_factory=list)
 
@@ -169,7 +188,6 @@ class LoopConfig:
     device: str = "auto"
     output_dir: str = "runs"
     run_name: str = "run"
-    log_every: int = 1
     checkpoint_every: int = 0
     #: keep at most this many step checkpoints (0 = all)
     keep_checkpoints: int = 2
@@ -258,8 +276,10 @@ class TrainConfig:
     # -- construction --------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict | None, *, base_dir: str | Path | None = None) -> "TrainConfig":
+        """``base_dir``: the folder of the YAML file the data came from; a relative
+        ``prompts.file`` is looked for in the working folder, then there."""
         cfg = _build(cls, data or {}, "")
-        cfg._base_dir = str(base_dir) if base_dir else None  # type: ignore[attr-defined]
+        cfg.prompts = _with_prompt_file_resolved(cfg.prompts, base_dir)
         return cfg
 
     @classmethod
@@ -294,8 +314,11 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------
 # building dataclasses from plain data, with type checks
 # ---------------------------------------------------------------------------------------------
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+#: Fields that are gone, with what an old config (or a run's saved config.yaml) that sets one
+#: should do instead.
+REMOVED_FIELDS = MappingProxyType({
+    "train.log_every": "every step is logged (metrics.jsonl and the logging backends); delete the key",
+})
 
 
 def _coerce(tp, value, where: str):
@@ -314,6 +337,10 @@ def _coerce(tp, value, where: str):
         if isinstance(value, bool):
             return value
         raise _err(where, value, "expected true or false")
+    if tp is Switch:
+        if not isinstance(value, (bool, str)):
+            raise _err(where, value, f"expected one of {list(SWITCH_VALUES)}")
+        return switch_word(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _err(where, value, "expected an integer")
@@ -350,11 +377,26 @@ def _build(cls, data: dict, prefix: str):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    for key in (prefix + k for k in unknown):
+        if key in REMOVED_FIELDS:
+            raise ConfigError(f"config: {key} was removed: {REMOVED_FIELDS[key]}")
     if unknown:
         raise ConfigError(f"config: unknown key(s) {[prefix + k for k in unknown]}; "
                           f"{(prefix.rstrip('.') or 'the top level')} accepts {sorted(names)}")
     kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
     return cls(**kwargs)
+
+
+def _with_prompt_file_resolved(prompts: PromptConfig, base_dir: str | Path | None) -> PromptConfig:
+    """The section with ``file`` made absolute when it is found (in the working folder, else
+    beside the config), so that the config stays usable wherever it goes next: rebuilt by
+    ``dataclasses.replace``, or saved into a run folder and loaded from there on resume."""
+    if not prompts.file:
+        return prompts
+    path = Path(os.path.expanduser(prompts.file))
+    candidates = [path] if path.is_absolute() or base_dir is None else [path, Path(base_dir) / path]
+    found = next((c for c in candidates if c.is_file()), None)
+    return prompts if found is None else dataclasses.replace(prompts, file=os.path.abspath(found))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,22 +508,24 @@ def _choice(name: str, value, allowed) -> None:
         raise _err(name, value, f"choose one of {list(allowed)}")
 
 
-def resolve_path(cfg: TrainConfig, path: str) -> Path:
-    p = Path(os.path.expanduser(path))
-    base = getattr(cfg, "_base_dir", None)
-    if not p.is_absolute() and not p.exists() and base is not None and (Path(base) / p).exists():
-        return Path(base) / p
-    return p
-
-
 def validate(cfg: TrainConfig) -> None:
+    """Refuse any value that cannot work, section by section, before a model is built."""
+    for check in (_validate_video, _validate_backbone, _validate_sampler, _validate_frames, _validate_lora,
+                  _validate_reward, _validate_optim, _validate_prompts, _validate_validation,
+                  _validate_memory, _validate_kernels, _validate_train, _validate_guards,
+                  _validate_safeguards, _validate_logging):
+        check(cfg)
+
+
+def _validate_video(cfg: TrainConfig) -> None:
+    for name in ("frames", "height", "width", "fps"):
+        _positive(f"video.{name}", getattr(cfg.video, name))
+
+
+def _validate_backbone(cfg: TrainConfig) -> None:
     from fastvader.backbones import available_backbones, backbone_class
-    from fastvader.rewards import available_rewards, expand_terms
 
     v = cfg.video
-    for name in ("frames", "height", "width", "fps"):
-        _positive(f"video.{name}", getattr(v, name))
-
     _choice("backbone.name", cfg.backbone.name, available_backbones())
     _choice("backbone.dtype", cfg.backbone.dtype, ["auto", "fp32", "bf16", "fp16"])
     if cfg.backbone.config_path and not cfg.backbone.random_init:
@@ -491,6 +535,8 @@ def validate(cfg: TrainConfig) -> None:
     except ValueError as e:
         raise ConfigError(f"config: {e}") from None
 
+
+def _validate_sampler(cfg: TrainConfig) -> None:
     s = cfg.sampler
     _choice("sampler.name", s.name, ["ddim", "dpm++", "euler_flow"])
     _positive("sampler.steps", s.steps)
@@ -499,16 +545,24 @@ def validate(cfg: TrainConfig) -> None:
     _positive("sampler.guidance_scale", s.guidance_scale, allow_zero=True)
     parse_truncation(s.truncation, s.steps)
 
-    parse_frame_spec(cfg.frames.reward, v.frames, "frames.reward")
+
+def _validate_frames(cfg: TrainConfig) -> None:
+    parse_frame_spec(cfg.frames.reward, cfg.video.frames, "frames.reward")
     if cfg.frames.reward == "same":
         raise _err("frames.reward", "same", "'same' is only for frames.grad")
-    parse_frame_spec(cfg.frames.grad, v.frames, "frames.grad")
+    parse_frame_spec(cfg.frames.grad, cfg.video.frames, "frames.grad")
 
+
+def _validate_lora(cfg: TrainConfig) -> None:
     lo = cfg.lora
     _positive("lora.rank", lo.rank)
     _positive("lora.alpha", lo.alpha)
     if not 0.0 <= lo.dropout < 1.0:
         raise _err("lora.dropout", lo.dropout, "must be in [0, 1)")
+
+
+def _validate_reward(cfg: TrainConfig) -> None:
+    from fastvader.rewards import available_rewards, expand_terms
 
     r = cfg.reward
     if not r.terms and not r.name:
@@ -524,6 +578,8 @@ def validate(cfg: TrainConfig) -> None:
         if name not in in_use:
             raise _err(f"reward.options.{name}", r.options[name], f"options name a reward in use: {list(in_use)}")
 
+
+def _validate_optim(cfg: TrainConfig) -> None:
     o = cfg.optim
     _choice("optim.name", o.name, ["adamw", "adamw8bit", "paged_adamw8bit"])
     _positive("optim.lr", o.lr)
@@ -533,27 +589,33 @@ def validate(cfg: TrainConfig) -> None:
     if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
         raise _err("optim.betas", o.betas, "two numbers in [0, 1)")
 
+
+def _validate_prompts(cfg: TrainConfig) -> None:
     p = cfg.prompts
     sources = sum(bool(x) for x in (p.items, p.file, p.template))
     if sources == 0:
         raise _err("prompts", "(none)", "give prompts.items, prompts.file or prompts.template")
     if sources > 1:
         raise _err("prompts", "(several)", "give only one of prompts.items, prompts.file, prompts.template")
-    if p.file and not resolve_path(cfg, p.file).is_file():
+    if p.file and not Path(p.file).is_file():
         raise _err("prompts.file", p.file, "the file does not exist")
     if p.template:
         slots = re.findall(r"<(\w+)>", p.template)
         if not slots:
             raise _err("prompts.template", p.template, "use <slot> markers, e.g. '<animal> <activity>'")
-        missing = [s_ for s_ in slots if not p.vocab.get(s_)]
+        missing = [s for s in slots if not p.vocab.get(s)]
         if missing:
             raise _err("prompts.vocab", p.vocab, f"needs a non-empty list for each slot: {missing}")
 
+
+def _validate_validation(cfg: TrainConfig) -> None:
     va = cfg.validation
     _positive("validation.every", va.every, allow_zero=True)
     if not va.seeds or not all(isinstance(x, int) for x in va.seeds):
         raise _err("validation.seeds", va.seeds, "a non-empty list of integers")
 
+
+def _validate_memory(cfg: TrainConfig) -> None:
     m = cfg.memory
     _choice("memory.checkpointing", m.checkpointing, ["none", "block", "sub_block", "step"])
     _positive("memory.decode_chunk", m.decode_chunk)
@@ -572,35 +634,45 @@ def validate(cfg: TrainConfig) -> None:
                    "DeepSpeed raises for it with ZeRO offload and does not partition its 8-bit states; "
                    "use optim.name=adamw with ZeRO, or memory.zero_stage=0 to keep the 8-bit optimizer")
 
-    _choice("kernels.enabled", str(cfg.kernels.enabled).lower(), ["auto", "on", "off", "true", "false"])
 
+def _validate_kernels(cfg: TrainConfig) -> None:
+    _choice("kernels.enabled", switch_word(cfg.kernels.enabled), SWITCH_VALUES)
+
+
+def _validate_train(cfg: TrainConfig) -> None:
     t = cfg.train
     _positive("train.steps", t.steps)
     _positive("train.batch_size", t.batch_size)
     _choice("train.precision", t.precision, ["auto", "fp32", "bf16", "fp16"])
     if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", t.device):
         raise _err("train.device", t.device, "auto, cpu, cuda or cuda:N")
-    _positive("train.log_every", t.log_every)
     _positive("train.checkpoint_every", t.checkpoint_every, allow_zero=True)
     _positive("train.keep_checkpoints", t.keep_checkpoints, allow_zero=True)
     _positive("train.cpu_threads", t.cpu_threads, allow_zero=True)
     if not re.match(r"^[\w.\-]+$", t.run_name):
         raise _err("train.run_name", t.run_name, "letters, digits, '.', '_' and '-' only")
 
-    _validate_trust(cfg)
 
-
-def _validate_trust(cfg: TrainConfig) -> None:
-    """The guards, safeguards and logging sections (docs/trust.md)."""
-    from fastvader.monitoring.guards import check_precision_for_family
-    from fastvader.rewards import available_rewards, expand_terms
+def _validate_guards(cfg: TrainConfig) -> None:
+    """docs/trust.md. fp16 on a family that ships in bf16 is refused, or only warned about when
+    the user forces it."""
+    from fastvader.monitoring.guards import fp16_risk
 
     g = cfg.guards
     _positive("guards.max_bad_steps", g.max_bad_steps)
     _positive("guards.reward_window", g.reward_window)
     for name in ("min_grad_norm", "min_lora_change", "min_reward_change"):
         _positive(f"guards.{name}", getattr(g, name), allow_zero=True)
-    check_precision_for_family(cfg)
+    risk = fp16_risk(cfg.backbone.name, cfg.train.precision, cfg.backbone.dtype)
+    if risk and not g.allow_fp16:
+        raise ConfigError(f"config: {risk}, or set guards.allow_fp16=true to force fp16.")
+    if risk:
+        warnings.warn(f"fastvader: {risk}; forced by guards.allow_fp16=true.", stacklevel=2)
+
+
+def _validate_safeguards(cfg: TrainConfig) -> None:
+    """docs/trust.md."""
+    from fastvader.rewards import available_rewards
 
     s = cfg.safeguards
     if s.second_reward is not None and s.second_reward not in available_rewards():
@@ -622,9 +694,10 @@ def _validate_trust(cfg: TrainConfig) -> None:
     if s.regularizer != "none" and s.regularizer_weight == 0:
         raise _err("safeguards.regularizer_weight", 0.0, f"set a weight > 0 for regularizer={s.regularizer!r}")
 
-    lg = cfg.logging
-    if lg.wandb_mode is not None:
-        _choice("logging.wandb_mode", lg.wandb_mode, ["online", "offline", "disabled"])
+
+def _validate_logging(cfg: TrainConfig) -> None:
+    if cfg.logging.wandb_mode is not None:
+        _choice("logging.wandb_mode", cfg.logging.wandb_mode, ["online", "offline", "disabled"])
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -1,10 +1,22 @@
 """Config validation: every bad input is refused before any model is built, with a message that
 names the field, the bad value and what is allowed."""
+import dataclasses
+from pathlib import Path
+
 import pytest
 
 from fastvader.config import ConfigError, TrainConfig, load_config, parse_bytes
 
 BASE = ["prompts.items=[a red square moving left]"]
+PRESETS = Path(__file__).resolve().parents[1] / "configs"
+TINY_RUN = """
+backbone: {{name: toy, random_init: true}}
+sampler: {{steps: 2}}
+validation: {{prompts: [a blue circle moving up], save_videos: false}}
+reward: {{name: target_color}}
+logging: {{tensorboard: false}}
+train: {{steps: 2, progress: false, run_name: relative, output_dir: {runs}}}
+"""
 
 
 def cfg_with(*overrides):
@@ -20,6 +32,11 @@ def test_defaults_validate_and_round_trip_through_yaml(tmp_path):
     assert again.train.steps == 7 and again.reward.options["target_color"]["color"] == "blue"
 
 
+@pytest.mark.parametrize("preset", sorted(PRESETS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_loads_and_validates(preset):
+    assert load_config(preset).train.steps > 0
+
+
 def test_overrides_parse_yaml_values():
     cfg = cfg_with("optim.lr=3e-5", "sampler.truncation=specific:3", "lora.target_modules=[to_q, to_v]")
     assert cfg.optim.lr == pytest.approx(3e-5)
@@ -30,6 +47,7 @@ def test_overrides_parse_yaml_values():
 @pytest.mark.parametrize("overrides, needle", [
     (["train.stepz=3"], "unknown key(s) ['train.stepz']"),
     (["bogus.x=1"], "unknown key(s) ['bogus']"),
+    (["train.log_every=10"], "config: train.log_every was removed: every step is logged"),
     (["train.steps=ten"], "train.steps='ten' is invalid: expected an integer"),
     (["optim.lr=fast"], "optim.lr='fast' is invalid: expected a number"),
     (["train.progress=3"], "train.progress=3 is invalid: expected true or false"),
@@ -56,11 +74,31 @@ def test_overrides_parse_yaml_values():
     (["train.device=tpu"], "train.device='tpu'"),
     (["lora.rank=0"], "lora.rank=0"),
     (["train.run_name=a/b"], "train.run_name='a/b'"),
+    (["kernels.enabled=sometimes"], "kernels.enabled='sometimes' is invalid: choose one of ['auto', 'on', 'off']"),
+    (["kernels.enabled=2"], "kernels.enabled=2 is invalid: expected one of ['auto', 'on', 'off']"),
 ])
 def test_bad_values_name_field_value_and_what_is_allowed(overrides, needle):
     with pytest.raises(ConfigError) as err:
         cfg_with(*overrides)
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("written, read", [
+    ("off", "off"), ("on", "on"), ("auto", "auto"), ("no", "off"), ("yes", "on"), ("false", "off"),
+    ("true", "on"), ("'OFF'", "off"), ("'true'", "on"), ("Auto", "auto"),
+])
+def test_kernels_enabled_takes_the_words_yaml_reads_as_booleans(written, read):
+    """YAML 1.1 reads unquoted on/off/yes/no as booleans; the README tells users to write off."""
+    assert cfg_with(f"kernels.enabled={written}").kernels.enabled == read
+
+
+def test_kernels_enabled_off_in_a_yaml_file_survives_a_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("kernels: {enabled: off}\nprompts: {items: [a red square moving left]}\n")
+    cfg = load_config(path)
+    assert cfg.kernels.enabled == "off"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path).kernels.enabled == "off"
 
 
 def test_missing_prompt_file_and_prompt_sources():
@@ -74,13 +112,53 @@ def test_missing_prompt_file_and_prompt_sources():
         load_config(None, ["prompts.template=<a> <b>", "prompts.vocab={a: [x]}"])
 
 
-def test_prompt_file_resolves_relative_to_the_config(tmp_path):
-    (tmp_path / "prompts.txt").write_text("a red square moving left\n")
-    (tmp_path / "c.yaml").write_text("prompts:\n  file: prompts.txt\n")
-    cfg = load_config(tmp_path / "c.yaml")
+def config_beside_its_prompt_file(folder, body: str = "") -> Path:
+    """folder/c.yaml naming folder/prompts.txt by a relative path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "prompts.txt").write_text("a red square moving left\n")
+    (folder / "c.yaml").write_text(body + "prompts:\n  file: prompts.txt\n")
+    return folder / "c.yaml"
+
+
+def test_prompt_file_resolves_relative_to_the_config(tmp_path, monkeypatch):
     from fastvader.training.prompts import PromptSource
 
-    assert PromptSource.from_config(cfg.prompts, cfg._base_dir).prompts == ["a red square moving left"]
+    config = config_beside_its_prompt_file(tmp_path / "project")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(config)
+    assert PromptSource.from_config(cfg.prompts).prompts == ["a red square moving left"]
+
+
+def test_a_relative_prompt_file_survives_replace_and_a_copy_into_a_run_folder(tmp_path, monkeypatch):
+    """What `fastvader sample --prompt` (dataclasses.replace of the validation section) and
+    `fastvader train --resume RUN` (the run's saved config.yaml) do with a config."""
+    from fastvader.training.prompts import PromptSource
+
+    config = config_beside_its_prompt_file(tmp_path / "project")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(config)
+    replaced = [dataclasses.replace(cfg, validation=dataclasses.replace(cfg.validation, prompts=["a blue circle"])),
+                cfg.replace(train=dataclasses.replace(cfg.train, steps=3))]
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    for again in [*replaced, load_config(run / "config.yaml")]:
+        again.validate()
+        assert PromptSource.from_config(again.prompts).prompts == ["a red square moving left"]
+
+
+@pytest.mark.slow
+def test_sample_and_resume_find_a_prompt_file_named_relative_to_the_config(tmp_path, monkeypatch):
+    from fastvader.cli import main
+
+    config = config_beside_its_prompt_file(tmp_path / "project", TINY_RUN.format(runs=tmp_path / "runs"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", str(config)]) == 0
+    run = tmp_path / "runs" / "relative"
+    assert main(["train", "--resume", str(run), "--config", str(run / "config.yaml"), "--set", "train.steps=3"]) == 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    assert main(["sample", "--config", str(config), "--prompt", "a blue circle moving up", "--out", "s"]) == 0
+    assert (tmp_path / "s" / "grid.png").is_file()
 
 
 def test_missing_config_file_and_bad_override_syntax(tmp_path):

@@ -22,7 +22,6 @@ import torch
 from fastvader import precision
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -162,11 +161,6 @@ def convert_file_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, 
 # ---------------------------------------------------------------------------------------------
 # checking it
 # ---------------------------------------------------------------------------------------------
-def expected_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """name -> shape of everything ``module.state_dict()`` holds (works on the meta device)."""
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
-
-
 def _first(items: Iterable[str], n: int) -> str:
     items = list(items)
     shown = ", ".join(items[:n])

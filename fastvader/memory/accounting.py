@@ -36,10 +36,10 @@ def storage_nbytes(t: torch.Tensor) -> int:
 
 @dataclass
 class SavedTensorLog:
-    """The distinct storages saved while a log is active: key -> (bytes, device, example)."""
+    """The distinct storages saved while a log is active: key -> (bytes, example)."""
 
     exclude: set[int] = field(default_factory=set)
-    storages: dict[int, tuple[int, str, torch.Tensor]] = field(default_factory=dict)
+    storages: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict)
 
     def add(self, t: torch.Tensor) -> None:
         base = t._base if t._base is not None else t
@@ -48,21 +48,15 @@ class SavedTensorLog:
         key = storage_key(t)
         if key in self.exclude or key in self.storages:
             return
-        self.storages[key] = (storage_nbytes(t), t.device.type, t)
+        self.storages[key] = (storage_nbytes(t), t)
 
     @property
     def total(self) -> int:
-        return sum(n for n, _, _ in self.storages.values())
-
-    def by_device(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for n, dev, _ in self.storages.values():
-            out[dev] = out.get(dev, 0) + n
-        return out
+        return sum(n for n, _ in self.storages.values())
 
     def largest(self, n: int = 5) -> list[tuple[tuple[int, ...], torch.dtype, int]]:
         rows = sorted(self.storages.values(), key=lambda r: -r[0])[:n]
-        return [(tuple(t.shape), t.dtype, nbytes) for nbytes, _, t in rows]
+        return [(tuple(t.shape), t.dtype, nbytes) for nbytes, t in rows]
 
 
 def _parameter_storages(objs: Iterable[Any]) -> set[int]:

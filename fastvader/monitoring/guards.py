@@ -6,7 +6,6 @@ family that ships in bf16 is refused unless forced.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -27,34 +26,27 @@ def is_finite(value: Any) -> bool:
     return math.isfinite(float(value))
 
 
-def _family_key(name: str) -> str:
-    return "".join(ch for ch in str(name).lower() if ch.isalnum())
-
-
-def check_precision_for_family(cfg) -> None:
-    """Refuse fp16 (autocast or weights) on a bf16-native family unless ``guards.allow_fp16``."""
-    from fastvader.config import ConfigError
-
-    uses_fp16 = [f"{where}=fp16" for where, value in (("train.precision", cfg.train.precision),
-                                                      ("backbone.dtype", cfg.backbone.dtype)) if value == "fp16"]
+def fp16_risk(backbone_name: str, precision: str, dtype: str) -> str | None:
+    """Why fp16 autocast (``precision``) or fp16 weights (``dtype``) would overflow this
+    backbone's activations, or None. Config validation refuses the risk unless
+    ``guards.allow_fp16`` forces it."""
+    uses_fp16 = [f"{where}=fp16" for where, value in (("train.precision", precision), ("backbone.dtype", dtype))
+                 if value == "fp16"]
     if not uses_fp16:
-        return
-    family = cfg.backbone.name
+        return None
+    family = backbone_name
     try:
         from fastvader.backbones import backbone_class
 
-        family = backbone_class(cfg.backbone.name).family
+        family = backbone_class(backbone_name).family
     except (ValueError, ImportError):
         pass
-    key = _family_key(family)
+    key = "".join(ch for ch in str(family).lower() if ch.isalnum())
     if not any(key.startswith(f) for f in BF16_FAMILIES):
-        return
-    message = (f"{' and '.join(uses_fp16)} on backbone {cfg.backbone.name!r}: this family ships in bf16, and fp16's "
-               "smaller range overflows its activations (NaN losses). Use train.precision=bf16 (and "
-               "backbone.dtype=bf16 or auto)")
-    if not cfg.guards.allow_fp16:
-        raise ConfigError(f"config: {message}, or set guards.allow_fp16=true to force fp16.")
-    warnings.warn(f"fastvader: {message}; forced by guards.allow_fp16=true.", stacklevel=2)
+        return None
+    return (f"{' and '.join(uses_fp16)} on backbone {backbone_name!r}: this family ships in bf16, and fp16's "
+            "smaller range overflows its activations (NaN losses). Use train.precision=bf16 (and "
+            "backbone.dtype=bf16 or auto)")
 
 
 def check_finite_state(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, Any]], what: str) -> None:

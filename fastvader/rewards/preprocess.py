@@ -97,9 +97,6 @@ class ImageTransform:
         new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
         return (new_long, new_short) if width <= height else (new_short, new_long)
 
-    def output_size(self, height: int, width: int) -> tuple[int, int]:
-        return tuple(self.crop) if self.crop is not None else self.resized_size(height, width)  # type: ignore[return-value]
-
     # -- the transform -------------------------------------------------------------------------
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:

@@ -327,7 +327,8 @@ def test_vc2_schedule_and_scaled_ddim_step():
     from diffusers import DDIMScheduler
 
     from fastvader.backbones.videocrafter2.config import DiffusionConfig
-    from fastvader.backbones.videocrafter2.schedule import LVDMNoiseSchedule, scaled_ddim_from_config
+    from fastvader.backbones.videocrafter2.ddim import LVDMScaledDDIMScheduler
+    from fastvader.backbones.videocrafter2.schedule import LVDMNoiseSchedule
 
     sched = LVDMNoiseSchedule(DiffusionConfig())
     assert sched.scale_arr.shape == (1400,) and sched.scale_arr[0] == 1.0
@@ -337,7 +338,7 @@ def test_vc2_schedule_and_scaled_ddim_step():
 
     x, eps, noise = torch.randn(3, 1, 4, 4, 4).unbind(0)
     # scale_b = 1: exactly diffusers' DDIM step
-    same = scaled_ddim_from_config(plain.config, scale_b=1.0, fix_scale_bug=False)
+    same = LVDMScaledDDIMScheduler.from_ddim_config(plain.config, scale_b=1.0, fix_scale_bug=False)
     for s in (plain, same):
         s.set_timesteps(25)
     for t in (961, 41, 1):
@@ -345,7 +346,7 @@ def test_vc2_schedule_and_scaled_ddim_step():
         b = same.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
         torch.testing.assert_close(a, b)
     # scale_b = 0.7: LVDM's formula, written out from the original sampler
-    scaled = scaled_ddim_from_config(plain.config, scale_b=0.7, fix_scale_bug=False)
+    scaled = LVDMScaledDDIMScheduler.from_ddim_config(plain.config, scale_b=0.7, fix_scale_bug=False)
     scaled.set_timesteps(25)
     abar = sched.alphas_cumprod.double()
     for t, prev in ((961, 921), (201, 161), (1, None)):

@@ -241,9 +241,9 @@ class VideoCrafter2Backbone(Backbone):
         scheduler = _make_scheduler(name, config)
         d = self.config.diffusion
         if name == "ddim" and d.use_scale:
-            from fastvader.backbones.videocrafter2.schedule import scaled_ddim_from_config
+            from fastvader.backbones.videocrafter2.ddim import LVDMScaledDDIMScheduler
 
-            scheduler = scaled_ddim_from_config(scheduler.config, d.scale_b, d.fix_scale_bug)
+            scheduler = LVDMScaledDDIMScheduler.from_ddim_config(scheduler.config, d.scale_b, d.fix_scale_bug)
         return scheduler
 
     def decode_latents(self, latents: torch.Tensor, frames: Sequence[int] | None = None) -> torch.Tensor:

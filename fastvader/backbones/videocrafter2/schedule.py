@@ -1,5 +1,5 @@
-"""VideoCrafter2's noise schedule: the checkpoint's 13 schedule buffers, and the DDIM step of
-LVDM's sampler.
+"""VideoCrafter2's noise schedule: the checkpoint's 13 schedule buffers and the diffusers
+scheduler config that matches them.
 
 VideoCrafter2 was trained with ``use_scale``: the forward process is
 ``x_t = sqrt(abar_t) * s_t * x0 + sqrt(1 - abar_t) * eps`` with ``s_t = scale_arr[t]`` falling
@@ -15,12 +15,6 @@ import torch
 import torch.nn as nn
 
 from fastvader.backbones.videocrafter2.config import DiffusionConfig
-
-SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-                    "posterior_mean_coef1", "posterior_mean_coef2", "scale_arr")
-
 
 def scale_array(cfg: DiffusionConfig) -> np.ndarray:
     """``scale_arr`` as LatentDiffusion builds it. The released model keeps the original's bug
@@ -69,11 +63,3 @@ class LVDMNoiseSchedule(nn.Module):
                     beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                     timestep_spacing="leading",
                     prediction_type="v_prediction" if cfg.parameterization == "v" else "epsilon")
-
-
-def scaled_ddim_from_config(config: dict, scale_b: float, fix_scale_bug: bool):
-    """An :class:`~fastvader.backbones.videocrafter2.ddim.LVDMScaledDDIMScheduler` with
-    ``config`` (a diffusers DDIM config dict). Imported lazily: diffusers loads slowly."""
-    from fastvader.backbones.videocrafter2.ddim import LVDMScaledDDIMScheduler
-
-    return LVDMScaledDDIMScheduler.from_ddim_config(config, scale_b=scale_b, fix_scale_bug=fix_scale_bug)
