@@ -453,7 +453,18 @@ class Trainer:
             self.loggers.close()
 
     def close(self) -> None:
+        """Take the trainer's patches off the models (self-check hooks, checkpoint wrappers,
+        kernels), so that a backbone passed in runs as it did before. What stays: the LoRA
+        adapters (peft layers wrapping the original Linear objects, holding the trained weights,
+        and peft's ``peft_config`` on the denoiser), and what set-up did to the base weights:
+        frozen, eval mode, moved to the run's device and dtype. Calling it again does nothing."""
+        from fastvader.patching.core import revert
+
+        self.selfcheck.release()
         self.checkpoint_wrappers.revert()
+        if self.kernel_report is not None:
+            revert(self.backbone.denoiser)
+            revert(self.backbone.vae)
         if self.loggers is not None:
             self.loggers.close()
 

@@ -142,6 +142,5 @@ def test_self_check_verifies_patched_kernels_ran(tmp_path, monkeypatch, unused):
         # every swapped denoiser norm ran; in the VAE only the decoder's did (the encoder is unused)
         assert report["kernels_denoiser"]["ran"] == report["kernels_denoiser"]["changed_modules"] > 0
         assert 0 < report["kernels_vae"]["ran"] < report["kernels_vae"]["changed_modules"]
-    patching.revert(trainer.backbone.denoiser)
-    patching.revert(trainer.backbone.vae)
     trainer.close()
+    assert not patching.is_patched(trainer.backbone.denoiser) and not patching.is_patched(trainer.backbone.vae)
