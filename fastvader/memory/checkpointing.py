@@ -2,8 +2,9 @@
 UNet3DConditionModel refuses ``enable_gradient_checkpointing``).
 
 ``enable_checkpointing(model, policy)`` wraps the forward of each unit the policy names so that,
-when gradients are on, only its inputs are kept and its inside is recomputed in backward. It
-returns an undo callable; no-grad calls run the original forward untouched.
+when gradients are on, only its inputs are kept and its inside is recomputed in backward
+(the wrapper is a patch: :mod:`fastvader.patching.checkpoint`). It returns the wrappers' handle;
+``revert()`` restores the model exactly. No-grad calls run the original forward untouched.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Callable
 
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
+
+from fastvader.patching.checkpoint import CheckpointWrappers
 
 # Sub-blocks: the residual, spatial-attention, temporal-conv and temporal-attention units of
 # diffusers video UNets and DiTs (by class name, so unknown families just match nothing).
@@ -23,27 +26,6 @@ SUB_BLOCK_TYPES = (
     "LVDMResBlock", "SpatialTransformer", "TemporalTransformer", "STDiT3Block",
 )
 BLOCK_ATTRS = ("down_blocks", "up_blocks", "mid_block", "blocks", "transformer_blocks")
-
-
-def _wrap(module: nn.Module) -> Callable[[], None]:
-    original = module.forward
-
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        import torch
-
-        if torch.is_grad_enabled():
-            forward.checkpoint_hits += 1  # read by the startup self-check (fastvader.monitoring.selfcheck)
-            return checkpoint(original, *args, use_reentrant=False, **kwargs)
-        return original(*args, **kwargs)
-
-    forward.checkpoint_hits = 0  # type: ignore[attr-defined]
-    module.forward = forward
-
-    def undo():
-        del module.forward  # the instance attribute goes; the class method shows through again
-
-    return undo
 
 
 def checkpoint_units(model: nn.Module, policy: str) -> list[nn.Module]:
@@ -74,16 +56,10 @@ def checkpoint_units(model: nn.Module, policy: str) -> list[nn.Module]:
     raise ValueError(f"memory.checkpointing={policy!r}: choose none, block, sub_block or step")
 
 
-def enable_checkpointing(model: nn.Module, policy: str) -> Callable[[], None]:
-    """Wrap the policy's units in place; returns a callable that unwraps them."""
-    undos = [_wrap(m) for m in checkpoint_units(model, policy)]
-
-    def undo():
-        for fn in reversed(undos):
-            fn()
-
-    undo.count = len(undos)  # type: ignore[attr-defined]
-    return undo
+def enable_checkpointing(model: nn.Module, policy: str) -> CheckpointWrappers:
+    """Wrap the policy's units in place; the handle counts their checkpointed calls and
+    ``revert()`` unwraps them."""
+    return CheckpointWrappers(checkpoint_units(model, policy))
 
 
 def step_checkpoint(fn: Callable) -> Callable:

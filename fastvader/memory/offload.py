@@ -14,12 +14,11 @@ Backward must sit inside the block: checkpointed decode recomputes the VAE in ba
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
-
-from fastvader.monitoring.selfcheck import record_engagement
 
 #: tensors smaller than this stay where they are: a copy costs more than it frees
 MIN_OFFLOAD_BYTES = 1 << 16
@@ -29,12 +28,14 @@ class ActivationOffloader:
     """saved_tensors_hooks that park saved tensors of ``devices`` in (pinned) host memory.
 
     ``devices`` defaults to ("cuda",); tests pass ("cpu",) to run the same path on a CPU,
-    where the "host buffer" is a plain copy. ``stats`` counts what moved."""
+    where the "host buffer" is a plain copy. ``stats`` counts what moved ("tensors", "bytes");
+    offloaders given one ``stats`` add up into it (the startup self-check reads its own)."""
 
-    def __init__(self, devices: Iterable[str] = ("cuda",), min_bytes: int = MIN_OFFLOAD_BYTES):
+    def __init__(self, devices: Iterable[str] = ("cuda",), min_bytes: int = MIN_OFFLOAD_BYTES,
+                 stats: Counter | None = None):
         self.devices = tuple(devices)
         self.min_bytes = min_bytes
-        self.stats = {"tensors": 0, "bytes": 0}
+        self.stats = Counter() if stats is None else stats
         self._stream = None
 
     def _copy_stream(self):
@@ -49,7 +50,6 @@ class ActivationOffloader:
             return t  # weights stay resident anyway; a copy would only add traffic
         self.stats["tensors"] += 1
         self.stats["bytes"] += t.numel() * t.element_size()
-        record_engagement("offload_activations")  # the startup self-check sees that offload engaged
         if t.device.type != "cuda":
             return (t.device, t.detach().clone(), None)
         buf = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=True)
@@ -88,11 +88,12 @@ def offload_activations(devices: Iterable[str] = ("cuda",)) -> ActivationOffload
 StepFn = Callable[..., torch.Tensor]
 
 
-def grad_step_wrapper(checkpointing: str, offload: bool,
-                      offload_devices: Iterable[str] = ("cuda",)) -> Callable[[StepFn], StepFn] | None:
+def grad_step_wrapper(checkpointing: str, offload: bool, offload_devices: Iterable[str] = ("cuda",),
+                      stats: Counter | None = None) -> Callable[[StepFn], StepFn] | None:
     """The sampler's wrapper for gradient-carrying denoiser calls: per-step checkpointing when
-    ``checkpointing == "step"``, activation offload when ``offload``; both nest (offload then
-    parks only the step's input latent). None when neither applies."""
+    ``checkpointing == "step"``, activation offload when ``offload`` (counting what it moves into
+    ``stats``); both nest (offload then parks only the step's input latent). None when neither
+    applies."""
     from fastvader.memory.checkpointing import step_checkpoint
 
     if checkpointing != "step" and not offload:
@@ -105,7 +106,7 @@ def grad_step_wrapper(checkpointing: str, offload: bool,
             return inner
 
         def offloaded(x, t):
-            with ActivationOffloader(devices):
+            with ActivationOffloader(devices, stats=stats):
                 return inner(x, t)
         return offloaded
 

@@ -260,7 +260,7 @@ def _measure(cfg: TrainConfig, dtype: torch.dtype) -> Measurements:
     call_kept, call_peak, unit_peak = {}, {}, {}
     with gpu_like_attention():
         for policy in POLICIES:
-            undo = enable_checkpointing(backbone.denoiser, policy)
+            wrappers = enable_checkpointing(backbone.denoiser, policy)
             try:
                 fn = grad_step_wrapper(policy, False)
                 step = fn(lambda x, _t: call(x)) if fn else (lambda x, _t: call(x))
@@ -269,7 +269,7 @@ def _measure(cfg: TrainConfig, dtype: torch.dtype) -> Measurements:
                 call_kept[policy], call_peak[policy] = log.total, live.peak
                 del out
             finally:
-                undo()
+                wrappers.revert()
         # the largest unit each policy recomputes: its internals, measured without checkpointing
         for policy in ("block", "sub_block"):
             units = checkpoint_units(backbone.denoiser, policy)

@@ -5,30 +5,28 @@ this turns it into an error at step 1.
 
 What is checked:
 - checkpointing (``memory.checkpointing``): the policy wrapped at least one module, and the
-  wrappers ran with gradients on during the first step (their hit counters moved);
-- activation offload (``memory.offload_activations``): the offload code reported moving
-  something (it calls :func:`record_engagement`);
-- kernels: every module ``fastvader.apply`` replaced (or whose processor / forward it swapped)
-  ran during the first step, unless its parent did not run either (e.g. the VAE encoder);
+  wrappers ran with gradients on during the first step (the wrappers' handle counts their hits);
+- activation offload (``memory.offload_activations``): the offloaders moved something (they
+  count into ``SelfCheck.offload_stats``, which the trainer hands them);
+- kernels: every module ``fastvader.apply`` replaced (or whose processor / forward it swapped,
+  as its report lists) ran during the first step, unless the module holding it did not run
+  either (e.g. the VAE encoder);
 - gradient: at least one LoRA parameter received a non-zero gradient.
+
+The self-check holds no module-level state: it learns what engaged only through the objects it
+owns or is handed (offload counters, the checkpoint wrappers, apply's report).
 """
 from __future__ import annotations
 
 import warnings
 from collections import Counter
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn as nn
 
-#: engagement counters that memory techniques without a module to hook report into
-ENGAGEMENT: Counter = Counter()
-
-
-def record_engagement(technique: str, count: int = 1) -> None:
-    """Called by a memory technique each time it acts (e.g. an activation offloaded to the CPU),
-    so the self-check can tell that it engaged. Cheap: one counter increment."""
-    ENGAGEMENT[technique] += count
+if TYPE_CHECKING:
+    from fastvader.patching.checkpoint import CheckpointWrappers
 
 
 class SelfCheckError(RuntimeError):
@@ -43,53 +41,41 @@ class _Counter:
         self.n += 1
 
 
+def _holder(name: str, modules: dict[str, nn.Module]) -> str:
+    """The module whose forward calls module ``name``: its parent, or further up when the parent
+    is a ModuleList / ModuleDict (containers never run themselves)."""
+    holder = name
+    while holder:
+        holder = holder.rsplit(".", 1)[0] if "." in holder else ""
+        if not isinstance(modules[holder], (nn.ModuleList, nn.ModuleDict)):
+            break
+    return holder
+
+
 class KernelProbe:
-    """Finds what ``apply`` changed in a model (replaced or added submodules, swapped attention
-    processors, swapped instance forwards) and counts, with forward hooks, whether those modules
-    and their parents run."""
+    """Counts, with forward hooks, whether the modules ``fastvader.apply`` changed (its report's
+    ``modules``) run, and whether the modules holding them do."""
 
-    def __init__(self, where: str, model: nn.Module):
-        self.where, self.model = where, model
-        self.before = self._snapshot(model)
-        self.changed: list[str] = []
-        self.calls: dict[str, _Counter] = {}
-        self.parent_calls: dict[str, _Counter] = {}
-        self.handles: list[Any] = []
-        self.reported = 0
+    def __init__(self, where: str, model: nn.Module, report):
+        self.where, self.reported = where, report.total
+        modules = dict(model.named_modules())
+        path_of = {id(m): path for path, m in modules.items()}
+        changed = [path_of[id(m)] for m in report.modules if id(m) in path_of]
+        self.holders = {path: _holder(path, modules) for path in changed}
+        self.calls = {path: _Counter() for path in changed}
+        self.holder_calls = {holder: _Counter() for holder in self.holders.values()}
+        self.handles = [modules[path].register_forward_hook(counter)
+                        for counters in (self.calls, self.holder_calls) for path, counter in counters.items()]
 
-    @staticmethod
-    def _snapshot(model: nn.Module) -> dict[str, tuple[int, int, int]]:
-        return {name: (id(m), id(getattr(m, "processor", None)), id(m.__dict__.get("forward")))
-                for name, m in model.named_modules()}
-
-    def after_apply(self, report) -> None:
-        self.reported = int(getattr(report, "total", 0) or 0)
-        after = self._snapshot(self.model)
-        changed = [n for n, sig in after.items() if self.before.get(n) != sig]
-        # a replaced module's own children are new too: keep the outermost changed paths
-        self.changed = [n for n in changed if not any(n.startswith(c + ".") for c in changed if c != n)]
-        modules = dict(self.model.named_modules())
-        for name in self.changed:
-            self.calls[name] = _Counter()
-            self.handles.append(modules[name].register_forward_hook(self.calls[name]))
-            parent = name.rsplit(".", 1)[0] if "." in name else ""
-            if parent not in self.parent_calls:
-                self.parent_calls[parent] = _Counter()
-                self.handles.append(modules[parent].register_forward_hook(self.parent_calls[parent]))
-
-    def problems(self) -> tuple[list[str], list[str]]:
-        """(errors, warnings)."""
-        if self.reported and not self.changed:
-            return [], [f"[{self.where}] fastvader.apply reported {self.reported} patch(es) but no module, processor "
-                        "or forward changed visibly; their use cannot be verified"]
-        never = [n for n in self.changed
-                 if self.calls[n].n == 0 and self.parent_calls[n.rsplit(".", 1)[0] if "." in n else ""].n > 0]
+    def problems(self) -> list[str]:
+        never = [path for path, holder in self.holders.items()
+                 if self.calls[path].n == 0 and self.holder_calls[holder].n > 0]
         if never:
             return [f"[{self.where}] {len(never)} module(s) patched by fastvader.apply never ran although the "
                     f"module holding them did, e.g. {never[:3]}: the model does not call them (it may use a "
                     "functional op or another attribute), so the kernel is not in use. Set kernels.ops to the ops that "
-                    "fit this model or kernels.enabled=off"], []
-        return [], []
+                    "fit this model or kernels.enabled=off"]
+        return []
 
     def remove(self) -> None:
         for h in self.handles:
@@ -103,10 +89,12 @@ class SelfCheck:
     def __init__(self, cfg):
         self.cfg = cfg
         self.kernel_probes: list[KernelProbe] = []
-        self.checkpoint_units: list[nn.Module] = []
+        self.checkpoint_wrappers: CheckpointWrappers | None = None
         self.checkpoint_policy = "none"
         self.step_wrapper_calls = _Counter()
-        self.engagement_start: Counter = Counter()
+        #: the trainer hands this to its activation offloaders, which count what they move into it
+        self.offload_stats: Counter = Counter()
+        self._start = {"hits": [], "offloaded": 0}
         self.done = False
         self.report: dict[str, Any] = {}
         #: where activation offload acts (fastvader.memory.offload moves CUDA tensors only)
@@ -114,19 +102,15 @@ class SelfCheck:
 
     # -- set-up hooks ----------------------------------------------------------------------------
     def watch_kernels(self, where: str, model: nn.Module, apply_fn: Callable[[nn.Module], Any]):
-        """Run ``apply_fn(model)`` (fastvader.apply) and remember what it changed."""
-        probe = KernelProbe(where, model)
+        """Run ``apply_fn(model)`` (fastvader.apply) and watch the modules its report says it changed."""
         report = apply_fn(model)
-        probe.after_apply(report)
-        self.kernel_probes.append(probe)
+        self.kernel_probes.append(KernelProbe(where, model, report))
         return report
 
-    def watch_checkpointing(self, model: nn.Module, policy: str, sampler=None) -> None:
-        from fastvader.memory.checkpointing import checkpoint_units
-
-        self.checkpoint_policy = policy
-        self.checkpoint_units = checkpoint_units(model, policy)
-        self._hits_start = [self._hits(u) for u in self.checkpoint_units]
+    def watch_checkpointing(self, wrappers: CheckpointWrappers, policy: str, sampler=None) -> None:
+        """``wrappers``: the handle ``enable_checkpointing`` returned (it counts its hits); for the
+        ``step`` policy the sampler's per-step wrapper is counted instead."""
+        self.checkpoint_policy, self.checkpoint_wrappers = policy, wrappers
         if policy == "step" and sampler is not None and sampler.grad_step_wrapper is not None:
             inner, counter = sampler.grad_step_wrapper, self.step_wrapper_calls
 
@@ -140,19 +124,16 @@ class SelfCheck:
             sampler.grad_step_wrapper = counting_wrapper
 
     def arm(self) -> None:
-        """Start counting engagement reports (call before the first step)."""
-        self.engagement_start = Counter(ENGAGEMENT)
+        """Start counting engagement (call before the first step)."""
+        hits = self.checkpoint_wrappers.hits() if self.checkpoint_wrappers is not None else []
+        self._start = {"hits": hits, "offloaded": self.offload_stats["tensors"]}
 
     def release(self) -> None:
-        """No check will run (guards.self_check=false): drop the probes' hooks."""
+        """No check will run (guards.self_check=false, or the trainer closes): drop the probes'
+        hooks from the models."""
         for probe in self.kernel_probes:
             probe.remove()
         self.done = True
-
-    @staticmethod
-    def _hits(unit: nn.Module) -> int | None:
-        wrapper = unit.__dict__.get("forward")
-        return getattr(wrapper, "checkpoint_hits", None) if wrapper is not None else None
 
     # -- the check -------------------------------------------------------------------------------
     def verify(self, lora_params: list[torch.Tensor]) -> dict[str, Any]:
@@ -163,17 +144,16 @@ class SelfCheck:
 
         policy = self.checkpoint_policy
         if policy in ("block", "sub_block"):
-            hits = [self._hits(u) for u in self.checkpoint_units]
-            ran = [h is not None and h > (s or 0) for h, s in zip(hits, self._hits_start)]
-            report["checkpointing"] = {"policy": policy, "wrapped": len(self.checkpoint_units), "hit": sum(ran)}
-            if not self.checkpoint_units:
+            ran = [now > then for now, then in zip(self.checkpoint_wrappers.hits(), self._start["hits"])]
+            report["checkpointing"] = {"policy": policy, "wrapped": len(ran), "hit": sum(ran)}
+            if not ran:
                 errors.append(f"memory.checkpointing={policy!r} wrapped no module of this denoiser (its block names "
                               "are unknown to the policy): nothing is recomputed and activation memory is not saved. "
                               "Use another memory.checkpointing policy (block, sub_block, step) or none")
             elif not any(ran):
-                errors.append(f"memory.checkpointing={policy!r} wrapped {len(self.checkpoint_units)} module(s) but "
+                errors.append(f"memory.checkpointing={policy!r} wrapped {len(ran)} module(s) but "
                               "none ran checkpointed during the first step (the wrappers were removed or bypassed "
-                              "after set-up, e.g. by a later patch): activation memory is not saved")
+                              "after set-up): activation memory is not saved")
             elif not all(ran):
                 notes.append(f"memory.checkpointing={policy!r}: {len(ran) - sum(ran)} of {len(ran)} wrapped modules "
                              "did not run with gradients during the first step")
@@ -187,7 +167,7 @@ class SelfCheck:
         if mem.offload_activations and not on_offload_device:
             report["offload_activations"] = "not applicable: activations are offloaded from CUDA devices only"
         elif mem.offload_activations:
-            moved = ENGAGEMENT["offload_activations"] - self.engagement_start["offload_activations"]
+            moved = self.offload_stats["tensors"] - self._start["offloaded"]
             report["offload_activations"] = moved
             if moved <= 0:
                 errors.append("memory.offload_activations=true but no activation was offloaded during the first step "
@@ -195,10 +175,8 @@ class SelfCheck:
                               "build of fastvader implements offload for the model")
 
         for probe in self.kernel_probes:
-            errs, warns = probe.problems()
-            errors += errs
-            notes += warns
-            report[f"kernels_{probe.where}"] = {"patched": probe.reported, "changed_modules": len(probe.changed),
+            errors += probe.problems()
+            report[f"kernels_{probe.where}"] = {"patched": probe.reported, "changed_modules": len(probe.calls),
                                                 "ran": sum(1 for c in probe.calls.values() if c.n > 0)}
             probe.remove()
 

@@ -1,5 +1,20 @@
 """``fastvader.apply(model)`` swaps the hot ops of a live model for fused kernels and
-``fastvader.revert(model)`` restores it exactly (core); one module per patched op."""
-from fastvader.patching.core import PATCHES, Patch, PatchReport, apply, available_patches, is_patched, register_patch, revert
+``fastvader.revert(model)`` restores it exactly. One mechanism (core: :class:`Patches`) makes
+and undoes every replacement: one module per patched op, and the activation-checkpoint wrapper
+(checkpoint)."""
+from fastvader.patching.core import (
+    PATCHES,
+    AttentionProcessor,
+    ChildModule,
+    InstanceAttr,
+    Patch,
+    Patches,
+    PatchReport,
+    apply,
+    available_patches,
+    is_patched,
+    revert,
+)
 
-__all__ = ["apply", "revert", "is_patched", "available_patches", "PatchReport", "Patch", "register_patch", "PATCHES"]
+__all__ = ["apply", "revert", "is_patched", "available_patches", "PatchReport", "Patch", "PATCHES",
+           "Patches", "InstanceAttr", "ChildModule", "AttentionProcessor"]

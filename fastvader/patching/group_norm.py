@@ -1,13 +1,14 @@
 """The ``group_norm`` drop-in for ``fastvader.apply``: fused GroupNorm+SiLU in diffusers models.
 
-What it replaces (each replacement returns an undo callable that restores the original objects):
+What it replaces (through :class:`fastvader.patching.core.Patches`, which restores the exact
+original objects):
 
 - ``ResnetBlock2D`` (VAE and UNet) whose norms are ``nn.GroupNorm`` and nonlinearity ``nn.SiLU``:
   the block's ``forward`` is replaced, on the instance, by :func:`_fused_resnet_forward`, which
   is diffusers 0.42's ``ResnetBlock2D.forward`` with norm1+SiLU and norm2+SiLU fused. Swapping
   ``nonlinearity`` for ``nn.Identity`` instead would be wrong: the block also applies it to the
   time embedding. Blocks that already carry an instance-level ``forward`` (accelerate hooks)
-  are left alone.
+  are left alone; fastvader's own checkpoint wrapper stays on top of the fused forward.
 - UNet3D ``TemporalConvLayer``: in each of ``conv1..conv4`` (Sequential: GroupNorm, SiLU, ...),
   the GroupNorm becomes a ``FusedGroupNormAct(activation="silu")`` sharing its Parameters and
   the SiLU an ``nn.Identity``.
@@ -29,11 +30,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from fastvader.kernels import FusedGroupNormAct, group_norm, group_norm_backend
-from fastvader.patching.core import Patch, Undo, register_patch
-
-PATCH_NAME = "group_norm"
-RECOMPUTE_PATCH_NAME = "group_norm_conv"
-
+from fastvader.patching.core import MISSING, ChildModule, InstanceAttr, Patches
 
 def _fused_norm(norm: nn.GroupNorm, x: torch.Tensor, activation):
     return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, activation)
@@ -110,50 +107,35 @@ def _resnet_forward(self, input_tensor, temb, recompute_conv: bool):
     return (input_tensor + hidden_states) / self.output_scale_factor
 
 
-def _patch_resnet_block(block: nn.Module, recompute_conv: bool = False) -> Undo | None:
+def _patch_resnet_block(patches: Patches, block: nn.Module, recompute_conv: bool) -> None:
     from diffusers.models.resnet import ResnetBlock2D
 
+    forward = InstanceAttr(block, "forward")
     if (type(block).forward is not ResnetBlock2D.forward  # a subclass with its own forward
-            or "forward" in block.__dict__  # hooked by someone else (accelerate offload, ...)
+            # hooked by someone else (accelerate offload, ...) or already fused; fastvader's own
+            # wrappers (activation checkpointing) stay on top of the fused forward
+            or forward.base() is not MISSING
             # "ada_group"/"spatial" blocks carry other norm classes: left alone
             or type(block.norm1) is not nn.GroupNorm or type(block.norm2) is not nn.GroupNorm
             or type(block.nonlinearity) is not nn.SiLU):
-        return None
-    forward = _fused_resnet_forward_recompute if recompute_conv else _fused_resnet_forward
-    block.forward = types.MethodType(forward, block)
-
-    def undo() -> None:
-        block.__dict__.pop("forward", None)
-
-    return undo
+        return
+    fused = _fused_resnet_forward_recompute if recompute_conv else _fused_resnet_forward
+    patches.replace(forward, types.MethodType(fused, block))
 
 
-def _swap_pair(parent: nn.Module, norm_key: str, act_key: str, activation="silu") -> Undo | None:
-    """Replace ``parent.<norm_key>`` (GroupNorm) by a fused module and ``parent.<act_key>``
+def _swap_pair(patches: Patches, parent: nn.Module, norm_key: str, act_key: str) -> None:
+    """Replace ``parent.<norm_key>`` (GroupNorm) by a fused GroupNorm+SiLU and ``parent.<act_key>``
     (SiLU) by Identity; keys may be Sequential indices."""
     norm, act = parent._modules.get(norm_key), parent._modules.get(act_key)
-    if type(norm) is not nn.GroupNorm or type(act) is not nn.SiLU:
-        return None
-    parent._modules[norm_key] = FusedGroupNormAct.from_group_norm(norm, activation)
-    parent._modules[act_key] = nn.Identity()
-
-    def undo() -> None:
-        parent._modules[norm_key] = norm
-        parent._modules[act_key] = act
-
-    return undo
+    if type(norm) is nn.GroupNorm and type(act) is nn.SiLU:
+        patches.replace(ChildModule(parent, norm_key), FusedGroupNormAct.from_group_norm(norm, "silu"))
+        patches.replace(ChildModule(parent, act_key), nn.Identity())
 
 
-def _swap_norm(parent: nn.Module, norm_key: str) -> Undo | None:
+def _swap_norm(patches: Patches, parent: nn.Module, norm_key: str) -> None:
     norm = parent._modules.get(norm_key)
-    if type(norm) is not nn.GroupNorm:
-        return None
-    parent._modules[norm_key] = FusedGroupNormAct.from_group_norm(norm, None)
-
-    def undo() -> None:
-        parent._modules[norm_key] = norm
-
-    return undo
+    if type(norm) is nn.GroupNorm:
+        patches.replace(ChildModule(parent, norm_key), FusedGroupNormAct.from_group_norm(norm, None))
 
 
 def _conv_out_owner_types() -> tuple[type, ...]:
@@ -166,48 +148,40 @@ def _conv_out_owner_types() -> tuple[type, ...]:
     return (Encoder, Decoder, UNet2DConditionModel, UNet3DConditionModel)
 
 
-def apply_group_norm(model: nn.Module, recompute_conv: bool = False) -> list[Undo]:
-    """Patch every supported GroupNorm(+SiLU) site in ``model``; one undo per replacement.
+def apply_group_norm(model: nn.Module, patches: Patches | None = None, recompute_conv: bool = False) -> Patches:
+    """Patch every supported GroupNorm(+SiLU) site in ``model`` through ``patches`` (a new handle
+    if None), which it returns: ``.revert()`` restores the model exactly.
 
     ``recompute_conv``: in ResnetBlock2D, also checkpoint each norm-SiLU-conv run so that it
     keeps only its input for backward (the ``group_norm_conv`` op)."""
+    patches = Patches() if patches is None else patches
     try:
         from diffusers.models.attention_processor import Attention
         from diffusers.models.resnet import ResnetBlock2D, TemporalConvLayer
     except ImportError:  # no diffusers: nothing of ours to patch
-        return []
+        return patches
     conv_out_owners = _conv_out_owner_types()
-    undos: list[Undo] = []
     # Collect first: the swaps below change the module tree being walked.
     for module in list(model.modules()):
-        found: list[Undo | None] = []
         if isinstance(module, ResnetBlock2D):
-            found.append(_patch_resnet_block(module, recompute_conv))
+            _patch_resnet_block(patches, module, recompute_conv)
         elif isinstance(module, TemporalConvLayer):
             for name in ("conv1", "conv2", "conv3", "conv4"):
                 seq = getattr(module, name, None)
                 if isinstance(seq, nn.Sequential) and len(seq) >= 2:
-                    found.append(_swap_pair(seq, "0", "1"))
+                    _swap_pair(patches, seq, "0", "1")
         elif type(module) in conv_out_owners:
-            found.append(_swap_pair(module, "conv_norm_out", "conv_act"))
+            _swap_pair(patches, module, "conv_norm_out", "conv_act")
         elif isinstance(module, Attention) and module._modules.get("group_norm") is not None:
-            found.append(_swap_norm(module, "group_norm"))
-        undos.extend(u for u in found if u is not None)
-    return undos
+            _swap_norm(patches, module, "group_norm")
+    return patches
 
 
-def _backend() -> str:
+def apply_group_norm_conv(model: nn.Module, patches: Patches | None = None) -> Patches:
+    """:func:`apply_group_norm` with ``recompute_conv``: the ``group_norm_conv`` op."""
+    return apply_group_norm(model, patches, recompute_conv=True)
+
+
+def backend() -> str:
+    """The implementation the patched norms run on this machine's default device."""
     return group_norm_backend("cuda" if torch.cuda.is_available() else "cpu")
-
-
-register_patch(Patch(
-    PATCH_NAME, apply_group_norm, _backend,
-    "GroupNorm+SiLU fused (ResnetBlock2D, TemporalConvLayer, conv_norm_out/conv_act, "
-    "Attention.group_norm); backward recomputes from the input and fp32 mean/rstd",
-))
-register_patch(Patch(
-    RECOMPUTE_PATCH_NAME, lambda model: apply_group_norm(model, recompute_conv=True), _backend,
-    "group_norm, and each ResnetBlock2D norm-SiLU-conv run keeps only its input (backward "
-    "recomputes norm+SiLU, not the conv). Use instead of group_norm: after group_norm has "
-    "patched a model this op finds nothing left to patch",
-))

@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 
 from fastvader.kernels import active_backend, temporal_attention, temporal_attention_supports
-from fastvader.patching.core import Patch, register_patch
+from fastvader.patching.core import AttentionProcessor, Patches
 
-__all__ = ["TemporalAttentionProcessor", "temporal_attention_modules", "patch_temporal_attention"]
+__all__ = ["TemporalAttentionProcessor", "temporal_attention_modules", "apply_temporal_attention"]
 
 
 def _temporal_transformer_types() -> tuple[type, ...]:
@@ -142,28 +142,18 @@ class TemporalAttentionProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def patch_temporal_attention(model: nn.Module) -> list[Callable[[], None]]:
-    """Give every temporal attention module of ``model`` a :class:`TemporalAttentionProcessor`;
-    return one undo callable per module, each restoring the exact previous processor object."""
-    undo: list[Callable[[], None]] = []
+def apply_temporal_attention(model: nn.Module, patches: Patches | None = None) -> Patches:
+    """Give every temporal attention module of ``model`` a :class:`TemporalAttentionProcessor`
+    through ``patches`` (a new handle if None), which it returns: ``.revert()`` puts the exact
+    previous processor objects back."""
+    patches = Patches() if patches is None else patches
     for attn in temporal_attention_modules(model):
         previous = attn.processor
-        if isinstance(previous, TemporalAttentionProcessor):
-            continue  # already routed through the kernel
-        attn.set_processor(TemporalAttentionProcessor(fallback=previous))
-
-        def restore(attn=attn, previous=previous) -> None:
-            attn.set_processor(previous)
-
-        undo.append(restore)
-    return undo
+        if not isinstance(previous, TemporalAttentionProcessor):  # else already routed through the kernel
+            patches.replace(AttentionProcessor(attn), TemporalAttentionProcessor(fallback=previous))
+    return patches
 
 
-def _patch_backend() -> str:
+def backend() -> str:
+    """The implementation the patched attention runs on this machine's default device."""
     return active_backend(None)
-
-
-register_patch(Patch(
-    "temporal_attention", patch_temporal_attention, _patch_backend,
-    "temporal self-attention of TransformerTemporalModel / AnimateDiffTransformer3D "
-    "through fastvader.kernels.temporal_attention"))

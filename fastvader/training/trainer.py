@@ -97,7 +97,7 @@ class Trainer:
         self.dist.broadcast_(self.lora_params)
         self.selfcheck = SelfCheck(cfg)
         self.kernel_report = self._apply_kernels()
-        self._undo_checkpointing = enable_checkpointing(self.backbone.denoiser, cfg.memory.checkpointing)
+        self.checkpoint_wrappers = enable_checkpointing(self.backbone.denoiser, cfg.memory.checkpointing)
 
         self.sampler = Sampler(self.backbone, cfg.sampler.name, cfg.sampler.steps, cfg.sampler.guidance_scale,
                                cfg.sampler.eta, grad_step_wrapper=self._step_wrapper())
@@ -131,7 +131,7 @@ class Trainer:
         self.guard = NumericalGuard(cfg.guards.max_bad_steps, cfg.train.precision)
         self.learn = LearnMonitor(self.backbone.denoiser, self.lora_params, cfg.guards,
                                   store=lambda: self.history.setdefault("learn", {}))
-        self.selfcheck.watch_checkpointing(self.backbone.denoiser, cfg.memory.checkpointing, self.sampler)
+        self.selfcheck.watch_checkpointing(self.checkpoint_wrappers, cfg.memory.checkpointing, self.sampler)
         if cfg.guards.self_check:
             self.selfcheck.arm()
         else:
@@ -158,7 +158,8 @@ class Trainer:
         return reports
 
     def _step_wrapper(self):
-        return grad_step_wrapper(self.cfg.memory.checkpointing, self.cfg.memory.offload_activations)
+        return grad_step_wrapper(self.cfg.memory.checkpointing, self.cfg.memory.offload_activations,
+                                 stats=self.selfcheck.offload_stats)
 
     def _embed_all_prompts(self) -> None:
         if len(self.prompts.prompts) <= 4096:
@@ -452,7 +453,18 @@ class Trainer:
             self.loggers.close()
 
     def close(self) -> None:
-        self._undo_checkpointing()
+        """Take the trainer's patches off the models (self-check hooks, checkpoint wrappers,
+        kernels), so that a backbone passed in runs as it did before. What stays: the LoRA
+        adapters (peft layers wrapping the original Linear objects, holding the trained weights,
+        and peft's ``peft_config`` on the denoiser), and what set-up did to the base weights:
+        frozen, eval mode, moved to the run's device and dtype. Calling it again does nothing."""
+        from fastvader.patching.core import revert
+
+        self.selfcheck.release()
+        self.checkpoint_wrappers.revert()
+        if self.kernel_report is not None:
+            revert(self.backbone.denoiser)
+            revert(self.backbone.vae)
         if self.loggers is not None:
             self.loggers.close()
 

@@ -311,12 +311,12 @@ def test_checkpointing_gives_the_same_gradients():
         grads = []
         for mode in ("none", "own", "block"):
             model.zero_grad()
-            undo = enable_checkpointing(model, "block") if mode == "block" else None
+            wrappers = enable_checkpointing(model, "block") if mode == "block" else None
             model.enable_gradient_checkpointing() if mode == "own" else model.disable_gradient_checkpointing()
             run().square().mean().backward()
             grads.append(probe.weight.grad.clone())
-            if undo:
-                undo()
+            if wrappers:
+                wrappers.revert()
         model.disable_gradient_checkpointing()
         torch.testing.assert_close(grads[0], grads[1])
         torch.testing.assert_close(grads[0], grads[2])

@@ -163,7 +163,7 @@ def test_modelscope_384x384x16_on_meta_within_15_percent(tmp_path):
     pred = planner.predict(cfg, m)
     dtype = planner.activation_dtype(cfg)
     backbone, reward, _ = planner.build_on_meta(cfg, dtype)
-    undo = enable_checkpointing(backbone.denoiser, "sub_block")
+    wrappers = enable_checkpointing(backbone.denoiser, "sub_block")
     scheduler = backbone.make_scheduler("ddim")
     scheduler.set_timesteps(25)
     t = int(scheduler.timesteps[-1])
@@ -175,7 +175,7 @@ def test_modelscope_384x384x16_on_meta_within_15_percent(tmp_path):
         x0 = (latents - (1 - alpha).sqrt().to("meta") * eps) / alpha.sqrt().to("meta")  # DDIM's last step
         video = decode_frames(backbone.vae, x0, [5], [5])
         reward(video.float(), ["a prompt"])
-    undo()
+    wrappers.revert()
     predicted = _kept_prediction(pred)
     assert log.total > 2 * 2 ** 30  # sub-block inputs of a CFG call at this size: GiBs, not MiBs
     assert abs(predicted - log.total) <= 0.15 * log.total, (predicted / 2 ** 30, log.total / 2 ** 30)

@@ -78,8 +78,7 @@ def test_a_checkpointing_policy_that_matches_nothing_is_caught(tmp_path, monkeyp
 
 def test_checkpoint_wrappers_that_never_run_are_caught(tmp_path):
     trainer = Trainer(tiny_config(tmp_path))
-    trainer._undo_checkpointing()  # e.g. a later patch replaced the wrapped forwards
-    trainer._undo_checkpointing = lambda: None
+    trainer.checkpoint_wrappers.revert()  # e.g. other code took the wrappers off after set-up
     with pytest.raises(SelfCheckError, match="none ran checkpointed"):
         trainer.train_step()
     trainer.close()
@@ -99,10 +98,10 @@ def test_offload_that_never_engages_is_caught(tmp_path, monkeypatch):
     trainer.close()
 
     # the real offloader, pointed at CPU tensors, reports what it moved: the check passes
-    def cpu_offload_wrapper(checkpointing, offload):
+    def cpu_offload_wrapper(checkpointing, offload, stats):
         def wrap(fn):
             def offloaded(x, t):
-                with offload_module.ActivationOffloader(("cpu",), min_bytes=0):
+                with offload_module.ActivationOffloader(("cpu",), min_bytes=0, stats=stats):
                     return fn(x, t)
             return offloaded
         return wrap
@@ -114,31 +113,24 @@ def test_offload_that_never_engages_is_caught(tmp_path, monkeypatch):
     trainer.close()
 
 
-def _swap_norms(model: nn.Module, add_unused: bool) -> list:
+def _swap_norms(model: nn.Module, patches: patching.Patches, add_unused: bool) -> None:
     """A fake kernel patch: replaces each ResnetBlock2D's norm1 with an equal GroupNorm subclass
     (a real swap that runs), or, with ``add_unused``, installs the kernel module under a name the
     block's forward never calls (the bug the self-check exists for)."""
     class FusedNorm(nn.GroupNorm):
         pass
 
-    undos = []
     for block in [m for m in model.modules() if type(m).__name__ == "ResnetBlock2D"]:
         old = block.norm1
         new = FusedNorm(old.num_groups, old.num_channels, old.eps)
         new.load_state_dict(old.state_dict())
-        if add_unused:
-            block.fused_norm1 = new
-            undos.append(lambda b=block: delattr(b, "fused_norm1"))
-        else:
-            block.norm1 = new
-            undos.append(lambda b=block, o=old: setattr(b, "norm1", o))
-    return undos
+        patches.replace(patching.ChildModule(block, "fused_norm1" if add_unused else "norm1"), new)
 
 
 @pytest.mark.parametrize("unused", [False, True])
 def test_self_check_verifies_patched_kernels_ran(tmp_path, monkeypatch, unused):
-    monkeypatch.setitem(patching.PATCHES, "fake_norm",
-                        patching.Patch("fake_norm", lambda m: _swap_norms(m, unused)))
+    fake = patching.Patch("fake_norm", lambda model, patches: _swap_norms(model, patches, unused))
+    monkeypatch.setattr(patching, "PATCHES", {**patching.PATCHES, "fake_norm": fake})
     trainer = Trainer(tiny_config(tmp_path, kernels={"enabled": "on", "ops": ["fake_norm"]}))
     assert trainer.kernel_report["denoiser"].counts["fake_norm"] > 0
     if unused:
@@ -150,6 +142,5 @@ def test_self_check_verifies_patched_kernels_ran(tmp_path, monkeypatch, unused):
         # every swapped denoiser norm ran; in the VAE only the decoder's did (the encoder is unused)
         assert report["kernels_denoiser"]["ran"] == report["kernels_denoiser"]["changed_modules"] > 0
         assert 0 < report["kernels_vae"]["ran"] < report["kernels_vae"]["changed_modules"]
-    patching.revert(trainer.backbone.denoiser)
-    patching.revert(trainer.backbone.vae)
     trainer.close()
+    assert not patching.is_patched(trainer.backbone.denoiser) and not patching.is_patched(trainer.backbone.vae)
