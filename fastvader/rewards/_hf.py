@@ -7,10 +7,8 @@ Nothing here imports transformers at module import time, so ``available_rewards(
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Sequence
 

@@ -37,7 +37,6 @@ import torch.nn.functional as F
 
 from fastvader.toy import world as synthetic
 from fastvader.toy.model import WEIGHTS_DIR, ToyWorld, ToyWorldConfig, build_toy_world, load_toy_world, save_toy_world
-from fastvader.toy.sample import encode_latents
 
 
 @dataclass

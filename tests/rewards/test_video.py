@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from fastvader.rewards._hf import RewardWeightsError
 from fastvader.rewards._text import eos_positions
 from fastvader.rewards.action import ActionReward, match_label
-from fastvader.rewards.viclip import ViCLIPModel, ViCLIPReward
+from fastvader.rewards.viclip import ViCLIPReward
 from fastvader.rewards.vjepa import VJEPAReward
 from tests.helpers.tiny_rewards import (PROMPTS, TINY_VICLIP, TINY_VIDEOMAE, TINY_VJEPA2,
                                  assert_differentiable_and_frozen, videos)
