@@ -48,6 +48,8 @@ ON_DEMAND_COST = 0.3  # moving the VAE and reward on and off the GPU once per st
 #: what the allocator needs beyond the tensors (fragmentation, cuBLAS workspaces)
 HEADROOM = 0.92
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+#: the timestep of the measured denoiser calls: memory does not depend on it
+_TIMESTEP = 500
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,8 +271,8 @@ def _measure(cfg: TrainConfig, dtype: torch.dtype) -> Measurements:
     latents = torch.empty(batch, *shape, device="meta", dtype=dtype)
     embeds = backbone.placeholder_embeddings(batch, dtype)
 
-    def call(x):  # memory does not depend on the timestep
-        return classifier_free_guidance(backbone, x, 500, embeds, cfg.sampler.guidance_scale)
+    def call(x):
+        return classifier_free_guidance(backbone, x, _TIMESTEP, embeds, cfg.sampler.guidance_scale)
 
     with gpu_like_attention():
         call_kept, call_peak = _measure_grad_calls(call, latents, backbone, reward)
@@ -306,7 +308,7 @@ def _measure_grad_calls(call, latents: torch.Tensor, backbone, reward: nn.Module
             wrap = grad_step_wrapper(policy, False)
             step = wrap(lambda x, _t: call(x)) if wrap else (lambda x, _t: call(x))
             with LivePeak() as live, record_saved([backbone, reward], gpu_attention=False) as log:
-                out = step(latents, 500)
+                out = step(latents, _TIMESTEP)
             kept[policy], peak[policy] = log.total, live.peak
             del out
         finally:
