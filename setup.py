@@ -8,6 +8,10 @@ packages = find_packages(include=["fastvader", "fastvader.*"]) + ["fastvader.ker
 setup(
     packages=packages,
     package_dir={"fastvader.kernels": "kernels"},
-    package_data={"fastvader": ["toy/weights/*.safetensors", "toy/weights/*.json"]},
+    # the toy world's weights and the real model configs (JSON/YAML, each folder with its
+    # SOURCES.md); training logs are documentation (docs/toy_world/), not package data
+    package_data={"fastvader": ["toy/weights/*.safetensors", "toy/weights/world.json",
+                                "model_configs/*.md", "model_configs/*.yaml",
+                                "model_configs/*/*.json", "model_configs/*/*.md"]},
     include_package_data=True,
 )

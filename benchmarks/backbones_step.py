@@ -1,6 +1,6 @@
 """One VADER step per diffusers backbone at its full size (random weights), on a GPU.
 
-    FASTVADER_MODEL_CONFIGS=/path/to/model-configs python benchmarks/backbones_step.py [family ...]
+    python benchmarks/backbones_step.py [family ...]
 
 For each family: build the real architecture (bf16) on the GPU, LoRA r16 (fp32) on the default
 targets, encode a prompt (the text encoder visits the GPU and goes back to the CPU), sample

@@ -1,7 +1,7 @@
 """Reward forward + backward to the pixels, per reward.
 
 CPU: the tiny test configurations (a smoke benchmark). GPU (``-m gpu``, skipped without CUDA):
-the real architectures from ../shared/model-configs with random weights in bf16, at VADER's
+the real architectures from the packaged model configs with random weights in bf16, at VADER's
 settings: image rewards on one 320x512 frame per video, video rewards on 16 frames. Peak memory
 goes into ``extra_info``. There are no assertions on speed here.
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastvader.model_configs import ROOT as PACKAGED_CONFIGS
 from fastvader.rewards import reward_class
-from tests._shared import require_model_configs
-from tests._tiny_rewards import TINY_CLIP, TINY_VICLIP, TINY_VIDEOMAE, TINY_VJEPA2, TINY_YOLOS
+from tests.helpers.tiny_rewards import TINY_CLIP, TINY_VICLIP, TINY_VIDEOMAE, TINY_VJEPA2, TINY_YOLOS
 
 TINY = {
     "aesthetic": {"config": TINY_CLIP}, "hpsv2": {"config": TINY_CLIP}, "pickscore": {"config": TINY_CLIP},
@@ -53,8 +53,7 @@ def test_bench_reward_tiny_cpu(benchmark, name):
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("name", list(REAL))
 def test_bench_reward_real_gpu(benchmark, name, checkpointing):
-    root = require_model_configs()
-    options = {"random_init": True, "config": str(root / REAL[name]), "dtype": "bf16", "checkpointing": checkpointing}
+    options = {"random_init": True, "config": str(PACKAGED_CONFIGS / REAL[name]), "dtype": "bf16", "checkpointing": checkpointing}
     if name == "action":
         options["target"] = "playing piano"
     reward = reward_class(name)(**options).freeze().cuda()

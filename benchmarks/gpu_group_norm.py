@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -120,22 +119,14 @@ def measure(device: str = "cuda", shapes=SHAPES, dtype: torch.dtype = torch.bflo
     return rows
 
 
-def _model_configs() -> Path:
-    from fastvader.backbones.diffusers_common import shared_model_configs
-
-    found = shared_model_configs()
-    if found is None:
-        raise FileNotFoundError("model-configs folder not found: set FASTVADER_MODEL_CONFIGS, or put it in "
-                                "../shared/model-configs next to the repository")
-    return found
-
-
 def sd_vae(device, dtype, config: dict | None = None):
     """The SD 1.5 VAE architecture from its real config, random weights, frozen."""
     from diffusers import AutoencoderKL
 
+    from fastvader.model_configs import packaged_config
+
     if config is None:
-        config = json.loads((_model_configs() / "sd15" / "vae_config.json").read_text())
+        config = json.loads(packaged_config("sd15/vae_config.json").read_text())
     torch.manual_seed(0)
     vae = AutoencoderKL.from_config(config)
     return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -3,7 +3,7 @@
     python -m benchmarks.gpu_suite                 # everything, JSON to benchmarks/gpu_suite.json
     python -m benchmarks.gpu_suite --dry-run       # CPU, toy backbone, tiny sizes: checks the wiring
 
-It builds ModelScope T2V 1.7B from ../shared/model-configs with random weights (the registered
+It builds ModelScope T2V 1.7B from the packaged model configs with random weights (the registered
 ``modelscope`` backbone when present, else fastvader.memory.reference_models' ``modelscope_arch``)
 and the aesthetic reward's architecture (CLIP ViT-L/14 + LAION MLP, random weights: ``aesthetic``
 with random_init when registered, else ``aesthetic_arch``), and measures in the same process:
@@ -88,7 +88,7 @@ def _backbone_and_reward(dry: bool) -> tuple[dict, dict, str]:
         backbone = {"name": "modelscope", "random_init": True}
     else:
         backbone = {"name": "modelscope_arch", "random_init": True}
-        notes.append("backbone: modelscope_arch (UNet3D + SD VAE from the shared configs; fixed random text "
+        notes.append("backbone: modelscope_arch (UNet3D + SD VAE from the packaged configs; fixed random text "
                      "embeddings instead of the text encoder, which leaves the GPU after embedding anyway)")
     if "aesthetic" in available_rewards():
         reward = {"name": "aesthetic", "options": {"aesthetic": {"random_init": True}}}

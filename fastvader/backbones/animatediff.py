@@ -72,9 +72,9 @@ class AnimateDiffBackbone(PerFrameVaeBackbone):
     @classmethod
     def _config_files(cls, config_dir: Path | None) -> dict[str, Path]:
         return {
-            "unet": find_config_file("unet", config_dir, ["animatediff_v1-5-2/unet_motion_model_config.json"]),
-            "vae": find_config_file("vae", config_dir, ["sd15/vae_config.json"]),
-            "text_encoder": find_config_file("text_encoder", config_dir, ["sd15/text_encoder_config.json"]),
+            "unet": find_config_file("unet", config_dir, "animatediff_v1-5-2/unet_motion_model_config.json"),
+            "vae": find_config_file("vae", config_dir, "sd15/vae_config.json"),
+            "text_encoder": find_config_file("text_encoder", config_dir, "sd15/text_encoder_config.json"),
         }
 
     @classmethod

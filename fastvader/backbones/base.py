@@ -86,6 +86,14 @@ class Backbone(nn.Module):
         loop caches the result, so the text encoder may be offloaded afterwards."""
         raise NotImplementedError
 
+    def placeholder_embeddings(self, batch: int, dtype: torch.dtype) -> PromptEmbeddings:
+        """Conditioning shaped like ``encode_prompts`` of ``batch`` prompts, on the denoiser's
+        device, without running the text encoder (values unspecified). The memory planner measures
+        with it on the meta device, where hub tokenizers and multi-GB text encoders cannot run.
+        The default encodes empty prompts; families with a large or downloaded text encoder
+        give the shapes from their configuration."""
+        return self.encode_prompts([""] * batch).to(self.device, dtype)
+
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(channels, latent_frames, latent_height, latent_width) for a video of this size.
         Raises ValueError naming what to change when the size does not fit the model."""

@@ -2,8 +2,8 @@
 
 - Finding configs and weights: a hub id or a local folder in the diffusers pipeline layout
   (``unet/`` or ``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``),
-  or, for ``random_init``, a folder of config JSONs (default: the family's folder in the shared
-  ``model-configs``).
+  or, for ``random_init``, a folder of config JSONs (default: the family's files packaged in
+  ``fastvader.model_configs``).
 - Loading with clear errors: which files were expected and where we looked when weights are
   missing; the first missing/unexpected/mis-shaped keys when a checkpoint does not fit.
 - The text encoder lives outside the module tree on the CPU (``backbone.to(cuda)`` does not
@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from fastvader.backbones._weights import resolve_dtype
 from fastvader.backbones.base import Backbone, PromptEmbeddings
+from fastvader.model_configs import packaged_config
 
 
 #: the SD AutoencoderKL at a tiny size, shared by the per-frame-VAE families' tiny options
@@ -46,53 +47,30 @@ class CheckpointMismatchError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # dtypes and config folders
 # ---------------------------------------------------------------------------------------------
-def shared_model_configs() -> Path | None:
-    """The shared ``model-configs`` folder: $FASTVADER_MODEL_CONFIGS, then ``../shared`` next to
-    the repository, then /work/shared. None when none exists."""
-    candidates = []
-    if os.environ.get("FASTVADER_MODEL_CONFIGS"):
-        candidates.append(Path(os.environ["FASTVADER_MODEL_CONFIGS"]))
-    repo = Path(__file__).resolve().parents[2]
-    candidates += [repo.parent / "shared" / "model-configs", Path("/work/shared/model-configs")]
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return None
-
-
 def read_json(path: Path) -> dict:
     with open(path) as f:
         return json.load(f)
 
 
-def find_config_file(component: str, config_dir: Path | None, defaults: Sequence[str]) -> Path:
+def find_config_file(component: str, config_dir: Path | None, packaged: str) -> Path:
     """The config JSON of ``component`` for random_init.
 
     With a user ``config_dir`` we try ``<component>_config.json``, the diffusers layout
-    (``<component>/config.json``, ``scheduler/scheduler_config.json``) and then the family's own
-    file names; without one, the family's files in the shared model-configs folder."""
-    tried: list[Path] = []
-    if config_dir is not None:
-        names = [f"{component}_config.json", f"{component}/config.json",
-                 f"{component}/{component}_config.json"] + [Path(d).name for d in defaults]
-        for name in names:
-            p = config_dir / name
-            tried.append(p)
-            if p.is_file():
-                return p
-    else:
-        root = shared_model_configs()
-        if root is None:
-            raise MissingWeightsError(
-                f"no config for the {component}: the shared model-configs folder was not found "
-                "(set FASTVADER_MODEL_CONFIGS or backbone.config_path)")
-        for rel in defaults:
-            p = root / rel
-            tried.append(p)
-            if p.is_file():
-                return p
-    raise MissingWeightsError(f"no config for the {component}; looked for "
-                              f"{[str(t) for t in tried]} (set backbone.config_path to a folder holding it)")
+    (``<component>/config.json``) and then the name of the family's own file; without one, the
+    family's file ``packaged`` in ``fastvader.model_configs`` (e.g. ``sd15/vae_config.json``)."""
+    if config_dir is None:
+        try:
+            return packaged_config(packaged)
+        except FileNotFoundError as err:
+            raise MissingWeightsError(f"no config for the {component}: {err}") from err
+    names = [f"{component}_config.json", f"{component}/config.json", f"{component}/{component}_config.json",
+             Path(packaged).name]
+    tried = [config_dir / name for name in names]
+    found = next((p for p in tried if p.is_file()), None)
+    if found is None:
+        raise MissingWeightsError(f"no config for the {component}; looked for "
+                                  f"{[str(t) for t in tried]} (set backbone.config_path to a folder holding it)")
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +369,14 @@ class DiffusersBackbone(Backbone):
     def free_text_encoder(self) -> None:
         """Drop the text encoder for good (e.g. Wan's 5.7B UMT5 once every prompt is cached)."""
         self._text_encoder_slot[0] = None
+
+    def placeholder_embeddings(self, batch: int, dtype: torch.dtype) -> PromptEmbeddings:
+        """(batch, max_text_length, text width) from the text encoder's configuration."""
+        if self.text_encoder is None:
+            raise RuntimeError(f"the {self.family} text encoder was freed; its width is unknown")
+        width = self.text_encoder.config.hidden_size  # T5 configs map it to d_model
+        cond = torch.empty(batch, self.max_text_length, width, device=self.device, dtype=dtype)
+        return PromptEmbeddings(cond, torch.empty_like(cond))
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.tokenizer(prompts, padding="max_length", max_length=self.max_text_length, truncation=True,

@@ -50,7 +50,7 @@ class ModelScopeBackbone(PerFrameVaeBackbone):
     # -- building --------------------------------------------------------------------------------
     @classmethod
     def _config_files(cls, config_dir: Path | None) -> dict[str, Path]:
-        return {name: find_config_file(name, config_dir, [f"{_CONFIG_DIR}/{name}_config.json"])
+        return {name: find_config_file(name, config_dir, f"{_CONFIG_DIR}/{name}_config.json")
                 for name in ("unet", "vae", "text_encoder")}
 
     @classmethod
@@ -68,8 +68,9 @@ class ModelScopeBackbone(PerFrameVaeBackbone):
     @classmethod
     def build_random(cls, config_dir, options, dtype):
         parts = {k: build().to(dtype) for k, build in cls.component_builders(config_dir).items()}
-        # A user's config folder may carry its own schedule; the shared folder's ModelScope file is
-        # a reconstruction (steps_offset 0, see above), so the family schedule is used instead.
+        # A user's config folder may carry its own schedule; the published one was never found
+        # (the shared reconstruction has steps_offset 0, see above), so none is packaged and the
+        # family schedule is used instead.
         sched = cls.scheduler_defaults
         if config_dir is not None and (config_dir / "scheduler_config.json").is_file():
             sched = read_json(config_dir / "scheduler_config.json")

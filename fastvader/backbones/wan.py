@@ -77,10 +77,9 @@ class WanBackbone(DiffusersBackbone):
     @classmethod
     def _config_files(cls, config_dir: Path | None) -> dict[str, Path]:
         return {
-            "transformer": find_config_file("transformer", config_dir, [f"{_CONFIG_DIR}/transformer_config.json"]),
-            "vae": find_config_file("vae", config_dir, [f"{_CONFIG_DIR}/vae_config.json"]),
-            "text_encoder": find_config_file("text_encoder", config_dir, [f"{_CONFIG_DIR}/text_encoder_config.json",
-                                                                          "text_encoders/umt5-xxl_config.json"]),
+            "transformer": find_config_file("transformer", config_dir, f"{_CONFIG_DIR}/transformer_config.json"),
+            "vae": find_config_file("vae", config_dir, f"{_CONFIG_DIR}/vae_config.json"),
+            "text_encoder": find_config_file("text_encoder", config_dir, "text_encoders/umt5-xxl_config.json"),
         }
 
     @classmethod

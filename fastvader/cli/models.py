@@ -1,5 +1,6 @@
 """``fastvader models``: the catalogue of every backbone and reward with its defaults and
-parameter counts (from the real configurations, built on the meta device)."""
+parameter counts (the real architectures from the configs packaged with fastvader, built on the
+meta device: no weights, no download)."""
 from __future__ import annotations
 
 import json
@@ -27,8 +28,16 @@ def catalog() -> dict[str, list[dict[str, Any]]]:
     available_rewards()  # registers the built-ins
     backbones = [_describe(backbone_class(n), n) for n in available_backbones()]
     rewards = [_describe(cls, n) for n, cls in sorted(REWARDS.items())]
-    rewards += [{"name": n, "kind": "preset", "terms": terms} for n, terms in sorted(PRESETS.items())]
+    counts = {entry["name"]: entry.get("params") for entry in rewards}
+    rewards += [_describe_preset(n, terms, counts) for n, terms in sorted(PRESETS.items())]
     return {"backbones": backbones, "rewards": rewards}
+
+
+def _describe_preset(name: str, terms: dict[str, float], counts: dict[str, Any]) -> dict[str, Any]:
+    """A preset's members, and its parameter count: theirs together (None if one is unknown)."""
+    members = [counts.get(member) for member in terms]
+    total = sum(members) if all(isinstance(n, int) for n in members) else None
+    return {"name": name, "kind": "preset", "terms": terms, "params": total}
 
 
 def add_parser(sub) -> None:

@@ -130,10 +130,12 @@ class _FlashLikeAttention(torch.autograd.Function):
         return tuple(next(grads) if t.requires_grad else None for t in (q_, k_, v_)) + (None,) * 4
 
 
-def flash_like_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-    if kw or dropout_p:
+def flash_like_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                    enable_gqa=False, **kw):
+    # diffusers' attention dispatcher passes enable_gqa=False explicitly
+    if kw or dropout_p or enable_gqa:
         return _original_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                              is_causal=is_causal, scale=scale, **kw)
+                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, **kw)
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (query, key, value)):
         return _attention(query, key, value, attn_mask, is_causal, scale)
     return _FlashLikeAttention.apply(query, key, value, attn_mask, dropout_p, is_causal, scale)

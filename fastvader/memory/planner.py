@@ -48,36 +48,49 @@ ON_DEMAND_COST = 0.3  # moving the VAE and reward on and off the GPU once per st
 #: what the allocator needs beyond the tensors (fragmentation, cuBLAS workspaces)
 HEADROOM = 0.92
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+#: the timestep of the measured denoiser calls: memory does not depend on it
+_TIMESTEP = 500
 
 
 # ---------------------------------------------------------------------------------------------
 # measuring on the meta device
 # ---------------------------------------------------------------------------------------------
 class LivePeak(torch.utils._python_dispatch.TorchDispatchMode):
-    """Peak bytes of tensors created inside the block that are alive at once (each storage once;
-    tensors saved for backward stay alive, so a grad forward's peak includes them)."""
+    """Peak bytes of the storages created inside the block that are alive at once. A storage
+    counts once and stays alive while any tensor made inside the block holds it: saved tensors
+    (a grad forward's peak includes them) and aliases such as the ``detach()`` copies in which
+    non-reentrant checkpointing keeps what it recomputes during backward."""
 
     def __init__(self):
         super().__init__()
         self.live = 0
         self.peak = 0
-        self._seen: set[int] = set()
+        self._holders: dict[int, int] = {}  # storage key -> tensors of the block holding it
+        self._nbytes: dict[int, int] = {}
 
-    def _free(self, key: int, n: int) -> None:
-        self.live -= n
-        self._seen.discard(key)
+    def _release(self, key: int) -> None:
+        self._holders[key] -= 1
+        if not self._holders[key]:
+            del self._holders[key]
+            self.live -= self._nbytes.pop(key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t._base is None:
-                key = t.untyped_storage()._cdata
-                if key in self._seen:
-                    continue
-                n = t.untyped_storage().nbytes()
-                self._seen.add(key)
-                self.live += n
-                weakref.finalize(t, self._free, key, n)
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        leaves = torch.utils._pytree.tree_leaves
+        inputs = {t.untyped_storage()._cdata for t in leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = t.untyped_storage()._cdata
+            if key not in self._holders:
+                if key in inputs:
+                    continue  # a view or in-place result of a storage made before the block
+                self._holders[key] = 0
+                self._nbytes[key] = t.untyped_storage().nbytes()
+                self.live += self._nbytes[key]
+            self._holders[key] += 1
+            weakref.finalize(t, self._release, key)
         self.peak = max(self.peak, self.live)
         return out
 
@@ -93,7 +106,7 @@ class Measurements:
     latent_bytes: int                  # one latent batch (B, C, F, h, w)
     decode_kept_first: int             # decode_frames with one grad frame
     decode_kept_per_frame: int         # each further grad frame
-    decode_recompute: int              # peak while one decode chunk is recomputed with grad
+    decode_recompute: int              # peak of backward through one decode unit (it recomputes)
     reward_kept_per_frame: int
     reward_fixed: int
     scheduler_fixed: int               # the scheduler's tables: grad steps index into them
@@ -132,7 +145,7 @@ def _geometry_key(cfg: TrainConfig, dtype: torch.dtype) -> dict:
             "lora": [cfg.lora.rank, list(cfg.lora.target_modules)], "reward": cfg.reward_terms,
             "reward_options": cfg.reward.options, "decode_chunk": cfg.memory.decode_chunk, "dtype": str(dtype),
             "decode_impl": getattr(decode_frames, "__module__", "") + str(decode_frames.__code__.co_firstlineno),
-            "version": 5}
+            "version": 6}
 
 
 def cache_path() -> Path:
@@ -177,19 +190,33 @@ def _meta_stays_put() -> Iterator[None]:
         nn.Module.cpu = original
 
 
+class CpuIndicesFollowMeta(torch.utils._python_dispatch.TorchDispatchMode):
+    """Meta tensors hold no values, so code that reads an index tensor's values (a mask's largest
+    index, an end-of-text position) keeps it on the CPU when the model is on the meta device;
+    when such a tensor meets meta tensors in an op, it moves to the meta device for that op."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if any(t.is_meta for t in tensors) and any(t.device.type == "cpu" and t.dim() for t in tensors):
+            args, kwargs = torch.utils._pytree.tree_map_only(
+                torch.Tensor, lambda t: t.to("meta") if t.device.type == "cpu" and t.dim() else t, (args, kwargs))
+        return func(*args, **kwargs)
+
+
 def build_on_meta(cfg: TrainConfig, dtype: torch.dtype):
-    """The configured backbone architecture (random init, no weights) and reward on the meta
-    device, LoRA injected: (backbone, reward, lora_params)."""
+    """The configured backbone and reward architectures (random init, no weights, nothing but the
+    packaged configs read) on the meta device, LoRA injected: (backbone, reward, lora_params)."""
     from fastvader.backbones import build_backbone
     from fastvader.lora import add_lora
-    from fastvader.rewards import build_reward
+    from fastvader.rewards import build_reward_architecture
 
     bcfg = dataclasses.replace(cfg.backbone, random_init=True, pretrained=None)
     with torch.device("meta"), _quiet(), _meta_stays_put():
         backbone = build_backbone(bcfg).freeze().to(dtype)
         try:
-            reward = build_reward(cfg.reward).freeze().to(dtype)
-        except Exception as err:  # a reward that cannot be built without its weights
+            reward = build_reward_architecture(cfg.reward).freeze().to(dtype)
+        except Exception as err:  # a reward of the user's own that cannot be built without its weights
             raise RuntimeError(f"the planner could not build reward {cfg.reward_terms} on the meta device "
                                f"({err}); plan with a reward that has random_init, or measure on a GPU") from err
         lora = add_lora(backbone.denoiser, cfg.lora.rank, cfg.lora.alpha, 0.0,
@@ -197,18 +224,12 @@ def build_on_meta(cfg: TrainConfig, dtype: torch.dtype):
     return backbone, reward, lora
 
 
-def _meta_embeddings(backbone, batch: int, dtype):
-    from fastvader.backbones import PromptEmbeddings
+def _planning_prompts(cfg: TrainConfig, batch: int) -> list[str]:
+    """The first ``batch`` training prompts (rewards such as ``action`` read them)."""
+    from fastvader.training.prompts import PromptSource
 
-    try:
-        emb = backbone.encode_prompts(["a prompt"] * batch)
-        cond = emb.cond.to("meta", dtype)
-        uncond = None if emb.uncond is None else emb.uncond.to("meta", dtype)
-        return PromptEmbeddings(cond, uncond, {k: v.to("meta") for k, v in emb.extra.items()})
-    except Exception:  # text encoders that will not run on meta: the shape is all we need
-        dim = getattr(backbone.denoiser.config, "cross_attention_dim", 1024)
-        cond = torch.empty(batch, 77, dim, device="meta", dtype=dtype)
-        return PromptEmbeddings(cond, torch.empty_like(cond))
+    pool = PromptSource.from_config(cfg.prompts, getattr(cfg, "_base_dir", None)).prompts
+    return [pool[i % len(pool)] for i in range(batch)]
 
 
 def target_device_type(cfg: TrainConfig) -> str:
@@ -243,92 +264,107 @@ def measure(cfg: TrainConfig, *, use_cache: bool = True, device_type: str | None
 
 def _measure(cfg: TrainConfig, dtype: torch.dtype) -> Measurements:
     from fastvader.training.sampling import classifier_free_guidance
-    from fastvader.memory.checkpointing import checkpoint_units, enable_checkpointing
-    from fastvader.memory.offload import grad_step_wrapper
 
     backbone, reward, lora = build_on_meta(cfg, dtype)
     batch = cfg.train.batch_size
     shape = backbone.latent_shape(cfg.video.frames, cfg.video.height, cfg.video.width)
     latents = torch.empty(batch, *shape, device="meta", dtype=dtype)
-    embeds = _meta_embeddings(backbone, batch, dtype)
-    g = cfg.sampler.guidance_scale
-    t = 500
+    embeds = backbone.placeholder_embeddings(batch, dtype)
 
     def call(x):
-        return classifier_free_guidance(backbone, x, t, embeds, g)
+        return classifier_free_guidance(backbone, x, _TIMESTEP, embeds, cfg.sampler.guidance_scale)
 
-    call_kept, call_peak, unit_peak = {}, {}, {}
     with gpu_like_attention():
-        for policy in POLICIES:
-            wrappers = enable_checkpointing(backbone.denoiser, policy)
-            try:
-                fn = grad_step_wrapper(policy, False)
-                step = fn(lambda x, _t: call(x)) if fn else (lambda x, _t: call(x))
-                with LivePeak() as live, record_saved([backbone, reward], gpu_attention=False) as log:
-                    out = step(latents, t)
-                call_kept[policy], call_peak[policy] = log.total, live.peak
-                del out
-            finally:
-                wrappers.revert()
-        # the largest unit each policy recomputes: its internals, measured without checkpointing
-        for policy in ("block", "sub_block"):
-            units = checkpoint_units(backbone.denoiser, policy)
-            sizes: dict[int, int] = {}
-            with record_saved([backbone, reward], gpu_attention=False) as log:
-                handles = []
-                for i, u in enumerate(units):
-                    handles.append(u.register_forward_pre_hook(lambda _m, _a, i=i: sizes.__setitem__(i, -log.total)))
-                    handles.append(u.register_forward_hook(lambda _m, _a, _o, i=i: sizes.__setitem__(i, sizes[i] + log.total)))
-                try:
-                    call(latents)
-                finally:
-                    for h in handles:
-                        h.remove()
-            unit_peak[policy] = max(sizes.values(), default=0)
+        call_kept, call_peak = _measure_grad_calls(call, latents, backbone, reward)
+        unit_peak = {policy: _largest_unit(call, latents, backbone, reward, policy) for policy in ("block", "sub_block")}
         with torch.no_grad(), LivePeak() as live:
             call(latents)
-        nograd = live.peak
-
-        # decode: what decode_frames keeps per grad frame (fit over 1 and 2 frames) and the
-        # peak of recomputing one chunk with gradients
-        vae = backbone.vae
-        lat = latents.detach().requires_grad_(True)
-        kept = []
-        for n in (1, 2):
-            with record_saved([vae]) as log:
-                backbone.decode_frames(lat, list(range(n)), list(range(n)), chunk=cfg.memory.decode_chunk)
-            kept.append(log.total)
-        # backward recomputes one chunk of frames through the VAE with gradients
-        chunk = min(cfg.memory.decode_chunk, shape[1])
-        z = lat[:, :, :chunk].transpose(1, 2).reshape(batch * chunk, shape[0], *shape[2:])
-        with LivePeak() as live:
-            vae.decode(z / getattr(vae.config, "scaling_factor", 1.0), return_dict=False)
-        decode_recompute = live.peak
-        with torch.no_grad():
-            pixels = backbone.decode_frames(latents, [0, 1] if shape[1] > 1 else [0])
-        px = pixels.float().detach().requires_grad_(True)
-        prompts = ["a prompt"] * batch
-        rk = []
-        for n in ((1, 2) if px.shape[1] > 1 else (1,)):
-            with record_saved([reward]) as log:
-                reward(px[:, :n], prompts)
-            rk.append(log.total)
-        reward_per_frame = rk[1] - rk[0] if len(rk) > 1 else rk[0]
-        reward_fixed = max(rk[0] - reward_per_frame, 0)
+        decode = _measure_decode(backbone, latents, cfg.memory.decode_chunk)
+        reward_fixed, reward_per_frame = _measure_reward(backbone, reward, latents, _planning_prompts(cfg, batch))
 
     text = getattr(backbone, "text_encoder", None)
-    scheduler = backbone.make_scheduler(cfg.sampler.name)
-    table = getattr(scheduler, "alphas_cumprod", None)  # DDIM/DPM index it with each timestep
+    table = getattr(backbone.make_scheduler(cfg.sampler.name), "alphas_cumprod", None)  # grad steps index it
+    lora_numel = sum(p.numel() for p in lora)
     return Measurements(
         scheduler_fixed=0 if table is None else table.numel() * table.element_size(),
-        call_kept=call_kept, call_forward_peak=call_peak, unit_peak=unit_peak, nograd_working=nograd,
-        latent_bytes=latents.numel() * latents.element_size(),
-        decode_kept_first=kept[0], decode_kept_per_frame=kept[1] - kept[0], decode_recompute=decode_recompute,
+        call_kept=call_kept, call_forward_peak=call_peak, unit_peak=unit_peak, nograd_working=live.peak,
+        latent_bytes=latents.numel() * latents.element_size(), **decode,
         reward_kept_per_frame=reward_per_frame, reward_fixed=reward_fixed,
-        params={"denoiser": _count(backbone.denoiser) - sum(p.numel() for p in lora),
-                "lora": sum(p.numel() for p in lora), "vae": _count(backbone.vae), "reward": _count(reward),
-                "text_encoder": _count(text if isinstance(text, nn.Module) else None)},
+        params={"denoiser": _count(backbone.denoiser) - lora_numel, "lora": lora_numel, "vae": _count(backbone.vae),
+                "reward": _count(reward), "text_encoder": _count(text if isinstance(text, nn.Module) else None)},
         lora_tensor_sizes=[p.numel() for p in lora])
+
+
+def _measure_grad_calls(call, latents: torch.Tensor, backbone, reward: nn.Module) -> tuple[dict, dict]:
+    """Per checkpointing policy: what one gradient-carrying CFG call keeps for backward, and the
+    peak while it runs forward."""
+    from fastvader.memory.checkpointing import enable_checkpointing
+    from fastvader.memory.offload import grad_step_wrapper
+
+    kept, peak = {}, {}
+    for policy in POLICIES:
+        wrappers = enable_checkpointing(backbone.denoiser, policy)
+        try:
+            wrap = grad_step_wrapper(policy, False)
+            step = wrap(lambda x, _t: call(x)) if wrap else (lambda x, _t: call(x))
+            with LivePeak() as live, record_saved([backbone, reward], gpu_attention=False) as log:
+                out = step(latents, _TIMESTEP)
+            kept[policy], peak[policy] = log.total, live.peak
+            del out
+        finally:
+            wrappers.revert()
+    return kept, peak
+
+
+def _largest_unit(call, latents: torch.Tensor, backbone, reward: nn.Module, policy: str) -> int:
+    """The most any one unit that ``policy`` recomputes keeps inside (measured without
+    checkpointing): the extra peak of recomputing it in backward."""
+    from fastvader.memory.checkpointing import checkpoint_units
+
+    sizes: dict[int, int] = {}
+    with record_saved([backbone, reward], gpu_attention=False) as log:
+        handles = []
+        for i, unit in enumerate(checkpoint_units(backbone.denoiser, policy)):
+            handles.append(unit.register_forward_pre_hook(lambda _m, _a, i=i: sizes.__setitem__(i, -log.total)))
+            handles.append(unit.register_forward_hook(lambda _m, _a, _o, i=i: sizes.__setitem__(i, sizes[i] + log.total)))
+        try:
+            call(latents)
+        finally:
+            for h in handles:
+                h.remove()
+    return max(sizes.values(), default=0)
+
+
+def _measure_decode(backbone, latents: torch.Tensor, decode_chunk: int) -> dict[str, int]:
+    """What ``decode_frames`` keeps for one grad frame and for each further one (fit over 1 and
+    2 frames), and the peak of backward through its first checkpointed unit, which recomputes
+    that unit's activations (any VAE: the backbone decodes as in training)."""
+    lat = latents.detach().requires_grad_(True)
+    kept = []
+    for n in (1, 2):
+        with record_saved([backbone.vae]) as log:
+            backbone.decode_frames(lat, list(range(n)), list(range(n)), chunk=decode_chunk)
+        kept.append(log.total)
+    unit = list(range(min(decode_chunk, latents.shape[2])))
+    pixels = backbone.decode_frames(lat, unit, unit, chunk=decode_chunk)
+    with LivePeak() as live:
+        pixels.float().sum().backward()
+    return {"decode_kept_first": kept[0], "decode_kept_per_frame": kept[1] - kept[0],
+            "decode_recompute": live.peak}
+
+
+def _measure_reward(backbone, reward: nn.Module, latents: torch.Tensor, prompts: list[str]) -> tuple[int, int]:
+    """(fixed, per frame): what the reward keeps for backward, fit over 1 and 2 decoded frames."""
+    with torch.no_grad():
+        pixels = backbone.decode_frames(latents, [0, 1] if latents.shape[2] > 1 else [0])
+    px = pixels.float().detach().requires_grad_(True)
+    kept = []
+    for n in ((1, 2) if px.shape[1] > 1 else (1,)):
+        with record_saved([reward]) as log, CpuIndicesFollowMeta():
+            reward(px[:, :n], prompts)
+        kept.append(log.total)
+    per_frame = kept[1] - kept[0] if len(kept) > 1 else kept[0]
+    return max(kept[0] - per_frame, 0), per_frame
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,7 +491,9 @@ def predict(cfg: TrainConfig, m: Measurements, setting: Setting | None = None) -
 
 
 def candidate_settings(cfg: TrainConfig) -> list[Setting]:
-    optimizers = ["adamw", "adamw8bit"] if cfg.optim.name in ("adamw", "adamw8bit") else [cfg.optim.name]
+    """Every checkpointing policy x activation offload x frozen placement x optimizer: AdamW, the
+    config's own, and bitsandbytes' AdamW8bit (not under DeepSpeed ZeRO, which refuses it)."""
+    optimizers = dict.fromkeys(["adamw", cfg.optim.name] + ([] if cfg.memory.zero_stage else ["adamw8bit"]))
     return [Setting(c, o, f, opt) for c in POLICIES for o in (False, True)
             for f in ("resident", "on_demand") for opt in optimizers]
 
@@ -552,7 +590,7 @@ def oom_message(cfg: TrainConfig, err: BaseException, device: torch.device) -> s
         lines = [head, f"The planner predicts {format_size(plan.current.peak)} for this config on a "
                        f"{format_size(budget)} budget."]
         if plan.best is not None and plan.best.setting == Setting.from_config(cfg):
-            lines.append(f"The planner expects this config to fit; the difference is fragmentation or memory "
+            lines.append("The planner expects this config to fit; the difference is fragmentation or memory "
                          "outside the step: try PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, fewer "
                          "frames.grad or memory.decode_chunk=1.")
         elif plan.best is not None:

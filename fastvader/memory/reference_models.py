@@ -1,4 +1,4 @@
-"""Real architectures from the shared config files, random weights: what the planner's tests and
+"""Real architectures from the packaged config files, random weights: what the planner's tests and
 the GPU suite measure when the full backbone/reward adapters are not registered.
 
 - ``modelscope_arch`` backbone: ModelScope T2V 1.7B's UNet3DConditionModel and SD AutoencoderKL
@@ -9,9 +9,8 @@ the GPU suite measure when the full backbone/reward adapters are not registered.
   LAION aesthetic MLP (768-1024-128-64-16-1), random weights, with CLIP's resize/normalise done
   differentiably. Stand-in for ``aesthetic`` when that reward is not registered.
 
-Importing this module registers both names. Config files are found in ``backbone.config_path``
-(a folder), ``$FASTVADER_MODEL_CONFIGS``, ``../shared/model-configs`` next to the repository, or
-/work/shared/model-configs.
+Importing this module registers both names. Config files are read from ``backbone.config_path``
+(a folder in the layout of ``fastvader.model_configs``), else from the packaged copies.
 """
 from __future__ import annotations
 
@@ -26,24 +25,16 @@ import torch.nn.functional as F
 
 from fastvader.backbones import register_backbone
 from fastvader.backbones.base import Backbone, PromptEmbeddings
+from fastvader.backbones.modelscope import MODELSCOPE_SCHEDULER
+from fastvader.model_configs import ROOT as PACKAGED_CONFIGS
 from fastvader.rewards.base import REWARDS, Reward, register_reward
-
-MODELSCOPE_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                            beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-                            steps_offset=1, prediction_type="epsilon")
 
 
 def model_configs_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """``explicit`` when it is a folder, else the shared model-configs folder."""
-    from fastvader.backbones.diffusers_common import shared_model_configs
-
+    """``explicit`` when it is a folder, else the packaged model configs."""
     if explicit and Path(explicit).is_dir():
         return Path(explicit)
-    found = shared_model_configs()
-    if found is None:
-        raise FileNotFoundError("no model-configs folder found: set backbone.config_path or FASTVADER_MODEL_CONFIGS "
-                                "to the folder holding modelscope_t2v_1.7b/ and clip_hf/")
-    return found
+    return PACKAGED_CONFIGS
 
 
 def _read(path: Path) -> dict:

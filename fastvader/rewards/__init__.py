@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 
+from fastvader.rewards._hf import PretrainedReward
 from fastvader.rewards.base import REWARDS, Reward, WeightedSum, build_reward_from_spec, register_reward
 
 # Modules whose import registers rewards. Real-model rewards import transformers lazily inside
@@ -62,13 +63,32 @@ def expand_terms(terms: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def _terms(cfg) -> dict[str, float]:
+    """A RewardConfig's ``terms`` ({name: weight}, presets expanded) or, when empty, ``{name: 1}``."""
+    terms = {str(k): float(v) for k, v in cfg.terms.items()} if getattr(cfg, "terms", None) else {str(cfg.name): 1.0}
+    return expand_terms(terms)
+
+
 def build_reward(cfg) -> Reward:
     """Build from a RewardConfig: ``cfg.terms`` ({name: weight}, presets allowed) or, when it is
     empty, ``cfg.name``; ``cfg.options`` ({reward: {option: value}}) go to the constructors."""
     _load_builtins()
-    terms = {str(k): float(v) for k, v in cfg.terms.items()} if getattr(cfg, "terms", None) else {str(cfg.name): 1.0}
-    return build_reward_from_spec(expand_terms(terms), getattr(cfg, "options", None))
+    return build_reward_from_spec(_terms(cfg), getattr(cfg, "options", None))
 
 
-__all__ = ["Reward", "WeightedSum", "register_reward", "available_rewards", "build_reward", "expand_terms",
-           "describe_rewards", "reward_class", "REWARDS", "PRESETS"]
+def build_reward_architecture(cfg) -> Reward:
+    """What ``build_reward(cfg)`` builds, with random weights and nothing read or downloaded but
+    fastvader's packaged configs (``PretrainedReward.architecture_options``): what the memory
+    planner measures on the meta device. Weightless rewards are built as configured."""
+    _load_builtins()
+    terms = _terms(cfg)
+    options = dict(getattr(cfg, "options", None) or {})
+    for name in terms:
+        cls = REWARDS.get(name)
+        if cls is not None and issubclass(cls, PretrainedReward):
+            options[name] = cls.architecture_options(dict(options.get(name) or {}))
+    return build_reward_from_spec(terms, options)
+
+
+__all__ = ["Reward", "WeightedSum", "register_reward", "available_rewards", "build_reward", "build_reward_architecture",
+           "expand_terms", "describe_rewards", "reward_class", "REWARDS", "PRESETS"]

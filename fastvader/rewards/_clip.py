@@ -22,19 +22,6 @@ from fastvader.rewards._hf import (PretrainedReward, RewardWeightsError, from_pr
 from fastvader.rewards._text import eos_positions, load_tokenizer
 from fastvader.rewards.preprocess import CLIP_TRANSFORM, ImageTransform, frames_to_images, write_processor_config
 
-# open_clip/src/open_clip/model_configs (EXACT copies in ../shared/model-configs/open_clip)
-OPENCLIP_VIT_L_14 = {
-    "embed_dim": 768, "quick_gelu": True,
-    "vision_cfg": {"image_size": 224, "layers": 24, "width": 1024, "patch_size": 14},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12, "layers": 12},
-}
-OPENCLIP_VIT_H_14 = {
-    "embed_dim": 1024,
-    "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80, "patch_size": 14},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24},
-}
-
-
 def open_clip_to_hf_config(cfg: dict) -> dict:
     """An OpenCLIP model config (optionally wrapped as ``{"model_cfg": ...}``) as CLIPConfig kwargs."""
     cfg = cfg.get("model_cfg", cfg)
@@ -71,6 +58,16 @@ def clip_config(config: Any, *, reward: str):
         if key in d:
             d.setdefault(key.replace("_dict", ""), d.pop(key))
     return tf.CLIPConfig(**d)
+
+
+def build_clip(config: Any, *, reward: str, vision_only: bool = False):
+    """A CLIPModel (or its vision tower with the projection) from a config in either layout,
+    with random weights."""
+    tf = transformers_module()
+    cfg = clip_config(config, reward=reward)
+    cfg.vision_config.projection_dim = cfg.projection_dim
+    cfg.text_config.projection_dim = cfg.projection_dim
+    return tf.CLIPVisionModelWithProjection(cfg.vision_config) if vision_only else tf.CLIPModel(cfg)
 
 
 def open_clip_state_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -145,17 +142,15 @@ class ClipReward(PretrainedReward):
 
     def __init__(self, pretrained: str | None, *, random_init: bool, config: Any, tokenizer: str | None,
                  dtype: str | torch.dtype, checkpointing: bool = False, vision_only: bool = False,
-                 transform: ImageTransform = CLIP_TRANSFORM, real_config: dict | None = None):
+                 transform: ImageTransform = CLIP_TRANSFORM):
         super().__init__(dtype)
         tf = transformers_module()
         self.vision_only = vision_only
         model_cls = tf.CLIPVisionModelWithProjection if vision_only else tf.CLIPModel
         processor_cfg = None
         if random_init:
-            cfg = clip_config(config if config is not None else real_config, reward=self.name)
-            cfg.vision_config.projection_dim = cfg.projection_dim
-            cfg.text_config.projection_dim = cfg.projection_dim
-            self.clip = model_cls(cfg.vision_config if vision_only else cfg).to(self.model_dtype)
+            architecture = self.architecture(config, pretrained)
+            self.clip = build_clip(architecture, reward=self.name, vision_only=vision_only).to(self.model_dtype)
         else:
             self.clip = self.load_pretrained(model_cls, pretrained, config)
             processor_cfg = processor_config(pretrained)
@@ -177,6 +172,10 @@ class ClipReward(PretrainedReward):
     def checkpointed_layers(self):
         return list(self.clip.vision_model.encoder.layers)
 
+    @classmethod
+    def real_architecture(cls):
+        return build_clip(cls.architecture(), reward=cls.name)
+
     def load_pretrained(self, model_cls, pretrained, config):
         self.reject_config_with_weights(config)
         return from_pretrained(model_cls, pretrained, reward=self.name, dtype=self.model_dtype)
@@ -194,9 +193,11 @@ class ClipReward(PretrainedReward):
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
             device = self.clip.text_projection.weight.device
-            ids = self.tokenizer(missing).to(device)
-            hidden = self.clip.text_model(input_ids=ids).last_hidden_state
-            pooled = hidden[torch.arange(ids.shape[0], device=device), eos_positions(ids, self.tokenizer.eos_token_id)]
+            ids = self.tokenizer(missing)
+            # read on the CPU ids: no device sync, and possible on the meta device (the planner)
+            eos = eos_positions(ids, self.tokenizer.eos_token_id).to(device)
+            hidden = self.clip.text_model(input_ids=ids.to(device)).last_hidden_state
+            pooled = hidden[torch.arange(ids.shape[0], device=device), eos]
             emb = F.normalize(self.clip.text_projection(pooled).float(), dim=-1)
             for p, e in zip(missing, emb):
                 self._prompt_cache[p] = e
@@ -222,12 +223,3 @@ class ClipReward(PretrainedReward):
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)
         write_processor_config(self.transform, folder)
-
-
-def clip_param_count_builder(open_clip_cfg: dict, vision_only: bool = False):
-    """A builder of the real CLIP for meta-device parameter counts."""
-    def build():
-        tf = transformers_module()
-        cfg = tf.CLIPConfig(**open_clip_to_hf_config(open_clip_cfg))
-        return tf.CLIPVisionModelWithProjection(cfg.vision_config) if vision_only else tf.CLIPModel(cfg)
-    return build

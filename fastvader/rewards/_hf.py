@@ -7,17 +7,15 @@ Nothing here imports transformers at module import time, so ``available_rewards(
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import torch
 
 from fastvader import precision
-
+from fastvader.model_configs import packaged_config
 from fastvader.rewards.base import Reward
 
 
@@ -248,12 +246,18 @@ def checkpoint_layers(layers: Iterable[torch.nn.Module]) -> int:
 class PretrainedReward(Reward):
     """Holds the options every pretrained reward shares and casts inputs to the model dtype.
 
-    Subclasses set ``kind``, ``default_pretrained`` and ``expected_weights`` (for ``describe``),
-    and implement ``real_architecture()`` (a meta-device build of the published model)."""
+    Subclasses set ``kind``, ``default_pretrained``, ``expected_weights`` (for ``describe``) and
+    ``packaged_architectures``, and implement ``real_architecture()`` (a meta-device build of the
+    published model)."""
 
     kind = "image"
     default_pretrained: str | None = None
     expected_weights: str = ""
+    #: hub id -> the config of its published architecture packaged in fastvader.model_configs;
+    #: ``default_pretrained`` must be listed
+    packaged_architectures: ClassVar[dict[str, str]] = {}
+    #: options naming weight or tokenizer files, which a random-weight build has no use for
+    weight_file_options: ClassVar[tuple[str, ...]] = ("tokenizer", "mlp_path")
 
     def __init__(self, dtype: str | torch.dtype = "auto"):
         super().__init__()
@@ -277,6 +281,24 @@ class PretrainedReward(Reward):
 
     def to_model(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.model_dtype)
+
+    @classmethod
+    def architecture(cls, config: Any = None, pretrained: str | None = None) -> dict:
+        """The architecture random_init builds: ``config`` (a dict or a JSON/YAML file) when given,
+        else the packaged config of ``pretrained`` (a hub id in ``packaged_architectures``) or of
+        ``default_pretrained``. Annotation keys (``_source``, ...) are dropped."""
+        if config is None:
+            relative = cls.packaged_architectures.get(str(pretrained), cls.packaged_architectures[cls.default_pretrained])
+            config = packaged_config(relative)
+        return strip_private(read_config(config, cls.name))
+
+    @classmethod
+    def architecture_options(cls, options: dict) -> dict:
+        """``options`` rewritten to build the published architecture with random weights and
+        nothing read but the packaged configs (what the memory planner measures): random_init
+        on, weight and tokenizer files dropped; ``pretrained`` stays, it picks the architecture."""
+        kept = {k: v for k, v in options.items() if k not in cls.weight_file_options}
+        return {**kept, "random_init": True}
 
     @classmethod
     def real_architecture(cls) -> torch.nn.Module:

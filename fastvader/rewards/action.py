@@ -15,8 +15,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from fastvader.rewards._hf import (PretrainedReward, from_pretrained, label_index, processor_config, read_config,
-                  strip_private, transformers_module)
+from fastvader.rewards._hf import (PretrainedReward, from_pretrained, label_index, processor_config,
+                                   transformers_module)
 from fastvader.rewards.base import register_reward
 from fastvader.rewards.preprocess import VIDEOMAE_TRANSFORM, frames_to_images, sample_frames, write_processor_config
 
@@ -62,12 +62,6 @@ def match_label(prompt: str, id2label: dict) -> int:
     return best
 
 
-def videomae_base_k400_config() -> dict:
-    """The architecture of MCG-NJU/videomae-base-finetuned-kinetics: VideoMAEConfig defaults
-    (ViT-B, 16 frames, tubelet 2, mean pooling) and 400 classes."""
-    return {"num_labels": 400, "use_mean_pooling": True, "norm_pix_loss": True}
-
-
 @register_reward
 class ActionReward(PretrainedReward):
     name = "action"
@@ -76,6 +70,8 @@ class ActionReward(PretrainedReward):
     default_pretrained = "MCG-NJU/videomae-base-finetuned-kinetics"
     expected_weights = ("VideoMAEForVideoClassification MCG-NJU/videomae-base-finetuned-kinetics (hub id or "
                         "save_pretrained folder; its preprocessor_config.json is used when present)")
+    packaged_architectures = {
+        "MCG-NJU/videomae-base-finetuned-kinetics": "reward_models/videomae-base-finetuned-kinetics_config.json"}
 
     def __init__(self, pretrained: str = "MCG-NJU/videomae-base-finetuned-kinetics", target: str | None = None,
                  score: str = "prob", checkpointing: bool = False, random_init: bool = False, config: Any = None,
@@ -87,8 +83,8 @@ class ActionReward(PretrainedReward):
         self.score_kind = score
         processor_cfg = None
         if random_init:
-            cfg = strip_private(read_config(config, self.name)) if config is not None else videomae_base_k400_config()
-            self.model = tf.VideoMAEForVideoClassification(tf.VideoMAEConfig(**cfg)).to(self.model_dtype)
+            cfg = tf.VideoMAEConfig(**self.architecture(config, pretrained))
+            self.model = tf.VideoMAEForVideoClassification(cfg).to(self.model_dtype)
         else:
             self.reject_config_with_weights(config)
             self.model = from_pretrained(tf.VideoMAEForVideoClassification, pretrained, reward=self.name,
@@ -134,4 +130,4 @@ class ActionReward(PretrainedReward):
     @classmethod
     def real_architecture(cls) -> nn.Module:
         tf = transformers_module()
-        return tf.VideoMAEForVideoClassification(tf.VideoMAEConfig(**videomae_base_k400_config()))
+        return tf.VideoMAEForVideoClassification(tf.VideoMAEConfig(**cls.architecture()))

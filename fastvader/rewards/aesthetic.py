@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from fastvader.rewards._clip import OPENCLIP_VIT_L_14, ClipReward, clip_param_count_builder
+from fastvader.rewards._clip import ClipReward, build_clip
 from fastvader.rewards._hf import RewardWeightsError, check_state_dict, find_weight_file, load_state_dict_file
 from fastvader.rewards.base import register_reward
 
@@ -42,6 +42,7 @@ class AestheticReward(ClipReward):
     name = "aesthetic"
     kind = "image"
     default_pretrained = "openai/clip-vit-large-patch14"
+    packaged_architectures = {"openai/clip-vit-large-patch14": "clip_hf/openai_clip-vit-large-patch14_config.json"}
     expected_weights = ("CLIP ViT-L/14 vision tower: hub id openai/clip-vit-large-patch14 or a local "
                         "save_pretrained folder (pretrained); the LAION MLP sac+logos+ava1-l14-linearMSE.pth "
                         "(mlp_path; from github.com/christophschuhmann/improved-aesthetic-predictor or "
@@ -51,8 +52,7 @@ class AestheticReward(ClipReward):
                  checkpointing: bool = False, random_init: bool = False, config: Any = None,
                  dtype: str = "auto"):
         super().__init__(pretrained, random_init=random_init, config=config, checkpointing=checkpointing,
-                         tokenizer=None, dtype=dtype,
-                         vision_only=True, real_config=OPENCLIP_VIT_L_14)
+                         tokenizer=None, dtype=dtype, vision_only=True)
         self.mlp = AestheticMLP(self.clip.config.projection_dim)
         if mlp_path is None and not random_init:
             mlp_path = self._saved_mlp(pretrained)
@@ -85,5 +85,5 @@ class AestheticReward(ClipReward):
 
     @classmethod
     def real_architecture(cls) -> nn.Module:
-        return nn.ModuleDict({"clip": clip_param_count_builder(OPENCLIP_VIT_L_14, vision_only=True)(),
-                              "mlp": AestheticMLP(768)})
+        clip = build_clip(cls.architecture(), reward=cls.name, vision_only=True)
+        return nn.ModuleDict({"clip": clip, "mlp": AestheticMLP(clip.config.projection_dim)})

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch.nn as nn
-
-from fastvader.rewards._clip import OPENCLIP_VIT_L_14, ClipReward, clip_param_count_builder
+from fastvader.rewards._clip import ClipReward
 from fastvader.rewards.base import register_reward
 
 
@@ -16,6 +14,7 @@ class ClipScoreReward(ClipReward):
     name = "clip_score"
     kind = "image"
     default_pretrained = "openai/clip-vit-large-patch14"
+    packaged_architectures = {"openai/clip-vit-large-patch14": "clip_hf/openai_clip-vit-large-patch14_config.json"}
     expected_weights = ("any transformers CLIPModel: hub id (default openai/clip-vit-large-patch14) or "
                         "save_pretrained folder")
 
@@ -23,13 +22,8 @@ class ClipScoreReward(ClipReward):
                  scale: float = 1.0, checkpointing: bool = False, random_init: bool = False, config: Any = None,
                  dtype: str = "auto"):
         super().__init__(pretrained, random_init=random_init, config=config, checkpointing=checkpointing,
-                         tokenizer=tokenizer, dtype=dtype,
-                         real_config=OPENCLIP_VIT_L_14)
+                         tokenizer=tokenizer, dtype=dtype)
         self.scale = float(scale)
 
     def score_frames(self, frames, prompts):
         return self.scale * self.frame_cosines(frames, prompts)
-
-    @classmethod
-    def real_architecture(cls) -> nn.Module:
-        return clip_param_count_builder(OPENCLIP_VIT_L_14)()

@@ -13,10 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch.nn as nn
-
-from fastvader.rewards._clip import (OPENCLIP_VIT_H_14, ClipReward, clip_config, clip_param_count_builder, fast_init,
-                    open_clip_state_to_hf)
+from fastvader.rewards._clip import ClipReward, clip_config, fast_init, open_clip_state_to_hf
 from fastvader.rewards._hf import check_state_dict, find_weight_file, from_pretrained, load_state_dict_file
 from fastvader.rewards.base import register_reward
 
@@ -27,6 +24,7 @@ class HPSv2Reward(ClipReward):
     kind = "image"
     default_pretrained = "xswu/HPSv2"
     default_tokenizer = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    packaged_architectures = {"xswu/HPSv2": "reward_models/hpsv2_config.json"}
     checkpoint_files: tuple[str, ...] = ("HPS_v2_compressed.pt", "HPS_v2.pt")
     expected_weights = ("HPS_v2_compressed.pt from hub repo xswu/HPSv2 (pretrained: the repo id, the file, or "
                         "a folder holding it; or a save_pretrained folder); CLIP tokenizer from "
@@ -36,8 +34,7 @@ class HPSv2Reward(ClipReward):
                  checkpointing: bool = False, random_init: bool = False, config: Any = None,
                  dtype: str = "auto"):
         super().__init__(pretrained, random_init=random_init, config=config, checkpointing=checkpointing,
-                         tokenizer=tokenizer, dtype=dtype,
-                         real_config=OPENCLIP_VIT_H_14)
+                         tokenizer=tokenizer, dtype=dtype)
         self.scale = float(scale)
 
     def load_pretrained(self, model_cls, pretrained, config):
@@ -51,16 +48,12 @@ class HPSv2Reward(ClipReward):
                                 what=f"{self.name} checkpoint (OpenCLIP ViT-H-14 state dict)")
         state = open_clip_state_to_hf(load_state_dict_file(path, reward=self.name))
         with fast_init():
-            model = model_cls(clip_config(OPENCLIP_VIT_H_14 if config is None else config, reward=self.name))
+            model = model_cls(clip_config(self.architecture(config), reward=self.name))
         check_state_dict(model, state, reward=self.name, source=path)
         return model.to(self.model_dtype)
 
     def score_frames(self, frames, prompts):
         return self.scale * self.frame_cosines(frames, prompts)
-
-    @classmethod
-    def real_architecture(cls) -> nn.Module:
-        return clip_param_count_builder(OPENCLIP_VIT_H_14)()
 
 
 @register_reward

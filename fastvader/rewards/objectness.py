@@ -22,34 +22,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from fastvader.rewards._hf import (PretrainedReward, from_pretrained, label_index, processor_config, read_config,
-                  strip_private, transformers_module)
+from fastvader.rewards._hf import (PretrainedReward, from_pretrained, label_index, processor_config,
+                                   transformers_module)
 from fastvader.rewards.base import register_reward
 from fastvader.rewards.preprocess import YOLOS_TRANSFORM, frames_to_images, write_processor_config
-
-# transformers convert_yolos_to_pytorch.py get_yolos_config (see ../shared/model-configs/reward_models)
-YOLOS_ARCHITECTURES = {
-    "hustvl/yolos-tiny": {"hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 12,
-                          "num_attention_heads": 3, "image_size": [800, 1333], "use_mid_position_embeddings": False},
-    "hustvl/yolos-small": {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 12,
-                           "num_attention_heads": 6, "image_size": [512, 864], "use_mid_position_embeddings": True},
-    "hustvl/yolos-base": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                          "num_attention_heads": 12, "image_size": [800, 1344], "use_mid_position_embeddings": True},
-}
-# COCO detection ids 0..90 ("N/A" at the ids COCO leaves unused), as in hustvl/yolos-* configs
-COCO_LABELS = [
-    'N/A', 'person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat',
-    'traffic light', 'fire hydrant', 'N/A', 'stop sign', 'parking meter', 'bench', 'bird', 'cat', 'dog',
-    'horse', 'sheep', 'cow', 'elephant', 'bear', 'zebra', 'giraffe', 'N/A', 'backpack', 'umbrella',
-    'N/A', 'N/A', 'handbag', 'tie', 'suitcase', 'frisbee', 'skis', 'snowboard', 'sports ball', 'kite',
-    'baseball bat', 'baseball glove', 'skateboard', 'surfboard', 'tennis racket', 'bottle', 'N/A',
-    'wine glass', 'cup', 'fork', 'knife', 'spoon', 'bowl', 'banana', 'apple', 'sandwich', 'orange',
-    'broccoli', 'carrot', 'hot dog', 'pizza', 'donut', 'cake', 'chair', 'couch', 'potted plant', 'bed',
-    'N/A', 'dining table', 'N/A', 'N/A', 'toilet', 'N/A', 'tv', 'laptop', 'mouse', 'remote', 'keyboard',
-    'cell phone', 'microwave', 'oven', 'toaster', 'sink', 'refrigerator', 'N/A', 'book', 'clock',
-    'vase', 'scissors', 'teddy bear', 'hair drier', 'toothbrush',
-]
-COCO_NUM_LABELS = len(COCO_LABELS)
 
 
 @register_reward
@@ -59,6 +35,9 @@ class ObjectnessReward(PretrainedReward):
     default_pretrained = "hustvl/yolos-tiny"
     expected_weights = ("YolosForObjectDetection: hustvl/yolos-tiny (default), hustvl/yolos-small or "
                         "hustvl/yolos-base (hub id or save_pretrained folder)")
+    # transformers convert_yolos_to_pytorch.py get_yolos_config, with COCO's 91 detection labels
+    packaged_architectures = {f"hustvl/yolos-{size}": f"reward_models/hustvl_yolos-{size}_config.json"
+                              for size in ("tiny", "small", "base")}
 
     def __init__(self, pretrained: str = "hustvl/yolos-tiny", target: str = "dog", mode: str = "remove",
                  threshold: float = 0.0, shortest_edge: int | None = None, longest_edge: int | None = None,
@@ -72,10 +51,7 @@ class ObjectnessReward(PretrainedReward):
         self.threshold = float(threshold)
         processor_cfg = None
         if random_init:
-            if config is not None:
-                cfg = tf.YolosConfig(**strip_private(read_config(config, self.name)))
-            else:
-                cfg = tf.YolosConfig(id2label=dict(enumerate(COCO_LABELS)), **YOLOS_ARCHITECTURES[self.default_pretrained])
+            cfg = tf.YolosConfig(**self.architecture(config, pretrained))
             self.model = tf.YolosForObjectDetection(cfg).to(self.model_dtype)
         else:
             self.reject_config_with_weights(config)
@@ -129,5 +105,4 @@ class ObjectnessReward(PretrainedReward):
     @classmethod
     def real_architecture(cls) -> nn.Module:
         tf = transformers_module()
-        cfg = tf.YolosConfig(num_labels=COCO_NUM_LABELS, **YOLOS_ARCHITECTURES[cls.default_pretrained])
-        return tf.YolosForObjectDetection(cfg)
+        return tf.YolosForObjectDetection(tf.YolosConfig(**cls.architecture()))

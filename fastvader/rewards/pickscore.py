@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch.nn as nn
-
-from fastvader.rewards._clip import OPENCLIP_VIT_H_14, ClipReward, clip_param_count_builder
+from fastvader.rewards._clip import ClipReward
 from fastvader.rewards.base import register_reward
 
 
@@ -20,6 +18,7 @@ class PickScoreReward(ClipReward):
     kind = "image"
     default_pretrained = "yuvalkirstain/PickScore_v1"
     default_tokenizer = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    packaged_architectures = {"yuvalkirstain/PickScore_v1": "clip_hf/yuvalkirstain_PickScore_v1_config.json"}
     expected_weights = ("CLIPModel yuvalkirstain/PickScore_v1 (hub id or save_pretrained folder); CLIP tokenizer "
                         "from laion/CLIP-ViT-H-14-laion2B-s32B-b79K (tokenizer) when not next to the weights")
 
@@ -27,15 +26,10 @@ class PickScoreReward(ClipReward):
                  scale: float | None = None,
                  checkpointing: bool = False, random_init: bool = False, config: Any = None, dtype: str = "auto"):
         super().__init__(pretrained, random_init=random_init, config=config, checkpointing=checkpointing,
-                         tokenizer=tokenizer, dtype=dtype,
-                         real_config=OPENCLIP_VIT_H_14)
+                         tokenizer=tokenizer, dtype=dtype)
         #: None: the model's own logit scale (PickScore's definition)
         self.scale = scale
 
     def score_frames(self, frames, prompts):
         scale = self.clip.logit_scale.exp().float() if self.scale is None else self.scale
         return scale * self.frame_cosines(frames, prompts)
-
-    @classmethod
-    def real_architecture(cls) -> nn.Module:
-        return clip_param_count_builder(OPENCLIP_VIT_H_14)()

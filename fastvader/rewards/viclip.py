@@ -1,7 +1,7 @@
 """``viclip``: video-text alignment with ViCLIP-L/14 (OpenGVLab InternVideo / InternVid).
 
 fastvader's own module, built from the config layout of
-``../shared/model-configs/reward_models/viclip_l14_config.json`` (``vision_encoder`` /
+``reward_models/viclip_l14_config.json`` in fastvader.model_configs (``vision_encoder`` /
 ``text_encoder`` sections), with the parameter names of the published checkpoint
 (``ViClip-InternVid-10M-FLT.pth``: ``{"model": {"vision_encoder.*", "text_encoder.*",
 "temp"}}``) so it loads strictly, key for key. The vision tower is a CLIP ViT-L/14 applied to
@@ -31,15 +31,6 @@ from fastvader.rewards.base import register_reward
 from fastvader.rewards.preprocess import VICLIP_TRANSFORM, frames_to_images, sample_frames
 
 CHECKPOINT_FILES = ("model.safetensors", "ViClip-InternVid-10M-FLT.pth")
-
-# Data/InternVid/viclip/viclip.py ViCLIP(size='l'); the values of viclip_l14_config.json
-VICLIP_L14_CONFIG = {
-    "embed_dim": 768,
-    "vision_encoder": {"input_resolution": 224, "patch_size": 14, "width": 1024, "layers": 24, "heads": 16,
-                       "mlp_ratio": 4, "output_dim": 768, "kernel_size": 1, "num_frames": 8, "temp_embed": True},
-    "text_encoder": {"context_length": 32, "vocab_size": 49408, "transformer_width": 768,
-                     "transformer_heads": 12, "transformer_layers": 12, "embed_dim": 768},
-}
 
 
 class QuickGELU(nn.Module):
@@ -125,12 +116,13 @@ class ViCLIPText(nn.Module):
         self.ln_final = nn.LayerNorm(transformer_width)
         self.text_projection = nn.Parameter(transformer_width ** -0.5 * torch.randn(transformer_width, embed_dim))
 
-    def forward(self, input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+        """Token ids (N, L) -> (N, embed_dim), pooled at each row's end-of-text position ``eos`` (N,)."""
         n = input_ids.shape[1]
         x = self.token_embedding(input_ids) + self.positional_embedding[:n]
         causal = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
         x = self.ln_final(self.transformer(x, causal))
-        pooled = x[torch.arange(x.shape[0], device=x.device), eos_positions(input_ids, eos_token_id)]
+        pooled = x[torch.arange(x.shape[0], device=x.device), eos]
         return pooled @ self.text_projection
 
 
@@ -149,7 +141,7 @@ def viclip_config(config: Any) -> dict:
     d = strip_private(read_config(config, "viclip"))
     if "vision_encoder" not in d or "text_encoder" not in d:
         raise ValueError("reward.options.viclip.config must have vision_encoder and text_encoder sections "
-                         "(the layout of ../shared/model-configs/reward_models/viclip_l14_config.json)")
+                         "(the layout of reward_models/viclip_l14_config.json in fastvader.model_configs)")
     d["vision_encoder"] = strip_private(d["vision_encoder"])
     d["text_encoder"] = strip_private(d["text_encoder"])
     return d
@@ -162,6 +154,7 @@ class ViCLIPReward(PretrainedReward):
     is_video_reward = True
     default_pretrained = "OpenGVLab/ViCLIP"
     default_tokenizer = "openai/clip-vit-large-patch14"
+    packaged_architectures = {"OpenGVLab/ViCLIP": "reward_models/viclip_l14_config.json"}
     expected_weights = ("ViClip-InternVid-10M-FLT.pth (hub repo OpenGVLab/ViCLIP; pretrained: the repo id, the "
                         "file, or a folder holding it; or a folder written by save_pretrained); CLIP BPE "
                         "tokenizer from openai/clip-vit-large-patch14 (tokenizer)")
@@ -172,7 +165,7 @@ class ViCLIPReward(PretrainedReward):
         super().__init__(dtype)
         built_random = random_init
         if built_random:
-            self.model = ViCLIPModel(viclip_config(config if config is not None else VICLIP_L14_CONFIG))
+            self.model = ViCLIPModel(viclip_config(self.architecture(config, pretrained)))
         else:
             self.model = self._load(pretrained, config)
         self.model.to(self.model_dtype)
@@ -198,9 +191,9 @@ class ViCLIPReward(PretrainedReward):
         written by save_pretrained (model.safetensors + its config.json)."""
         path = find_weight_file(pretrained, CHECKPOINT_FILES, reward=self.name, what="ViCLIP checkpoint")
         cfg_file = path.parent / "config.json"
-        if config is None:
-            config = cfg_file if path.suffix == ".safetensors" and cfg_file.is_file() else VICLIP_L14_CONFIG
-        model = ViCLIPModel(viclip_config(config))
+        if config is None and path.suffix == ".safetensors" and cfg_file.is_file():
+            config = cfg_file
+        model = ViCLIPModel(viclip_config(self.architecture(config)))
         check_state_dict(model, load_state_dict_file(path, reward=self.name), reward=self.name, source=path)
         return model
 
@@ -213,8 +206,10 @@ class ViCLIPReward(PretrainedReward):
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
             device = self.model.temp.device
-            ids = self.tokenizer(missing).to(device)
-            emb = F.normalize(self.model.text_encoder(ids, self.tokenizer.eos_token_id).float(), dim=-1)
+            ids = self.tokenizer(missing)
+            # read on the CPU ids: no device sync, and possible on the meta device (the planner)
+            eos = eos_positions(ids, self.tokenizer.eos_token_id).to(device)
+            emb = F.normalize(self.model.text_encoder(ids.to(device), eos).float(), dim=-1)
             self._prompt_cache.update(zip(missing, emb))
         return torch.stack([self._prompt_cache[p] for p in prompts])
 
@@ -240,4 +235,4 @@ class ViCLIPReward(PretrainedReward):
 
     @classmethod
     def real_architecture(cls) -> nn.Module:
-        return ViCLIPModel(VICLIP_L14_CONFIG)
+        return ViCLIPModel(viclip_config(cls.architecture()))

@@ -28,20 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastvader.rewards._hf import (PretrainedReward, from_pretrained, processor_config, read_config, strip_private,
-                  transformers_module)
+from fastvader.rewards._hf import PretrainedReward, from_pretrained, processor_config, transformers_module
 from fastvader.rewards.base import register_reward
 from fastvader.rewards.preprocess import (VJEPA2_TRANSFORM, frames_to_images, pad_frames_to_multiple, sample_frames,
                          write_processor_config)
-
-# transformers convert_vjepa2_to_hf.py get_vjepa2_config("vit_large")
-VJEPA2_VITL_CONFIG = {
-    "crop_size": 256, "frames_per_clip": 64, "hidden_size": 1024, "num_attention_heads": 16,
-    "num_hidden_layers": 24, "mlp_ratio": 4.0, "patch_size": 16, "tubelet_size": 2, "in_chans": 3,
-    "layer_norm_eps": 1e-6, "qkv_bias": True, "hidden_act": "gelu", "drop_path_rate": 0.0,
-    "pred_hidden_size": 384, "pred_num_attention_heads": 12, "pred_num_hidden_layers": 12,
-    "pred_num_mask_tokens": 10, "pred_zero_init_mask_tokens": True, "pred_mlp_ratio": 4.0,
-}
 
 # (number of blocks, share of the frame per block): V-JEPA's short- and long-range masks
 DEFAULT_MASK_BLOCKS = ((8, 0.15), (2, 0.7))
@@ -71,6 +61,7 @@ class VJEPAReward(PretrainedReward):
     default_pretrained = "facebook/vjepa2-vitl-fpc64-256"
     expected_weights = ("VJEPA2Model with its predictor: facebook/vjepa2-vitl-fpc64-256 (default) or another "
                         "V-JEPA 2 checkpoint (hub id or save_pretrained folder)")
+    packaged_architectures = {"facebook/vjepa2-vitl-fpc64-256": "reward_models/vjepa2-vitl-fpc64-256_config.json"}
 
     def __init__(self, pretrained: str = "facebook/vjepa2-vitl-fpc64-256", num_frames: int | None = None,
                  mask_blocks: Sequence[Sequence[float]] = DEFAULT_MASK_BLOCKS,
@@ -81,9 +72,7 @@ class VJEPAReward(PretrainedReward):
         tf = transformers_module()
         processor_cfg = None
         if random_init:
-            cfg = strip_private(read_config(config, self.name)) if config is not None else dict(VJEPA2_VITL_CONFIG)
-            cfg.pop("architectures", None)
-            self.model = tf.VJEPA2Model(tf.VJEPA2Config(**cfg)).to(self.model_dtype)
+            self.model = tf.VJEPA2Model(self.vjepa2_config(config, pretrained)).to(self.model_dtype)
         else:
             self.reject_config_with_weights(config)
             self.model = from_pretrained(tf.VJEPA2Model, pretrained, reward=self.name, dtype=self.model_dtype)
@@ -146,8 +135,13 @@ class VJEPAReward(PretrainedReward):
         ctx = self.encode_context(pixels, context)
         # the predictor gathers the context tokens from a full-length sequence: put them there
         scattered = torch.zeros_like(full).scatter(1, ctx_ids[..., None].expand(-1, -1, d), ctx)
-        pred = self.model.predictor(encoder_hidden_states=scattered, context_mask=[ctx_ids],
-                                    target_mask=[tgt_ids]).last_hidden_state
+        # The predictor sizes its target tokens from the masks' largest index (``.max() + 1``):
+        # on the meta device (the memory planner) the masks must stay on the CPU to have one.
+        mask_device = torch.device("cpu") if full.is_meta else full.device
+        masks = {name: ids.to(mask_device)[None].expand(b, -1) for name, ids in
+                 (("context_mask", context), ("target_mask", target))}
+        pred = self.model.predictor(encoder_hidden_states=scattered, context_mask=[masks["context_mask"]],
+                                    target_mask=[masks["target_mask"]]).last_hidden_state
         goal = F.layer_norm(full.gather(1, tgt_ids[..., None].expand(-1, -1, d)).float(), (d,))
         if self.detach_target:
             goal = goal.detach()
@@ -166,6 +160,11 @@ class VJEPAReward(PretrainedReward):
         write_processor_config(self.transform, folder)
 
     @classmethod
+    def vjepa2_config(cls, config: Any = None, pretrained: str | None = None):
+        cfg = cls.architecture(config, pretrained)
+        cfg.pop("architectures", None)  # a transformers config.json's model list, not a VJEPA2Config field
+        return transformers_module().VJEPA2Config(**cfg)
+
+    @classmethod
     def real_architecture(cls) -> nn.Module:
-        tf = transformers_module()
-        return tf.VJEPA2Model(tf.VJEPA2Config(**VJEPA2_VITL_CONFIG))
+        return transformers_module().VJEPA2Model(cls.vjepa2_config())

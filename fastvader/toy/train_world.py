@@ -18,7 +18,8 @@ docs/toy_world.md):
 
 Everything is seeded; ``--minutes`` caps the wall time (shared between the phases that run, see
 PHASE_SHARES; each stops early when its share runs out), so a capped run is reproducible only given its step
-counts, which ``training.json`` records next to the weights.
+counts, which the run's log records: ``<out>_training.json`` beside the ``--out`` folder (a log is
+documentation, not part of the weights; the shipped world's logs are in docs/toy_world/).
 """
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ import torch.nn.functional as F
 
 from fastvader.toy import world as synthetic
 from fastvader.toy.model import WEIGHTS_DIR, ToyWorld, ToyWorldConfig, build_toy_world, load_toy_world, save_toy_world
-from fastvader.toy.sample import encode_latents
 
 
 @dataclass
@@ -397,9 +397,17 @@ def train_denoiser(world: ToyWorld, settings: TrainSettings, deadline: float = m
     return dict(steps=steps_run, history=log.history, seconds=time.time() - log.start)
 
 
+def training_log_path(out: Path) -> Path:
+    """Where a run writing its world to ``out`` logs settings, step counts and losses: next to the
+    folder, never inside it, so retraining the shipped world adds no file to the package."""
+    folder = Path(out).resolve()
+    return folder.with_name(f"{folder.name}_training.json")
+
+
 def train_world(settings: TrainSettings, out: Path = WEIGHTS_DIR, init: Path | None = None) -> ToyWorld:
     """Run the phases with steps > 0 (vae, decoder, denoiser, in that order), from random
-    weights or from the world in ``init``; write the weights and training.json to ``out``."""
+    weights or from the world in ``init``; write the weights to ``out`` and the run's log beside
+    it (``training_log_path``)."""
     torch.manual_seed(settings.seed)
     start = time.time()
     world = load_toy_world(init) if init is not None else build_toy_world(ToyWorldConfig(), seed=settings.seed)
@@ -419,7 +427,7 @@ def train_world(settings: TrainSettings, out: Path = WEIGHTS_DIR, init: Path | N
         module.requires_grad_(False)
     save_toy_world(world, out)
     summary.update(wall_seconds=time.time() - start, torch=torch.__version__, threads=torch.get_num_threads())
-    (Path(out) / "training.json").write_text(json.dumps(summary, indent=1))
+    training_log_path(out).write_text(json.dumps(summary, indent=1))
     print(f"wrote {out} after {summary['wall_seconds'] / 60:.1f} minutes", flush=True)
     return world
 

@@ -24,7 +24,6 @@ def _one_thread():
 
 
 VC2_KEYS = ("state-dicts", "videocrafter2_base_512_v2.keys.json")
-VC2_YAML = ("videocrafter2_inference_t2v_512_v2.0.yaml",)
 
 
 def _randomize(module: torch.nn.Module, seed: int = 0) -> None:
@@ -84,10 +83,12 @@ def test_vc2_describe_counts_per_component(vc2_meta):
 
 
 def test_vc2_yaml_parses_to_the_packaged_defaults(tmp_path):
-    from fastvader.backbones.videocrafter2.config import VideoCrafter2Config, load_yaml_config
+    """The released YAML (packaged) and the dataclass defaults are the same architecture."""
+    from fastvader.backbones.videocrafter2.config import RELEASED_YAML, VideoCrafter2Config, load_yaml_config
+    from fastvader.model_configs import packaged_config
 
-    path = _shared.require_shared(*VC2_YAML)
-    assert load_yaml_config(path) == VideoCrafter2Config()
+    path = packaged_config(RELEASED_YAML)
+    assert load_yaml_config() == load_yaml_config(path) == VideoCrafter2Config()
     # an option the released model does not use is refused, not silently ignored
     edited = tmp_path / "causal.yaml"
     edited.write_text(path.read_text().replace("use_causal_attention: false", "use_causal_attention: true"))
@@ -444,13 +445,14 @@ def test_opensora_real_architecture_has_exactly_the_checkpoint_keys(os_meta, par
 
 def test_opensora_describe_and_json_configs(os_meta):
     from fastvader.backbones import backbone_class
-    from fastvader.backbones.opensora.config import STDiT3Config, TemporalVAEConfig, load_json_configs
+    from fastvader.backbones.opensora.config import OpenSoraConfig, STDiT3Config, TemporalVAEConfig, load_json_configs
 
     info = backbone_class("opensora").describe()
     assert info["params"]["stdit3"] == 1_207_643_972 and info["params"]["vae"] == 393_341_007
     assert info["params"]["text_encoder"] == 4_762_310_656  # T5 v1.1 XXL encoder (SOURCES.md)
     assert info["prediction_type"] == "flow" and info["defaults"]["steps"] == 30
-    cfg = load_json_configs(_shared.require_shared("opensora_v1.2"))
+    cfg = load_json_configs()  # the packaged Open-Sora v1.2 files
+    assert cfg == OpenSoraConfig()  # ... are the dataclass defaults
     assert cfg.stdit == STDiT3Config() and cfg.vae.temporal == TemporalVAEConfig()
     assert cfg.vae.micro_frame_size == 17 and cfg.vae.scale == [3.85, 2.32, 2.33, 3.06]
     assert os_meta.vae.latent_frames(51) == 15  # 3 chunks of 17 frames -> 3 x 5
@@ -499,6 +501,24 @@ def test_opensora_tiny_strict_round_trip_and_errors(tmp_path):
     with pytest.raises(MissingWeightsError, match="stdit/model.safetensors"):
         OpenSoraBackbone.from_config(BackboneConfig(name="opensora", pretrained=str(tmp_path / "empty"),
                                                     options={"tiny": True}))
+
+
+@pytest.mark.parametrize("family", ["videocrafter2", "opensora"])
+def test_placeholder_embeddings_have_the_shapes_of_encoded_prompts(family):
+    """What the memory planner conditions with on the meta device: no tokenizer, no T5."""
+    model = _tiny_vc2() if family == "videocrafter2" else _tiny_opensora()
+    real = model.encode_prompts(["a red fox", "a cat"])
+    fake = model.placeholder_embeddings(2, torch.bfloat16)
+    assert fake.cond.shape == real.cond.shape and fake.uncond.shape == real.uncond.shape
+    assert fake.cond.dtype == torch.bfloat16 and set(fake.extra) == set(real.extra)
+    for key, value in fake.extra.items():  # Open-Sora's mask: every caption token kept
+        assert value.shape == real.extra[key].shape and bool(value.all())
+    with torch.device("meta"):  # the real architecture, as the planner builds it
+        from fastvader.backbones import backbone_class
+
+        big = backbone_class(family)()
+    expected = (2, 77, 1024) if family == "videocrafter2" else (2, 300, 4096)
+    assert tuple(big.placeholder_embeddings(2, torch.bfloat16).cond.shape) == expected
 
 
 def test_opensora_rope_position_embedding_and_cross_attention_mask():

@@ -19,7 +19,6 @@ from fastvader.backbones import available_backbones, backbone_class, build_backb
 from fastvader.backbones.diffusers_common import CheckpointMismatchError, MissingWeightsError
 from fastvader.config import BackboneConfig, ConfigError, load_config
 
-from tests.helpers.shared import require_model_configs  # noqa: E402
 
 FAMILIES = ["modelscope", "animatediff", "wan"]  # zeroscope shares modelscope's classes
 # a video size each tiny model accepts: (frames, height, width)
@@ -62,8 +61,8 @@ PUBLISHED = {
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
-def test_real_config_builds_on_meta_with_published_counts(name, monkeypatch):
-    monkeypatch.setenv("FASTVADER_MODEL_CONFIGS", str(require_model_configs()))
+def test_real_config_builds_on_meta_with_published_counts(name):
+    """From the configs packaged in fastvader.model_configs: no download, no folder outside."""
     info = backbone_class(name).describe()
     assert info["params"] == PUBLISHED[name]
     assert info["name"] == name
@@ -72,12 +71,32 @@ def test_real_config_builds_on_meta_with_published_counts(name, monkeypatch):
     json.dumps(info)  # `fastvader models --json` prints it
 
 
-def test_describe_reports_missing_configs_instead_of_failing(monkeypatch, tmp_path):
-    import fastvader.backbones.diffusers_common as common
+@pytest.mark.slow
+def test_packaged_configs_no_backbone_builds_yet_have_their_published_counts():
+    """Wan 14B, CogVideoX-2b and the AnimateDiff motion adapter (SOURCES.md's computed counts)."""
+    import diffusers
 
-    monkeypatch.setattr(common, "shared_model_configs", lambda: None)
+    from fastvader.model_configs import packaged_config
+
+    def count(cls, relative):
+        with torch.device("meta"):
+            model = cls.from_config(json.loads(packaged_config(relative).read_text()))
+        return sum(p.numel() for p in model.parameters())
+
+    assert count(diffusers.WanTransformer3DModel, "wan2.1_t2v_14b/transformer_config.json") == 14_288_491_584
+    assert count(diffusers.AutoencoderKLWan, "wan2.1_t2v_14b/vae_config.json") == 126_892_531
+    assert count(diffusers.CogVideoXTransformer3DModel, "cogvideox_2b/transformer_config.json") == 1_693_783_872
+    assert count(diffusers.AutoencoderKLCogVideoX, "cogvideox_2b/vae_config.json") == 215_583_907
+    assert count(diffusers.MotionAdapter, "animatediff_v1-5-2/motion_adapter_config.json") == 453_209_280
+
+
+def test_describe_reports_missing_configs_instead_of_failing(monkeypatch, tmp_path):
+    import fastvader.model_configs
+
+    monkeypatch.setattr(fastvader.model_configs, "ROOT", tmp_path)  # an installation without them
     info = backbone_class("wan").describe()
-    assert info["params"] is None and "model-configs" in info["params_note"]
+    assert info["params"] is None and "packaged model config" in info["params_note"]
+    assert "transformer_config.json" in info["params_note"]
 
 
 def test_registry_lists_the_diffusers_families():
@@ -117,6 +136,16 @@ def test_wan_text_embeddings_are_zero_past_each_prompt():
     n = int(mask.sum())
     assert n < bb.max_text_length
     assert emb.cond[0, n:].abs().sum() == 0 and emb.cond[0, :n].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_placeholder_embeddings_have_the_shapes_of_encoded_prompts(name):
+    """What the memory planner conditions with on the meta device, without the text encoder."""
+    bb = tiny(name)
+    real = bb.encode_prompts(["a red ball", "a blue sky"])
+    fake = bb.placeholder_embeddings(2, torch.bfloat16)
+    assert fake.cond.shape == real.cond.shape and fake.uncond.shape == real.uncond.shape
+    assert fake.cond.dtype == torch.bfloat16 and fake.cond.device == bb.device and not fake.extra
 
 
 def test_text_encoder_stays_off_the_module_tree_and_can_be_freed():

@@ -1,6 +1,6 @@
 """Where the shared real-architecture configs live: ``$FASTVADER_MODEL_CONFIGS``, else
 ``../shared/model-configs`` next to the repository root. Tests and benchmarks may read them; the
-package itself ships its own copies (fastvader/backbones/configs)."""
+package itself ships its own copies (fastvader/model_configs), which tests should prefer."""
 from __future__ import annotations
 
 import os

@@ -11,13 +11,13 @@ import torch
 from fastvader.config import RewardConfig
 from fastvader.rewards import (PRESETS, REWARDS, WeightedSum, available_rewards, build_reward, describe_rewards,
                                expand_terms, reward_class)
+from fastvader.model_configs import ROOT as PACKAGED
 from fastvader.rewards._hf import transformers_module
-from tests.helpers.shared import require_model_configs
 from tests.helpers.tiny_rewards import PROMPTS, TINY_CLIP, TINY_VICLIP, TINY_YOLOS, videos
 
 REAL_REWARDS = ["aesthetic", "hpsv2", "hpsv2.1", "pickscore", "clip_score", "viclip", "action", "objectness", "vjepa"]
 
-# published / computed counts (../shared/model-configs/SOURCES.md)
+# published / computed counts (fastvader/model_configs/*/SOURCES.md)
 CLIP_L14, CLIP_H14, VICLIP_L14 = 427_616_513, 986_109_441, 427_590_145
 AESTHETIC_MLP, VIDEOMAE_K400, YOLOS_TINY, VJEPA2_L = 927_969, 86_534_800, 6_488_736, 325_971_328
 
@@ -64,19 +64,38 @@ def test_describe_lists_kind_weights_defaults_and_real_param_counts():
 
 
 def test_the_vision_tower_count_used_for_aesthetic():
-    from fastvader.rewards._clip import OPENCLIP_VIT_L_14, open_clip_to_hf_config
+    from fastvader.rewards._clip import clip_config
 
     tf = transformers_module()
-    full = tf.CLIPConfig(**open_clip_to_hf_config(OPENCLIP_VIT_L_14))
+    full = clip_config(reward_class("aesthetic").architecture(), reward="test")
     assert meta_count(lambda: tf.CLIPModel(full)) == CLIP_L14
     vision = meta_count(lambda: tf.CLIPVisionModelWithProjection(full.vision_config))
     text = meta_count(lambda: tf.CLIPTextModelWithProjection(full.text_config))
     assert vision == 303_966_208 and vision + text + 1 == CLIP_L14  # + logit_scale
 
 
-# --- the shared real configs ------------------------------------------------------------------------
-def test_shared_clip_configs_build_with_published_counts():
-    root = require_model_configs()
+def test_each_reward_builds_its_packaged_architecture_and_knows_its_hub_ids():
+    """random_init without a config builds the packaged architecture of ``pretrained`` (a listed
+    hub id), else of the default; weight and tokenizer files are dropped for the planner."""
+    from fastvader.rewards._hf import PretrainedReward
+
+    for name in REAL_REWARDS:
+        cls = reward_class(name)
+        assert issubclass(cls, PretrainedReward) and cls.default_pretrained in cls.packaged_architectures, name
+        for relative in cls.packaged_architectures.values():
+            assert (PACKAGED / relative).is_file(), (name, relative)
+    objectness = reward_class("objectness")
+    assert objectness.architecture(pretrained="hustvl/yolos-base")["hidden_size"] == 768
+    assert objectness.architecture(pretrained="a/local-folder")["hidden_size"] == 192  # the default, yolos-tiny
+    assert objectness.architecture(config={"hidden_size": 8, "_source": "x"}) == {"hidden_size": 8}
+    options = reward_class("aesthetic").architecture_options(
+        {"pretrained": "openai/clip-vit-large-patch14", "mlp_path": "x.pth", "tokenizer": "t", "checkpointing": True})
+    assert options == {"pretrained": "openai/clip-vit-large-patch14", "checkpointing": True, "random_init": True}
+
+
+# --- the packaged real configs ------------------------------------------------------------------------
+def test_packaged_clip_configs_build_with_published_counts():
+    root = PACKAGED
     from fastvader.rewards._clip import clip_config
 
     tf = transformers_module()
@@ -94,41 +113,51 @@ def test_shared_clip_configs_build_with_published_counts():
     assert hps["num_parameters"] == CLIP_H14
 
 
-def test_shared_reward_configs_build_with_published_counts():
-    root = require_model_configs() / "reward_models"
+# transformers convert_yolos_to_pytorch.py get_yolos_config: what the packaged YOLOS files must hold
+YOLOS_ARCHITECTURES = {
+    "tiny": {"hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 12, "num_attention_heads": 3,
+             "image_size": [800, 1333], "use_mid_position_embeddings": False},
+    "small": {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 12, "num_attention_heads": 6,
+              "image_size": [512, 864], "use_mid_position_embeddings": True},
+    "base": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+             "image_size": [800, 1344], "use_mid_position_embeddings": True},
+}
+COCO_UNUSED_IDS = [0, 12, 26, 29, 30, 45, 66, 68, 69, 71, 83]  # "N/A" among COCO's 91 detection ids
+
+
+def test_packaged_reward_configs_build_with_published_counts():
+    root = PACKAGED / "reward_models"
     from fastvader.rewards._hf import read_config, strip_private
     from fastvader.rewards.aesthetic import AestheticMLP
-    from fastvader.rewards.objectness import COCO_LABELS, YOLOS_ARCHITECTURES
-    from fastvader.rewards.viclip import VICLIP_L14_CONFIG, ViCLIPModel, viclip_config
-    from fastvader.rewards.vjepa import VJEPA2_VITL_CONFIG
+    from fastvader.rewards.viclip import ViCLIPModel, viclip_config
 
     tf = transformers_module()
     mlp_spec = json.loads((root / "laion_aesthetic_predictor_mlp.json").read_text())
     assert meta_count(lambda: AestheticMLP(768)) == mlp_spec["num_parameters"] == AESTHETIC_MLP
     assert sorted(AestheticMLP(768).state_dict()) == sorted(mlp_spec["state_dict_keys"])
 
-    shared_viclip = viclip_config(root / "viclip_l14_config.json")
-    assert meta_count(lambda: ViCLIPModel(shared_viclip)) == VICLIP_L14
+    viclip = viclip_config(root / "viclip_l14_config.json")
+    assert meta_count(lambda: ViCLIPModel(viclip)) == VICLIP_L14
     assert json.loads((root / "viclip_l14_config.json").read_text())["num_parameters_approx"] == VICLIP_L14
-    for section in ("vision_encoder", "text_encoder"):
-        for key, value in VICLIP_L14_CONFIG[section].items():
-            assert shared_viclip[section][key] == value, (section, key)
+    assert (viclip["vision_encoder"]["num_frames"], viclip["text_encoder"]["context_length"]) == (8, 32)
 
     videomae = tf.VideoMAEConfig(**strip_private(read_config(root / "videomae-base-finetuned-kinetics_config.json", "t")))
     assert meta_count(lambda: tf.VideoMAEForVideoClassification(videomae)) == VIDEOMAE_K400
     assert videomae.label2id["playing piano"] >= 0 and len(videomae.id2label) == 400
 
     for size, count in (("tiny", YOLOS_TINY), ("small", 30_684_768), ("base", 127_798_368)):
-        shared = strip_private(read_config(root / f"hustvl_yolos-{size}_config.json", "t"))
-        cfg = tf.YolosConfig(**shared)
+        packaged = strip_private(read_config(root / f"hustvl_yolos-{size}_config.json", "t"))
+        cfg = tf.YolosConfig(**packaged)
         assert meta_count(lambda: tf.YolosForObjectDetection(cfg)) == count, size
-        for key, value in YOLOS_ARCHITECTURES[f"hustvl/yolos-{size}"].items():
-            assert shared[key] == value, (size, key)
-        assert [shared["id2label"][str(i)] for i in range(len(COCO_LABELS))] == COCO_LABELS
+        for key, value in YOLOS_ARCHITECTURES[size].items():
+            assert packaged[key] == value, (size, key)
+        labels = [packaged["id2label"][str(i)] for i in range(91)]
+        assert [i for i, label in enumerate(labels) if label == "N/A"] == COCO_UNUSED_IDS
+        assert (labels[1], labels[18], len(labels)) == ("person", "dog", len(packaged["id2label"]))
 
     vjepa = strip_private(read_config(root / "vjepa2-vitl-fpc64-256_config.json", "t"))
     assert meta_count(lambda: tf.VJEPA2Model(tf.VJEPA2Config(**vjepa))) == VJEPA2_L
-    assert {k: vjepa[k] for k in VJEPA2_VITL_CONFIG} == VJEPA2_VITL_CONFIG
+    assert (vjepa["crop_size"], vjepa["hidden_size"], vjepa["pred_hidden_size"]) == (256, 1024, 384)
 
 
 @pytest.mark.parametrize("name,rel", [
@@ -139,10 +168,9 @@ def test_shared_reward_configs_build_with_published_counts():
     ("objectness", "reward_models/hustvl_yolos-base_config.json"),
     ("vjepa", "reward_models/vjepa2-vitl-fpc64-256_config.json"),
 ])
-def test_rewards_build_from_the_shared_configs_on_meta(name, rel):
-    """The benchmark path: random_init + config=<shared file>, here on the meta device."""
-    root = require_model_configs()
-    options = {"random_init": True, "config": str(root / rel)}
+def test_rewards_build_from_the_packaged_configs_on_meta(name, rel):
+    """The benchmark path: random_init + config=<a config file>, here on the meta device."""
+    options = {"random_init": True, "config": str(PACKAGED / rel)}
     if name == "action":
         options["target"] = "playing piano"
     with torch.device("meta"):

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from fastvader.rewards._hf import RewardWeightsError
+from fastvader.rewards._text import eos_positions
 from fastvader.rewards.action import ActionReward, match_label
-from fastvader.rewards.viclip import VICLIP_L14_CONFIG, ViCLIPModel, ViCLIPReward
+from fastvader.rewards.viclip import ViCLIPReward
 from fastvader.rewards.vjepa import VJEPAReward
 from tests.helpers.tiny_rewards import (PROMPTS, TINY_VICLIP, TINY_VIDEOMAE, TINY_VJEPA2,
                                  assert_differentiable_and_frozen, videos)
@@ -61,7 +62,7 @@ def test_missing_folder_errors(cls, tmp_path):
 # --- ViCLIP: the published module, transcribed ---------------------------------------------------
 def test_viclip_state_dict_matches_the_published_layout():
     with torch.device("meta"):
-        model = ViCLIPModel(VICLIP_L14_CONFIG)
+        model = ViCLIPReward.real_architecture()  # ViCLIP-L/14 from its packaged config
     sd = model.state_dict()
     block = ["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
              "ln_1.weight", "ln_1.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
@@ -119,7 +120,8 @@ def test_viclip_matches_the_original_forward(tiny):
         x = _original_block(block, x, mask)
     x = t.ln_final(x.permute(1, 0, 2))
     reference = x[torch.arange(2), ids.argmax(dim=-1)] @ t.text_projection
-    torch.testing.assert_close(t(ids, tiny["viclip"].tokenizer.eos_token_id), reference, rtol=1e-4, atol=1e-5)
+    eos = eos_positions(ids, tiny["viclip"].tokenizer.eos_token_id)  # the original pools at argmax(ids)
+    torch.testing.assert_close(t(ids, eos), reference, rtol=1e-4, atol=1e-5)
 
 
 def test_viclip_loads_the_published_checkpoint_file(tiny, tmp_path):

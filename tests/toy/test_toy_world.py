@@ -232,7 +232,8 @@ def test_train_world_continues_a_world_and_saves_progress_along_the_way(tmp_path
                              contrast_weight=0.01, contrast_min_timestep=0)
     out = tmp_path / "world"
     trained = train_world(settings, out, init=WEIGHTS_DIR)
-    record = json.loads((out / "training.json").read_text())
+    record = json.loads((tmp_path / "world_training.json").read_text())
+    assert not (out / "training.json").exists()  # the log is not part of the weights
     assert record["denoiser"]["steps"] == 3 and record["settings"]["offset_noise"] == 0.1
     reloaded = load_toy_world(out)
     # the VAE (and so the latent space) is kept; the denoiser moved and what was saved is it

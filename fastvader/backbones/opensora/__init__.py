@@ -78,7 +78,7 @@ class OpenSoraBackbone(Backbone):
         """``options``: ``tiny``, ``vae`` (VAE weights: file, folder or hub id), ``text_encoder``
         (T5 folder or hub id), ``text_encoder_device`` (e.g. cpu), ``keep_text_encoder``,
         ``fps`` (24), ``local_files_only``, ``seed``. ``config_path`` (random_init): a folder with
-        the four Open-Sora JSON files of ../shared/model-configs/opensora_v1.2."""
+        the four Open-Sora JSON files (the packaged ones: fastvader/model_configs/opensora_v1.2)."""
         options = dict(cfg.options or {})
         unknown = sorted(set(options) - _OPTIONS)
         if unknown:
@@ -86,10 +86,8 @@ class OpenSoraBackbone(Backbone):
         tiny = bool(options.get("tiny", False))
         if tiny:
             arch = tiny_config()
-        elif cfg.config_path:
-            arch = load_json_configs(os.path.expanduser(cfg.config_path))
-        else:
-            arch = OpenSoraConfig()
+        else:  # the released architecture: the packaged JSON files unless config_path names others
+            arch = load_json_configs(os.path.expanduser(cfg.config_path) if cfg.config_path else None)
         if options.get("text_encoder"):
             arch.text.source = str(options["text_encoder"])
             arch.text.t5_config = None
@@ -162,11 +160,8 @@ class OpenSoraBackbone(Backbone):
             model = cls(config)
         from transformers import T5Config, T5EncoderModel
 
-        from fastvader.backbones.opensora.config import T5_V1_1_XXL
-
-        text = (config or OpenSoraConfig()).text
         with torch.device("meta"):
-            t5 = T5EncoderModel(T5Config(**(text.t5_config or T5_V1_1_XXL)))
+            t5 = T5EncoderModel(T5Config(**(config or OpenSoraConfig()).text.architecture()))
         params = {"stdit3": count_parameters(model.denoiser), "vae": count_parameters(model.vae),
                   "text_encoder": count_parameters(t5)}
         params["total"] = sum(params.values())
@@ -185,6 +180,14 @@ class OpenSoraBackbone(Backbone):
         null = self.denoiser.y_embedder.y_embedding
         uncond = null[None].expand(len(prompts), -1, -1).to(device=cond.device, dtype=cond.dtype)
         return PromptEmbeddings(cond, uncond.contiguous(), {"mask": mask.to(cond.device)})
+
+    def placeholder_embeddings(self, batch: int, dtype: torch.dtype) -> PromptEmbeddings:
+        """T5 features (batch, max_length, caption_channels) and a mask that keeps every token (the
+        most the caption cross-attention can see), without loading T5."""
+        length, width = self.config.text.max_length, self.config.stdit.caption_channels
+        cond = torch.empty(batch, length, width, device=self.device, dtype=dtype)
+        mask = torch.ones(batch, length, dtype=torch.long, device=self.device)
+        return PromptEmbeddings(cond, torch.empty_like(cond), {"mask": mask})
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         self.check_video_size(num_frames, height, width)

@@ -2,14 +2,17 @@
 
 Defaults are the released models (Open-Sora tag v1.2.0): STDiT3-XL/2 (``hpcai-tech/OpenSora-STDiT-v3``)
 and ``OpenSoraVAE_V1_2`` (``hpcai-tech/OpenSora-VAE-v1.2``: the SDXL 2D VAE followed by a causal
-temporal VAE), as summarised in ../shared/model-configs/opensora_v1.2/. ``load_json_configs``
-reads those JSON files; :func:`tiny_config` is the same architecture at test size.
+temporal VAE), as in the JSON files packaged in fastvader/model_configs/opensora_v1.2/ (a test
+pins the defaults to them). ``load_json_configs`` reads such files; :func:`tiny_config` is the
+same architecture at test size.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from fastvader.model_configs import packaged_config
 
 
 @dataclass
@@ -79,13 +82,6 @@ class VAEConfig:
         return 2 ** (len(self.spatial["block_out_channels"]) - 1)
 
 
-#: T5 v1.1 XXL encoder hyperparameters (google/t5-v1_1-xxl = DeepFloyd/t5-v1_1-xxl), used to count
-#: its parameters on the meta device without a download
-T5_V1_1_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
-                   relative_attention_max_distance=128, is_encoder_decoder=False)
-
-
 @dataclass
 class TextConfig:
     """T5 v1.1 XXL encoder (``DeepFloyd/t5-v1_1-xxl``), 300 tokens."""
@@ -94,6 +90,13 @@ class TextConfig:
     max_length: int = 300
     #: transformers T5Config fields; None = read from ``source``
     t5_config: dict | None = None
+
+    def architecture(self) -> dict:
+        """T5Config fields of the encoder: ``t5_config``, else the packaged T5 v1.1 XXL config
+        (what ``describe`` counts on the meta device without a download)."""
+        if self.t5_config is not None:
+            return dict(self.t5_config)
+        return json.loads(packaged_config("text_encoders/t5-v1_1-xxl_config.json").read_text())
 
 
 @dataclass
@@ -115,10 +118,10 @@ def _pick(data: dict, cls):
 _STDIT_FIXED = {"enable_sequence_parallelism": False, "only_train_temporal": False, "skip_y_embedder": False}
 
 
-def load_json_configs(folder: str | Path) -> OpenSoraConfig:
+def load_json_configs(folder: str | Path | None = None) -> OpenSoraConfig:
     """Read ``stdit3_xl2_config.json``, ``vae_2d_sdxl_config.json``, ``vae_temporal_config.json``
-    and ``vae_pipeline_config.json`` from ``folder``."""
-    folder = Path(folder)
+    and ``vae_pipeline_config.json`` from ``folder`` (default: the packaged Open-Sora v1.2 ones)."""
+    folder = Path(folder) if folder is not None else packaged_config("opensora_v1.2")
     stdit_raw = json.loads((folder / "stdit3_xl2_config.json").read_text())
     for key, allowed in _STDIT_FIXED.items():
         if key in stdit_raw and stdit_raw[key] != allowed:

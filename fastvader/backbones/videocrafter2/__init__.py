@@ -104,10 +104,8 @@ class VideoCrafter2Backbone(Backbone):
         tiny = bool(options.get("tiny", False))
         if tiny:
             arch = tiny_config()
-        elif cfg.config_path:
-            arch = load_yaml_config(os.path.expanduser(cfg.config_path))
-        else:
-            arch = VideoCrafter2Config()
+        else:  # the released architecture: the packaged YAML unless config_path names another
+            arch = load_yaml_config(os.path.expanduser(cfg.config_path) if cfg.config_path else None)
         kwargs = dict(tokenizer_source=options.get("tokenizer"), tiny=tiny, fps=int(options.get("fps", 24)),
                       local_files_only=bool(options.get("local_files_only", False)),
                       dropout_in_training=bool(options.get("dropout_in_training", False)))
@@ -210,6 +208,12 @@ class VideoCrafter2Backbone(Backbone):
         emb = self.text_encoder.encode_tokens(tokens)
         cond, uncond = emb[:-1], emb[-1:].expand(len(prompts), -1, -1)
         return PromptEmbeddings(cond, uncond.contiguous())
+
+    def placeholder_embeddings(self, batch: int, dtype: torch.dtype) -> PromptEmbeddings:
+        """(batch, context_length, width) of the open_clip text tower, without its BPE tokenizer."""
+        text = self.config.text
+        cond = torch.empty(batch, text.context_length, text.width, device=self.device, dtype=dtype)
+        return PromptEmbeddings(cond, torch.empty_like(cond))
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         vae_factor = self.config.vae.downsample_factor

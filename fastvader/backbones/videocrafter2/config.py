@@ -1,16 +1,19 @@
 """VideoCrafter2's hyperparameters as typed dataclasses.
 
 The defaults ARE the released model (``configs/inference_t2v_512_v2.0.yaml`` of
-AILab-CVC/VideoCrafter, which VADER uses unchanged), so the real architecture builds without any
-file. :func:`load_yaml_config` reads that YAML (or an edited copy) and refuses the options the
-original code offers that fastvader does not implement, instead of building something else
-silently. :func:`tiny_config` is the same architecture at a size that runs on a CPU in tests.
+AILab-CVC/VideoCrafter, which VADER uses unchanged, packaged as
+fastvader/model_configs/videocrafter2_inference_t2v_512_v2.0.yaml; a test pins the two together).
+:func:`load_yaml_config` reads that YAML (or an edited copy) and refuses the options the original
+code offers that fastvader does not implement, instead of building something else silently.
+:func:`tiny_config` is the same architecture at a size that runs on a CPU in tests.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from fastvader.model_configs import packaged_config
 
 
 @dataclass
@@ -149,10 +152,16 @@ def _pick(section: dict, dataclass_type, where: str, rename: dict | None = None,
     return dataclass_type(**kwargs)
 
 
-def load_yaml_config(path: str | Path) -> VideoCrafter2Config:
-    """Parse ``inference_t2v_512_v2.0.yaml`` (the ``model:`` node) into a VideoCrafter2Config."""
+#: the released model's configuration, packaged with fastvader
+RELEASED_YAML = "videocrafter2_inference_t2v_512_v2.0.yaml"
+
+
+def load_yaml_config(path: str | Path | None = None) -> VideoCrafter2Config:
+    """Parse ``inference_t2v_512_v2.0.yaml`` (the ``model:`` node) into a VideoCrafter2Config;
+    without ``path``, the packaged copy of the released one."""
     import yaml
 
+    path = path if path is not None else packaged_config(RELEASED_YAML)
     with open(path) as f:
         data = yaml.safe_load(f)
     params = (data.get("model") or data).get("params")
