@@ -228,7 +228,7 @@ def _planning_prompts(cfg: TrainConfig, batch: int) -> list[str]:
     """The first ``batch`` training prompts (rewards such as ``action`` read them)."""
     from fastvader.training.prompts import PromptSource
 
-    pool = PromptSource.from_config(cfg.prompts, getattr(cfg, "_base_dir", None)).prompts
+    pool = PromptSource.from_config(cfg.prompts).prompts
     return [pool[i % len(pool)] for i in range(batch)]
 
 
@@ -552,7 +552,6 @@ def apply_setting(cfg: TrainConfig, s: Setting) -> TrainConfig:
     memory = dataclasses.replace(cfg.memory, checkpointing=s.checkpointing, offload_activations=s.offload_activations,
                                  frozen_placement=s.frozen_placement)
     new = cfg.replace(memory=memory, optim=dataclasses.replace(cfg.optim, name=s.optimizer))
-    new._base_dir = getattr(cfg, "_base_dir", None)  # type: ignore[attr-defined]
     return new.validate()
 
 
