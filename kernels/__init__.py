@@ -16,12 +16,15 @@ Layout: ``ops/<op>.py`` (the ``@triton.jit`` kernels, launcher, op registration 
 does not import triton.
 """
 if __name__ != "fastvader.kernels":
-    # Reached as a top-level `kernels` because the repository root is on sys.path (`python -m`
-    # from the checkout). transformers and diffusers probe for Hugging Face's own `kernels`
-    # package by importing that name; a module with neither __file__ nor __version__ reads to
-    # them as a namespace-package shadow, i.e. "not installed". Raising here instead would break
-    # `import transformers`. fastvader/_compat.py covers the other order of imports.
+    # The one workaround for running from a checkout. With the repository root on sys.path
+    # (`python -m ...` there, `python -m pytest`), `import kernels` finds this folder, and
+    # transformers, diffusers and bitsandbytes probe for Hugging Face's own `kernels` package by
+    # that very name. Imported so, this module stays empty and reads as a namespace-package
+    # shadow (no __file__, no __version__, no submodules), which those probes take for "not
+    # installed"; raising instead would break `import transformers`. fastvader itself only ever
+    # imports `fastvader.kernels` (installed from this folder, see setup.py).
     __file__ = None  # noqa: F811
+    __path__ = []
 else:
     from fastvader.kernels._backend import active_backend, triton_available
 
