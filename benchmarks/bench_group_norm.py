@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastvader.kernels.ops.group_norm import group_norm_reference, group_norm_triton
+from fastvader.kernels import group_norm_reference
+from fastvader.kernels.ops.group_norm import group_norm_triton
 
 CPU_SHAPES = [(2, 64, 32, 32), (1, 128, 4, 16, 16)]
 GPU_SHAPES = [(16, 512, 48, 48), (16, 512, 96, 96), (16, 256, 192, 192), (16, 128, 384, 384)]

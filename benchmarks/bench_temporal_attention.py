@@ -18,11 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_temporal_attention import SHAPES, attention_eager, attention_sdpa  # noqa: E402
 
-from fastvader.kernels import _backend  # noqa: E402
-from fastvader.kernels.ops.temporal_attention import (  # noqa: E402
-    temporal_attention,
-    temporal_attention_reference,
-)
+from fastvader.kernels import active_backend, temporal_attention, temporal_attention_reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -52,7 +48,7 @@ IMPLS = {
 
 
 def _skip_unless_runnable(impl):
-    if impl == "fastvader" and _backend.active_backend(DEVICE) != "triton":
+    if impl == "fastvader" and active_backend(DEVICE) != "triton":
         pytest.skip("the Triton kernel is timed on CUDA only (on CPU it would be the interpreter)")
     if impl == "eager" and not CUDA:
         pytest.skip("eager equals the reference on CPU")

@@ -72,7 +72,7 @@ def compile_shape(n, f, c, heads, dtype="bf16", arch=90, with_bias=True):
     results = []
     for backward, fn in ((False, _temporal_attn_fwd_kernel), (True, _temporal_attn_bwd_kernel)):
         bn, warps = _pick_block_rows(n, f_pad, d_pad, backward=backward, interpret=False)
-        constexprs = dict(HAS_BIAS=with_bias, BIAS_BF16_BITS=False, UPCAST=False, BF16_BITS=False,
+        constexprs = dict(HAS_BIAS=with_bias, INTERPRETED=False,
                           INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32",
                           BLOCK_N=bn, F_PAD=f_pad, D_PAD=d_pad, Q_BLOCK=_q_block(f_pad))
         if backward:

@@ -70,7 +70,7 @@ def attention_eager(q, k, v, heads):
 
 
 def _attention_fastvader(q, k, v, heads):
-    from fastvader.kernels.ops.temporal_attention import temporal_attention
+    from fastvader.kernels import temporal_attention
 
     return temporal_attention(q, k, v, heads)
 
@@ -199,13 +199,13 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
 
 
 def run_gpu_tests(extra_args: list[str] | None = None) -> int:
-    """Run tests/test_temporal_attention.py compiled on this GPU (TRITON_INTERPRET unset);
+    """Run tests/kernels/test_temporal_attention.py compiled on this GPU (TRITON_INTERPRET unset);
     returns pytest's exit code."""
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "pytest", str(root / "tests" / "test_temporal_attention.py"), "-q",
+    cmd = [sys.executable, "-m", "pytest", str(root / "tests" / "kernels" / "test_temporal_attention.py"), "-q",
            *(extra_args or [])]
     return subprocess.call(cmd, cwd=root, env=env)
 

@@ -4,12 +4,8 @@ Public API::
 
     from fastvader import TrainConfig, load_config, train, apply, revert
 """
-from fastvader._compat import hide_repo_kernels_package
-
-hide_repo_kernels_package()  # before anything imports transformers or diffusers
-
-from fastvader.config import ConfigError, TrainConfig, load_config  # noqa: E402
-from fastvader.patching import apply, revert  # noqa: E402
+from fastvader.config import ConfigError, TrainConfig, load_config
+from fastvader.patching import apply, revert
 
 __version__ = "0.1.0"
 

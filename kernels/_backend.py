@@ -1,24 +1,24 @@
 """Which implementation a kernel call takes: ``triton`` on CUDA tensors, ``interpreter`` on CPU
-tensors when TRITON_INTERPRET=1 was set before triton was imported, else ``reference``."""
+tensors when TRITON_INTERPRET=1 was set before triton was imported, else ``reference`` (the
+plain-PyTorch path of :mod:`fastvader.kernels.reference`)."""
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
 
+# Fixed for the process, and found without importing triton. A plain constant also lets
+# torch.compile read it while tracing (a cached function would be traced through, with a warning).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
-@functools.lru_cache(maxsize=None)
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
+    return _TRITON_INSTALLED
 
 
 def interpreter_enabled() -> bool:
+    """The Triton interpreter's switch; it must be set before triton is first imported."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

@@ -1,1 +1,2 @@
-"""One module per op: Triton kernels, launcher, autograd.Function, and the functional entry."""
+"""One module per op: the Triton kernels, their launcher, the torch custom-op registration
+(fake implementation and autograd) and the functional entry."""

@@ -1,8 +1,9 @@
-"""Fused GroupNorm (+ optional SiLU) with a memory-lean backward.
+"""Fused GroupNorm (+ optional SiLU) with a memory-lean backward, as the torch op
+``fastvader::group_norm_fwd`` / ``fastvader::group_norm_bwd``.
 
 ``group_norm(x, num_groups, weight, bias, eps, activation=None | "silu")`` normalises each
 (sample, group) of ``x`` (shape (N, C, *spatial), any number of spatial dims) with fp32
-statistics, applies the per-channel affine and, optionally, SiLU — in one kernel.
+statistics, applies the per-channel affine and, optionally, SiLU, in one kernel.
 
 Why it exists: eager ``GroupNorm`` + ``SiLU`` keeps two full-size tensors for backward (the
 norm's input and the SiLU's input) and runs at 15-20% of the bandwidth floor. Here forward keeps
@@ -13,23 +14,26 @@ gradient needs (and per-channel partial sums for dweight/dbias), one pass writes
 Layout: the kernels address ``x`` through (sample, channel, spatial) strides, where the spatial
 dims are merged into at most two runs (outer, inner). That covers contiguous, channels_last,
 channels_last_3d and the frame-major permuted views diffusers' TemporalConvLayer feeds its
-norms, without a copy; anything else is made contiguous first.
+norms, without a copy; anything else is made contiguous first. Outputs shaped like ``x`` take
+the strides the kernels read ``x`` with.
 
-File layout, like every kernel file: the ``@triton.jit`` kernels, the launchers (checks and
-block sizes), a ``torch.autograd.Function``, the plain-PyTorch reference (the float64 test
-oracle and the CPU path), the public functional entry, and the ``FusedGroupNormAct`` module.
-The diffusers drop-in lives in ``fastvader/patching/group_norm.py``.
+This file: the ``@triton.jit`` kernels, the launchers (checks and block sizes), the two custom
+ops (their fake implementations for torch.compile, and the autograd formula linking them) and
+the functional entry. Where Triton cannot run (CPU without TRITON_INTERPRET=1, or no triton),
+the ops run the plain-PyTorch forward and backward of :mod:`fastvader.kernels.reference`. The
+``FusedGroupNormAct`` module is in :mod:`fastvader.kernels.modules`; the diffusers drop-in in
+``fastvader/patching/group_norm.py``.
 """
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
-import torch.nn as nn
 
+from fastvader.kernels import reference
 from fastvader.kernels._backend import active_backend
+from fastvader.kernels._checks import check_group_norm
 
 try:  # importing fastvader.kernels must not require triton
     import triton
@@ -41,16 +45,7 @@ except Exception:  # pragma: no cover - exercised only where triton is absent
     tl = None
     _HAS_TRITON = False
 
-ACTIVATIONS = (None, "silu")
-
-__all__ = [
-    "group_norm",
-    "group_norm_reference",
-    "group_norm_triton",
-    "FusedGroupNormAct",
-    "GroupNormActFunction",
-    "ACTIVATIONS",
-]
+__all__ = ["group_norm", "group_norm_triton", "group_norm_backend"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,6 +98,20 @@ if _HAS_TRITON:
             return tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
         else:
             return tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+
+    @triton.jit
+    def _affine_params(W, B, channels, c_ok, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr,
+                       HAS_B: tl.constexpr):
+        """fp32 weight and bias of a block of channels (1 and 0 for an op without them)."""
+        if HAS_W:
+            w = tl.load(W + channels, mask=c_ok, other=0.0).to(tl.float32)
+        else:
+            w = tl.full([BLOCK_C], 1.0, tl.float32)
+        if HAS_B:
+            b = tl.load(B + channels, mask=c_ok, other=0.0).to(tl.float32)
+        else:
+            b = tl.zeros([BLOCK_C], tl.float32)
+        return w, b
 
     @triton.jit
     def _group_stats(PARTIAL, pid, SPLIT, group_size, eps, BLOCK_SPLIT: tl.constexpr):
@@ -178,14 +187,7 @@ if _HAS_TRITON:
         for c0 in range(0, CPG, BLOCK_C):
             c_idx = c0 + tl.arange(0, BLOCK_C)
             c_ok = c_idx < CPG
-            if HAS_W:
-                w = tl.load(W + g * CPG + c_idx, mask=c_ok, other=0.0).to(tl.float32)
-            else:
-                w = tl.full([BLOCK_C], 1.0, tl.float32)
-            if HAS_B:
-                b = tl.load(B + g * CPG + c_idx, mask=c_ok, other=0.0).to(tl.float32)
-            else:
-                b = tl.zeros([BLOCK_C], tl.float32)
+            w, b = _affine_params(W, B, g * CPG + c_idx, c_ok, BLOCK_C, HAS_W, HAS_B)
             scale = _per_channel(w * rstd, C_FAST)
             shift = _per_channel(b - mean * rstd * w, C_FAST)
             for s0 in range(s_lo, s_hi, BLOCK_S):
@@ -237,14 +239,7 @@ if _HAS_TRITON:
         for c0 in range(0, CPG, BLOCK_C):
             c_idx = c0 + tl.arange(0, BLOCK_C)
             c_ok = c_idx < CPG
-            if HAS_W:
-                w = tl.load(W + g * CPG + c_idx, mask=c_ok, other=0.0).to(tl.float32)
-            else:
-                w = tl.full([BLOCK_C], 1.0, tl.float32)
-            if HAS_B:
-                b = tl.load(B + g * CPG + c_idx, mask=c_ok, other=0.0).to(tl.float32)
-            else:
-                b = tl.zeros([BLOCK_C], tl.float32)
+            w, b = _affine_params(W, B, g * CPG + c_idx, c_ok, BLOCK_C, HAS_W, HAS_B)
             w_t = _per_channel(w, C_FAST)
             b_t = _per_channel(b, C_FAST)
             acc_dw = _zero_tile(BLOCK_C, BLOCK_S, C_FAST)
@@ -297,14 +292,7 @@ if _HAS_TRITON:
         for c0 in range(0, CPG, BLOCK_C):
             c_idx = c0 + tl.arange(0, BLOCK_C)
             c_ok = c_idx < CPG
-            if HAS_W:
-                w = tl.load(W + g * CPG + c_idx, mask=c_ok, other=0.0).to(tl.float32)
-            else:
-                w = tl.full([BLOCK_C], 1.0, tl.float32)
-            if HAS_B:
-                b = tl.load(B + g * CPG + c_idx, mask=c_ok, other=0.0).to(tl.float32)
-            else:
-                b = tl.zeros([BLOCK_C], tl.float32)
+            w, b = _affine_params(W, B, g * CPG + c_idx, c_ok, BLOCK_C, HAS_W, HAS_B)
             w_t = _per_channel(w, C_FAST)
             b_t = _per_channel(b, C_FAST)
             for s0 in range(s_lo, s_hi, BLOCK_S):
@@ -361,35 +349,37 @@ def _merge_runs(sizes: list[int], strides: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _addressable(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself when the kernels can address it and an output can share its strides;
-    otherwise a contiguous copy."""
+def _addressable_in_place(x: torch.Tensor) -> bool:
+    """True when the kernels can address ``x`` itself and its elements fill its storage span
+    exactly once (some permutation of a contiguous tensor), so an output can share its strides."""
     try:
         _Layout(x)
     except ValueError:
-        return x.contiguous()
-    if _dense(x):
-        return x
-    return x.contiguous()
-
-
-def _dense(x: torch.Tensor) -> bool:
-    """True when x's elements fill its storage span exactly once (some permutation of a
-    contiguous tensor), so an output can be allocated with the same strides."""
+        return False
     expected = 1
-    dims = sorted(((st, s) for s, st in zip(x.shape, x.stride()) if s != 1))
-    for stride, size in dims:
+    for stride, size in sorted((st, s) for s, st in zip(x.shape, x.stride()) if s != 1):
         if stride != expected:
             return False
         expected *= size
     return True
 
 
-def _like(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``t`` with exactly ``x``'s strides (the kernels address both with one set)."""
-    if t.stride() == x.stride():
+def _kernel_strides(x: torch.Tensor) -> tuple[int, ...]:
+    """The strides the kernels read ``x`` with, which every x-shaped output of the ops takes:
+    x's own, or contiguous ones when x must be copied first."""
+    if _addressable_in_place(x):
+        return tuple(x.stride())
+    strides, step = [], 1
+    for size in reversed(x.shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _with_strides(t: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:
+    if tuple(t.stride()) == tuple(strides):
         return t
-    out = torch.empty_strided(x.shape, x.stride(), dtype=t.dtype, device=t.device)
+    out = t.new_empty_strided(t.shape, strides)
     out.copy_(t)
     return out
 
@@ -422,25 +412,10 @@ def _config(layout: _Layout, groups: int, device: torch.device, tile: Optional[i
                 s_per_split=s_per_split, block_split=_next_pow2(split), num_warps=num_warps)
 
 
-def _check(x: torch.Tensor, num_groups: int, weight, bias, activation) -> None:
-    if x.dim() < 2:
-        raise ValueError(f"group_norm expects (N, C, *spatial), got shape {tuple(x.shape)}")
-    C = x.shape[1]
-    if num_groups <= 0 or C % num_groups != 0:
-        raise ValueError(f"num_groups={num_groups} must divide the {C} channels of x")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and (p.dim() != 1 or p.shape[0] != C):
-            raise ValueError(f"{name} must have shape ({C},), got {tuple(p.shape)}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"group_norm supports float32/float16/bfloat16/float64 input, got {x.dtype}")
-
-
 def _forward_launch(x, num_groups, weight, bias, eps, activation, tile=None, split=None):
-    """Run the forward kernels; returns (y, mean, rstd) with y in x's strides and dtype and
-    mean/rstd as fp32 (N*G,)."""
-    x = _addressable(x)
+    """Run the forward kernels; returns (y, mean, rstd) with y in the kernel strides and x's
+    dtype, and mean/rstd as fp32 (N*G,)."""
+    x = _with_strides(x, _kernel_strides(x))
     lay = _Layout(x)
     cfg = _config(lay, num_groups, x.device, tile, split)
     y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
@@ -471,16 +446,18 @@ def _forward_launch(x, num_groups, weight, bias, eps, activation, tile=None, spl
 
 def _backward_launch(x, dy, mean, rstd, num_groups, weight, bias, activation,
                      tile=None, split=None):
-    """Run the backward kernels; returns (dx, dweight or None, dbias or None) in fp32 sums."""
-    x = _addressable(x)
-    dy = _like(x, dy)
+    """Run the backward kernels; returns (dx, dweight, dbias), the last two as fp32 sums."""
+    x = _with_strides(x, _kernel_strides(x))
+    dy = _with_strides(dy, x.stride())
     lay = _Layout(x)
     cfg = _config(lay, num_groups, x.device, tile, split)
     dx = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
     rows = lay.N * num_groups
     partial = torch.empty(rows * cfg["split"] * 2, dtype=torch.float32, device=x.device)
-    dw_part = torch.empty(lay.N * cfg["split"], lay.C, dtype=torch.float32, device=x.device)
-    db_part = torch.empty_like(dw_part)
+    dw_part = torch.zeros(lay.N * cfg["split"], lay.C, dtype=torch.float32, device=x.device)
+    db_part = torch.zeros_like(dw_part)
+    if x.numel() == 0:
+        return dx, dw_part.sum(0), db_part.sum(0)
     grid = (rows, cfg["split"])
     strides = (lay.stride_n, lay.stride_c, lay.stride_so, lay.stride_si, lay.S_inner)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=activation == "silu",
@@ -502,141 +479,99 @@ def _backward_launch(x, dy, mean, rstd, num_groups, weight, bias, activation,
 
 
 # --------------------------------------------------------------------------------------------
-# autograd
+# The torch ops: fastvader::group_norm_fwd, fastvader::group_norm_bwd
 # --------------------------------------------------------------------------------------------
-class GroupNormActFunction(torch.autograd.Function):
-    """Forward saves x, mean, rstd, weight (and bias when SiLU needs it to recompute its
-    input): no full-size intermediate survives to backward."""
+def group_norm_backend(device) -> str:
+    """The implementation the ops run for tensors on ``device``: 'triton', 'interpreter' or
+    'reference' (the plain-PyTorch forward and backward)."""
+    return active_backend(device) if _HAS_TRITON else "reference"
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, num_groups, eps, activation, tile, split):
-        y, mean, rstd = _forward_launch(x, num_groups, weight, bias, eps, activation, tile, split)
-        ctx.save_for_backward(x, mean, rstd, weight, bias if activation == "silu" else None)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.config = (num_groups, activation, tile, split)
-        return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, mean, rstd, weight, bias = ctx.saved_tensors
-        num_groups, activation, tile, split = ctx.config
-        dx, dw, db = _backward_launch(x, dy, mean, rstd, num_groups, weight, bias, activation,
-                                      tile, split)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dweight = dw.to(weight.dtype) if (need_w and weight is not None) else None
-        dbias = db.to(ctx.bias_dtype) if (need_b and ctx.bias_dtype is not None) else None
-        return (dx if need_x else None), dweight, dbias, None, None, None, None, None
+@torch.library.custom_op("fastvader::group_norm_fwd", mutates_args=())
+def _group_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                    num_groups: int, eps: float, activation: Optional[str], tile: Optional[int],
+                    split: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd). ``tile`` and ``split`` override the Triton block size and the number of
+    slices per group (None: the launcher's choice)."""
+    if group_norm_backend(x.device) == "reference":
+        y, mean, rstd = reference.group_norm_forward(x, num_groups, weight, bias, eps, activation)
+        return _with_strides(y, _kernel_strides(x)), mean, rstd
+    return _forward_launch(x, num_groups, weight, bias, eps, activation, tile, split)
+
+
+@_group_norm_fwd.register_fake
+def _group_norm_fwd_fake(x, weight, bias, num_groups, eps, activation, tile, split):
+    stats = x.new_empty(x.shape[0] * num_groups, dtype=torch.float32)
+    return x.new_empty_strided(x.shape, _kernel_strides(x)), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fastvader::group_norm_bwd", mutates_args=())
+def _group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                    weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], num_groups: int,
+                    activation: Optional[str], tile: Optional[int],
+                    split: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias): dx like y, the parameter gradients as fp32 (C,) sums."""
+    if group_norm_backend(x.device) == "reference":
+        dx, dweight, dbias = reference.group_norm_backward(dy, x, mean, rstd, num_groups, weight,
+                                                           bias, activation)
+        return _with_strides(dx, _kernel_strides(x)), dweight, dbias
+    return _backward_launch(x, dy, mean, rstd, num_groups, weight, bias, activation, tile, split)
+
+
+@_group_norm_bwd.register_fake
+def _group_norm_bwd_fake(dy, x, mean, rstd, weight, bias, num_groups, activation, tile, split):
+    param_grad = x.new_empty(x.shape[1], dtype=torch.float32)
+    return x.new_empty_strided(x.shape, _kernel_strides(x)), param_grad, torch.empty_like(param_grad)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, num_groups, _eps, activation, tile, split = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    # Only the input and the statistics (and the parameters, already resident): backward
+    # recomputes the normalised values, and SiLU's input from them with weight and bias.
+    ctx.save_for_backward(x, mean, rstd, weight, bias if activation == "silu" else None)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.config = (num_groups, activation, tile, split)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, mean, rstd, weight, bias = ctx.saved_tensors
+    num_groups, activation, tile, split = ctx.config
+    dx, dweight, dbias = _group_norm_bwd(dy, x, mean, rstd, weight, bias, num_groups, activation,
+                                         tile, split)
+    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+    return (dx if need_x else None,
+            dweight.to(weight.dtype) if need_weight else None,
+            dbias.to(ctx.bias_dtype) if need_bias else None,
+            None, None, None, None, None)
+
+
+_group_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
-# Reference and entry points
+# Entry points
 # --------------------------------------------------------------------------------------------
-def group_norm_reference(x: torch.Tensor, num_groups: int, weight=None, bias=None,
-                         eps: float = 1e-5, activation: Optional[str] = None) -> torch.Tensor:
-    """Plain PyTorch: the test oracle (call it on float64 inputs) and the CPU fallback.
-
-    Statistics in fp32 (or float64 for float64 input), result in x's dtype.
-    """
-    _check(x, num_groups, weight, bias, activation)
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    N, C = x.shape[:2]
-    xg = x.to(compute).reshape(N, num_groups, -1)
-    mean = xg.mean(dim=-1, keepdim=True)
-    var = (xg - mean).pow(2).mean(dim=-1, keepdim=True)
-    y = ((xg - mean) * torch.rsqrt(var + eps)).reshape(x.shape)
-    bshape = (1, C) + (1,) * (x.dim() - 2)
-    if weight is not None:
-        y = y * weight.to(compute).reshape(bshape)
-    if bias is not None:
-        y = y + bias.to(compute).reshape(bshape)
-    if activation == "silu":
-        y = torch.nn.functional.silu(y)
-    return y.to(x.dtype)
-
-
-def group_norm_triton(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, *,
-                      tile: Optional[int] = None, split: Optional[int] = None) -> torch.Tensor:
-    """The Triton path, always (CUDA, or CPU under TRITON_INTERPRET=1). ``tile`` and ``split``
-    override the block size and the number of slices per group (tests use them to reach the
-    looped and split code paths with few programs)."""
-    if not _HAS_TRITON:
-        raise RuntimeError("triton is not installed: pip install triton (or use group_norm, "
-                           "which falls back to the PyTorch reference)")
-    _check(x, num_groups, weight, bias, activation)
-    return GroupNormActFunction.apply(x, weight, bias, int(num_groups), float(eps), activation,
-                                      tile, split)
-
-
-def backend_for(device) -> str:
-    """The implementation ``group_norm`` runs for tensors on ``device``."""
-    backend = active_backend(device)
-    return backend if _HAS_TRITON else "reference"
-
-
 def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, eps: float = 1e-5,
                activation: Optional[str] = None) -> torch.Tensor:
     """GroupNorm over (N, C, *spatial) with optional fused SiLU; fp32 statistics.
 
-    Triton on CUDA (and on CPU under TRITON_INTERPRET=1), torch's native GroupNorm elsewhere.
-    The Triton path keeps only x, mean and rstd for backward.
+    Triton on CUDA (and on CPU under TRITON_INTERPRET=1), plain PyTorch elsewhere. Either way
+    only x, mean and rstd are kept for backward.
     """
-    if backend_for(x.device) == "reference":
-        return _native(x, num_groups, weight, bias, eps, activation)
-    return group_norm_triton(x, num_groups, weight, bias, eps, activation)
+    check_group_norm(x, num_groups, weight, bias, activation)
+    return _group_norm_fwd(x, weight, bias, int(num_groups), float(eps), activation, None, None)[0]
 
 
-def _native(x, num_groups, weight, bias, eps, activation):
-    """The no-Triton path: torch's own GroupNorm (+ SiLU), statistics in fp32 for half inputs.
-    Same numbers as the reference, but torch's fused kernels instead of a chain of
-    elementwise ops that would each keep a full-size tensor for backward."""
-    _check(x, num_groups, weight, bias, activation)
-    compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    w = weight.to(compute) if weight is not None else None
-    b = bias.to(compute) if bias is not None else None
-    y = torch.nn.functional.group_norm(x.to(compute), num_groups, w, b, eps)
-    if activation == "silu":
-        y = torch.nn.functional.silu(y)
-    return y.to(x.dtype)
-
-
-class FusedGroupNormAct(nn.Module):
-    """``nn.GroupNorm`` followed by an optional activation, as one fused op.
-
-    Its parameters are named like ``nn.GroupNorm``'s (``weight``, ``bias``), so swapping it in
-    leaves state_dict keys unchanged; :meth:`from_group_norm` shares the original Parameters.
-    """
-
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 activation: Optional[str] = None, device=None, dtype=None):
-        super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if num_channels % num_groups:
-            raise ValueError(f"num_groups={num_groups} must divide num_channels={num_channels}")
-        self.num_groups, self.num_channels, self.eps, self.affine = num_groups, num_channels, eps, affine
-        self.activation = activation
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
-            self.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-
-    @classmethod
-    def from_group_norm(cls, norm: nn.GroupNorm, activation: Optional[str] = None) -> "FusedGroupNormAct":
-        """A fused module sharing ``norm``'s Parameters (no copy; gradients land on them)."""
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.num_groups, fused.num_channels = norm.num_groups, norm.num_channels
-        fused.eps, fused.affine, fused.activation = norm.eps, norm.affine, activation
-        fused.weight, fused.bias = norm.weight, norm.bias
-        fused.train(norm.training)
-        return fused
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
-
-    def extra_repr(self) -> str:
-        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
-                f"activation={self.activation}")
+def group_norm_triton(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, *,
+                      tile: Optional[int] = None, split: Optional[int] = None) -> torch.Tensor:
+    """:func:`group_norm`, refusing the PyTorch path. ``tile`` and ``split`` override the block
+    size and the number of slices per group (tests use them to reach the looped and split code
+    paths with few programs; benchmarks to compare configurations)."""
+    if group_norm_backend(x.device) == "reference":
+        raise RuntimeError(f"group_norm_triton: no Triton path for {x.device} tensors here: install "
+                           "triton, and on CPU set TRITON_INTERPRET=1 before triton is imported")
+    check_group_norm(x, num_groups, weight, bias, activation)
+    return _group_norm_fwd(x, weight, bias, int(num_groups), float(eps), activation, tile, split)[0]

@@ -5,11 +5,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastvader.kernels.modules import FusedGroupNormAct
 from fastvader.kernels.ops import group_norm as gn_mod
-from fastvader.kernels.ops.group_norm import (FusedGroupNormAct, group_norm, group_norm_reference,
-                                          group_norm_triton)
+from fastvader.kernels.ops.group_norm import group_norm, group_norm_triton
+from fastvader.kernels.reference import group_norm_reference
 
-needs_kernel = pytest.mark.skipif(gn_mod.backend_for("cpu") == "reference" and not torch.cuda.is_available(),
+needs_kernel = pytest.mark.skipif(gn_mod.group_norm_backend("cpu") == "reference" and not torch.cuda.is_available(),
                                   reason="needs triton (CUDA, or the interpreter via TRITON_INTERPRET=1)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -137,10 +138,23 @@ def test_saved_for_backward_is_input_plus_stats(dtype):
     assert eager_bytes >= 2 * x_bytes + w_bytes  # on CUDA the stats may be kept in the input dtype
 
 
-def test_entry_point_falls_back_to_reference(monkeypatch):
-    monkeypatch.setattr(gn_mod, "backend_for", lambda device: "reference")
-    x, w, b = _inputs(2, 32, (4, 4), torch.float32, False)
-    _against_float64(x, w, b, 8, "silu", group_norm, 1e-5)
+@pytest.mark.parametrize("N,C,G,spatial,dtype,channels_last,act", CASES)
+def test_pytorch_path_matches_float64_reference(N, C, G, spatial, dtype, channels_last, act, monkeypatch):
+    """Without Triton the op runs reference.group_norm_forward / group_norm_backward: the same
+    outputs, strides and gradients (its backward is written out, not autograd's)."""
+    monkeypatch.setattr(gn_mod, "group_norm_backend", lambda device: "reference")
+    x, w, b = _inputs(N, C, spatial, dtype, channels_last)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    y, gx = _against_float64(x, w, b, G, act, group_norm, tol)
+    assert y.stride() == x.stride() and gx.stride() == x.stride()
+
+
+def test_pytorch_path_saves_input_plus_stats(monkeypatch):
+    monkeypatch.setattr(gn_mod, "group_norm_backend", lambda device: "reference")
+    x = torch.randn(2, 64, 8, 8, device=DEVICE, requires_grad=True)
+    norm = nn.GroupNorm(8, 64).to(DEVICE)
+    saved, _ = _saved_bytes(lambda: group_norm(x, 8, norm.weight, norm.bias, 1e-5, "silu"))
+    assert saved == x.numel() * 4 + 2 * 2 * 8 * 4 + 2 * 64 * 4  # x, fp32 mean and rstd, weight and bias
 
 
 def test_module_matches_groupnorm_silu_and_validates():
@@ -217,8 +231,8 @@ def _compare_patched(model, run, lora, expect_min):
 def _use_backend(monkeypatch, backend):
     """'kernel': the Triton path (interpreter on CPU); 'reference': the patch logic alone."""
     if backend == "reference":
-        monkeypatch.setattr(gn_mod, "backend_for", lambda device: "reference")
-    elif gn_mod.backend_for(DEVICE) == "reference":
+        monkeypatch.setattr(gn_mod, "group_norm_backend", lambda device: "reference")
+    elif gn_mod.group_norm_backend(DEVICE) == "reference":
         pytest.skip("needs triton (CUDA, or the interpreter via TRITON_INTERPRET=1)")
 
 
@@ -256,9 +270,6 @@ def test_patched_unet3d_matches_and_reverts(backend, monkeypatch):
 def test_group_norm_conv_keeps_only_block_inputs(monkeypatch):
     """The 'group_norm_conv' op (norm-SiLU-conv runs keep only their input): same decode and
     gradients as unpatched, and far fewer bytes alive between forward and backward."""
-    import sys
-    from pathlib import Path
-
     import fastvader
     from tests.helpers.memtrack import LiveBytes
 
