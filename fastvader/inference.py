@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from fastvader.backbones import Backbone, build_backbone
-from fastvader.config import LoraConfig, TrainConfig
+from fastvader.config import ConfigError, LoraConfig, TrainConfig
 from fastvader.precision import resolve_device, resolve_dtype
 from fastvader.rewards import build_reward
 from fastvader.training.rollout import Rollout, autocast_for
@@ -32,12 +32,13 @@ class VideoPipeline:
         self.device = resolve_device(cfg.train.device)
         weight_dtype = resolve_dtype(cfg.backbone.dtype, "backbone.dtype", self.device)
         amp_dtype = resolve_dtype(cfg.train.precision, "train.precision", self.device)
+        torch.manual_seed(cfg.train.seed)  # random_init models draw the weights the Trainer's drew
         self.backbone = build_backbone(cfg.backbone).freeze()
         self.backbone.to(self.device, weight_dtype)
+        reward = build_reward(cfg.reward).freeze().to(self.device) if with_reward else None
         #: the LoRA file's metadata (rank, alpha, targets, training steps); empty without one
         self.lora_metadata = load_lora(self.backbone, lora, cfg.lora, self.device) if lora else {}
         self.kernel_report = _apply_kernels(cfg, self.device, self.backbone)
-        reward = build_reward(cfg.reward).freeze().to(self.device) if with_reward else None
         self.rollout = Rollout.from_config(cfg, self.backbone, reward, self.device, weight_dtype,
                                            autocast_for(self.device, amp_dtype))
 
@@ -70,7 +71,7 @@ def load_lora(backbone: Backbone, path: str | Path, default: LoraConfig, device:
     backbone.denoiser.requires_grad_(False)
     result = set_peft_model_state_dict(backbone.denoiser, {k: v.to(device) for k, v in state.items()})
     if getattr(result, "unexpected_keys", None):
-        raise ValueError(f"{path} does not match this model's LoRA layout (e.g. {result.unexpected_keys[:2]}); "
+        raise ConfigError(f"{path} does not match this model's LoRA layout (e.g. {result.unexpected_keys[:2]}); "
                          "use the backbone it was trained with")
     return meta
 

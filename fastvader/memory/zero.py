@@ -25,8 +25,12 @@ from typing import Any
 
 import torch
 
-from fastvader.config import TrainConfig
+from fastvader.config import ConfigError, TrainConfig
 
+#: what a launcher (torchrun, accelerate) sets and DeepSpeed expects, set here for a single process
+_LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+#: marks those variables as set by fastvader rather than by a launcher
+_SINGLE_PROCESS = "FASTVADER_SINGLE_PROCESS_ZERO"
 #: entries of DeepSpeed's ZeRO optimizer state that are Python objects: the loss scaler is saved
 #: as its attributes; the stage enum and the parameter-slice map (universal checkpoints only)
 #: are rebuilt by DeepSpeed from the live optimizer
@@ -61,12 +65,19 @@ def deepspeed_plugin(cfg: TrainConfig, amp_dtype: torch.dtype, device: torch.dev
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
-            os.environ.setdefault(key, value)
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(port), _SINGLE_PROCESS: "1"})
     if device.type == "cpu":
         _cpu_ranks_talk_over_gloo()
     return DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, amp_dtype, world_size))
+
+
+def forget_single_process_env() -> None:
+    """Remove the launcher variables :func:`deepspeed_plugin` set for a single process: a later
+    accelerator without DeepSpeed would take them for a multi-process CPU launch."""
+    if os.environ.pop(_SINGLE_PROCESS, None):
+        for key in _LAUNCH_VARIABLES:
+            os.environ.pop(key, None)
 
 
 def _cpu_ranks_talk_over_gloo() -> None:
@@ -105,7 +116,7 @@ def load_zero_state_dicts(optimizer, states: list[dict[str, Any]]) -> None:
     the loss scale."""
     zero = _zero_optimizer(optimizer)
     if len(states) != zero.partition_count[0]:
-        raise ValueError(f"the checkpoint holds the ZeRO state of {len(states)} ranks; resume it with "
+        raise ConfigError(f"the checkpoint holds the ZeRO state of {len(states)} ranks; resume it with "
                          f"{len(states)} processes (this run has {zero.partition_count[0]})")
     scaler = zero.loss_scaler
     rank = torch.distributed.get_rank(group=zero.dp_process_group)

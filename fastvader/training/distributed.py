@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from fastvader.config import TrainConfig
+from fastvader.config import ConfigError, TrainConfig
 
 _MIXED_PRECISION = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -35,16 +35,20 @@ def build_accelerator(cfg: TrainConfig, device: torch.device, amp_dtype: torch.d
     from accelerate import Accelerator
 
     if amp_dtype == torch.float16 and device.type != "cuda":
-        raise ValueError(f"train.precision=fp16 needs a CUDA device (fp16 loss scaling runs on GPUs only; "
-                         f"this run is on {device.type}): use train.precision=bf16 or fp32")
-    plugin = None
+        raise ConfigError(f"config: train.precision='fp16' needs a CUDA device (accelerate scales fp16 losses on "
+                          f"GPUs only; this run is on {device.type}): use train.precision=bf16 or fp32")
+    plugin, handlers = None, []
     if cfg.memory.zero_stage:
+        from accelerate.utils import InitProcessGroupKwargs
+
         from fastvader.memory.zero import deepspeed_plugin
 
         plugin = deepspeed_plugin(cfg, amp_dtype, device, launched_world_size())
+        if device.type == "cpu":  # accelerate names no backend for DeepSpeed on CPUs and then sees one rank
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
     _clear_accelerate_state(deepspeed=plugin is not None)
     return Accelerator(mixed_precision=_MIXED_PRECISION[amp_dtype], gradient_accumulation_steps=cfg.optim.grad_accum,
-                       cpu=device.type == "cpu" and plugin is None, deepspeed_plugin=plugin)
+                       cpu=device.type == "cpu" and plugin is None, deepspeed_plugin=plugin, kwargs_handlers=handlers)
 
 
 def _clear_accelerate_state(deepspeed: bool) -> None:
@@ -52,13 +56,17 @@ def _clear_accelerate_state(deepspeed: bool) -> None:
     ``PartialState`` and ``GradientState``, and ``ACCELERATE_USE_DEEPSPEED`` in the environment)
     and refuses a second Accelerator whose precision or plugin differ. A process may build several
     Trainers (tests, notebooks, a sweep), each with its own settings, so the previous one's
-    state is cleared first; a process group, once created, stays and is reused."""
+    state is cleared first; a process group, once created, stays and is reused. The settings
+    stay per process, so the newest Trainer is the one that may train."""
     from accelerate.state import AcceleratorState, GradientState
+
+    from fastvader.memory.zero import forget_single_process_env
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     if not deepspeed:
         os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+        forget_single_process_env()
 
 
 def training_device(accelerator, configured: torch.device) -> torch.device:

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 
 from fastvader.backbones import Backbone, build_backbone
-from fastvader.config import TrainConfig
+from fastvader.config import ConfigError, TrainConfig
 from fastvader.io import checkpoint as ckpt
 from fastvader.io.loggers import Loggers
 from fastvader.lora import add_lora, lora_metadata, lora_state_dict, save_lora
@@ -356,8 +356,8 @@ class Trainer:
         if self.zero:  # after the weights: the fp32 master copies are loaded over them
             load_zero_state_dicts(self.optimizer, ckpt.load_rank_states(path))
         elif "optimizer" not in state:
-            raise ValueError(f"checkpoint {path} was written under DeepSpeed ZeRO; resume it with the same "
-                             "memory.zero_stage")
+            raise ConfigError(f"checkpoint {path} was written under DeepSpeed ZeRO; resume it with the same "
+                              "memory.zero_stage")
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.accelerator.scaler is not None and "scaler" in state:

@@ -149,8 +149,26 @@ def test_crash_mid_checkpoint_leaves_previous_checkpoint_loadable(tmp_path, monk
         torch.testing.assert_close(_lora(again)[name], value, rtol=0, atol=0)
 
 
-def test_grad_accumulation_matches_a_larger_batch_direction(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, "optim.grad_accum=2"))
+def test_grad_accumulation_averages_the_micro_batches_gradients(tmp_path):
+    """optim.grad_accum=2: one update from the mean of the two micro-batches' gradients (the
+    accelerator divides each loss by 2 and steps only at the step's end)."""
+    from fastvader.training.draws import BatchDraws
+
+    lr, eps = 0.05, 1.0  # with eps >> |g|, Adam's first update is -lr * g / (|g| + eps): close to -lr * g
+    trainer = Trainer(tiny_config(tmp_path, "optim.grad_accum=2", f"optim.lr={lr}", f"optim.eps={eps}",
+                                  "optim.weight_decay=0", "optim.max_grad_norm=0", "guards.self_check=false"))
+    before = [p.detach().clone() for p in trainer.lora_params]
+    grads = []
+    for micro in range(2):  # the draws the step will make
+        draws = BatchDraws.for_step(trainer.cfg.train.seed, 0, micro, 0, 1)
+        prompts = [trainer.prompts.sample(1, g)[0] for g in draws.videos]
+        reward, _ = trainer.forward_reward(prompts, {}, draws)
+        grads.append(torch.autograd.grad(-reward.mean(), trainer.lora_params))
     result = trainer.train_step()
-    assert result.step == 1 and result.grad_norm > 0 and torch.isfinite(torch.tensor(result.loss))
+    assert result.step == 1 and not result.skipped
     assert {"sample", "decode", "reward", "backward"} <= set(result.timings)
+    mean = [(a + b) / 2 for a, b in zip(*grads)]
+    assert result.grad_norm == pytest.approx(float(torch.cat([g.flatten() for g in mean]).norm()), rel=1e-4)
+    for p, p0, g in zip(trainer.lora_params, before, mean):
+        torch.testing.assert_close(p.detach() - p0, -lr * g / (g.abs() + eps), rtol=1e-4, atol=1e-9)
+    assert max(float(g.abs().max()) for g in mean) > 0
