@@ -21,6 +21,7 @@ import torch
 
 from fastvader.backbones import Backbone, build_backbone
 from fastvader.config import ConfigError, TrainConfig
+from fastvader.inference import write_samples
 from fastvader.io import checkpoint as ckpt
 from fastvader.io.loggers import Loggers
 from fastvader.lora import add_lora, lora_metadata, lora_state_dict, save_lora
@@ -78,7 +79,8 @@ class _MicroBatch(NamedTuple):
 
 class Trainer:
     """Builds everything a config names and runs the loop. ``backbone``/``reward`` may be passed
-    in prebuilt (tests, notebooks); ``resume`` is a run directory to continue."""
+    in prebuilt (tests, notebooks); ``resume`` is a run directory to continue. accelerate's
+    settings are per process, so of several Trainers in one process the newest one trains."""
 
     def __init__(self, cfg: TrainConfig, *, backbone: Backbone | None = None,
                  reward: Reward | None = None, resume: str | Path | None = None):
@@ -105,7 +107,6 @@ class Trainer:
         self.reward = (reward or build_reward(cfg.reward)).freeze().to(self.device)
         self.rollout = Rollout.from_config(cfg, self.backbone, self.reward, self.device, self.weight_dtype,
                                            self._autocast(), grad_step_wrapper=self._step_wrapper())
-        self.frozen = self.rollout.frozen
         self.lora_params = self._add_lora()
         self.selfcheck = SelfCheck(cfg)
         self.kernel_report = self._apply_kernels()
@@ -229,7 +230,8 @@ class Trainer:
         except torch.cuda.OutOfMemoryError as err:
             from fastvader.memory.planner import oom_message
 
-            self.optimizer.zero_grad(set_to_none=True)
+            for p in self.lora_params:  # the partial step's gradients (mid-accumulation, zero_grad waits)
+                p.grad = None
             raise torch.cuda.OutOfMemoryError(oom_message(self.cfg, err, self.device)) from err
 
     def _train_step(self) -> StepResult:
@@ -275,7 +277,7 @@ class Trainer:
                 t0 = self.rollout.clock()
                 self.accelerator.backward(loss)  # divides by optim.grad_accum; scales fp16 losses
                 timings["backward"] = timings.get("backward", 0.0) + self.rollout.clock() - t0
-        self.frozen.park()
+        self.rollout.frozen.park()
         return _MicroBatch(reward.detach().mean().item(), loss.item(), k, finite)
 
     def _clip_gradients(self) -> float:
@@ -305,8 +307,6 @@ class Trainer:
 
     def validate(self, tag: str, save_videos: bool = False) -> dict[str, Any]:
         """Mean reward over the validation prompts and seeds (and sample videos under samples/)."""
-        from fastvader.inference import write_samples
-
         seeds = self.cfg.validation.seeds
         scores, videos = self.rollout.score(self.val_prompts, seeds)
         result = {"tag": tag, "step": self.step, **scores}
