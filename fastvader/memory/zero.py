@@ -1,15 +1,16 @@
-"""DeepSpeed ZeRO-2/3 for the trainable weights, as the Trainer's accelerator's DeepSpeed plugin.
+"""DeepSpeed ZeRO-2 for the trainable weights, as the Trainer's accelerator's DeepSpeed plugin.
 
-``memory.zero_stage`` 2 partitions gradients and optimizer states over ranks; 3 also partitions
-the parameters. ``memory.zero_offload`` moves optimizer states (``optimizer``) and, at stage 3,
-parameters (``optimizer+params``) to the CPU. With LoRA the trainable state is small (ModelScope
-r16 on q/k/v/out: 6.6M parameters, ~110 MB of weights + gradients + Adam moments), so on one GPU
-ZeRO saves about that much and costs a host round trip per step; it pays for full fine-tuning
-and for many ranks. The planner's measurements say so; docs/memory.md has the figures.
+``memory.zero_stage=2`` partitions gradients and optimizer states over ranks;
+``memory.zero_offload=optimizer`` moves the optimizer states to the CPU. With LoRA the trainable
+state is small (ModelScope r16 on q/k/v/out: 6.6M parameters, ~110 MB of weights + gradients +
+Adam moments), so on one GPU ZeRO saves about that much and costs a host round trip per step; it
+pays for full fine-tuning and for many ranks. The planner's measurements say so; docs/memory.md
+has the figures. Stage 3, which also partitions the parameters, is refused for now: the learn
+signals, the LoRA file and the checkpoints read the LoRA weights outside DeepSpeed's gathering
+hooks, where they are empty.
 
 The accelerator prepares the denoiser and the optimizer into a DeepSpeed engine, but the sampler
-keeps calling the denoiser module itself (ZeRO-2 leaves parameters whole; at stage 3 DeepSpeed's
-hooks sit on the module's sub-modules and gather parameters for any caller). The engine reduces
+keeps calling the denoiser module itself (ZeRO-2 leaves parameters whole). The engine reduces
 gradients, clips, scales fp16 losses, skips steps whose gradients overflow, and steps inside the
 accelerator's ``backward`` at the accumulation boundary.
 
@@ -61,6 +62,10 @@ def deepspeed_plugin(cfg: TrainConfig, amp_dtype: torch.dtype, device: torch.dev
     """The accelerator's DeepSpeed plugin, with the process environment DeepSpeed needs."""
     from accelerate.utils import DeepSpeedPlugin
 
+    if cfg.memory.zero_stage == 3:
+        raise ConfigError("config: memory.zero_stage=3 is not supported yet: the learn signals, the LoRA file and the "
+                          "checkpoints read the LoRA weights, which ZeRO-3 partitions over ranks (they read as empty "
+                          "tensors); use memory.zero_stage=2")
     if "WORLD_SIZE" not in os.environ:  # a single process not started by a launcher
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

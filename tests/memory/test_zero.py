@@ -92,3 +92,11 @@ def test_bitsandbytes_with_zero_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="offload is a ZeRO feature"):
         tiny_toy_config(tmp_path, memory={"zero_offload": "optimizer"})
     assert tiny_toy_config(tmp_path, optim={"name": "adamw8bit"}).optim.name == "adamw8bit"  # alone it is fine
+
+
+def test_zero3_is_refused_by_name(tmp_path):
+    from fastvader.config import ConfigError
+    from fastvader.training.trainer import Trainer
+
+    with pytest.raises(ConfigError, match="memory.zero_stage=3 is not supported yet.*use memory.zero_stage=2"):
+        Trainer(_config(tmp_path, 3))
