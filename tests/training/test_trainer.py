@@ -1,5 +1,10 @@
 """The training loop on the embedded world's architecture (random weights, tiny schedules)."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -141,12 +146,6 @@ train(load_config(None, json.loads(sys.argv[1])))
 def test_resume_after_sigkill_continues_as_an_uninterrupted_run(tmp_path):
     """A run killed with SIGKILL (at whatever point of a step or a save it was) resumes from its
     latest complete checkpoint and ends where an uninterrupted run ends."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     torch.set_num_threads(1)
     common = ["train.steps=8", "sampler.truncation=rand", "frames.reward=random:2", "sampler.steps=2",
               "train.checkpoint_every=1"]
