@@ -87,8 +87,8 @@ def forget_single_process_env() -> None:
 
 def _cpu_ranks_talk_over_gloo() -> None:
     """On the CPU, DeepSpeed's process group is gloo plus an optional shared-memory all-reduce,
-    a C++ op it compiles on first use: ~60 s on a free machine, ~7 min on two busy cores
-    (measured), longer than the whole test suite. CPU training is for tests and debugging, where
+    a C++ op it compiles on first use: 109 s on two cores at load 3 (measured), ~7 min on two
+    busier ones, ~60 s on a free machine. CPU training is for tests and debugging, where
     gloo alone does the job, so the op is marked unavailable: DeepSpeed then never builds it.
     ``deepspeed.ops.__compatible_ops__`` is DeepSpeed's per-process table of which ops may be
     built; it is probed once and kept, so this entry holds for the process."""
