@@ -105,10 +105,10 @@ class Trainer:
         self.backbone = (backbone or build_backbone(cfg.backbone)).freeze()
         self.backbone.to(self.device, self.weight_dtype)
         self.reward = (reward or build_reward(cfg.reward)).freeze().to(self.device)
+        self.selfcheck = SelfCheck(cfg)
         self.rollout = Rollout.from_config(cfg, self.backbone, self.reward, self.device, self.weight_dtype,
                                            self._autocast(), grad_step_wrapper=self._step_wrapper())
         self.lora_params = self._add_lora()
-        self.selfcheck = SelfCheck(cfg)
         self.kernel_report = self._apply_kernels()
         self._undo_checkpointing = enable_checkpointing(self.backbone.denoiser, cfg.memory.checkpointing)
 
