@@ -135,6 +135,7 @@ def test_average_gradients_is_one_flat_mean_with_the_finite_flag():
     assert not average_gradients(_TwoRanks(torch.cat([other[:-1], torch.ones(1)])), params, finite=True)
 
 
+@pytest.mark.slow
 def test_each_trainer_of_a_process_gets_its_own_accelerator_settings(tmp_path):
     """accelerate keeps one state per process: a bf16 run with accumulation, then an fp32 run, then
     bf16 again build and train in one process, each with its own precision and accumulation."""
