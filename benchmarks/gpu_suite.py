@@ -182,19 +182,17 @@ def run_once(cfg, path: str, base_backbone, base_reward, lora_state: dict | None
         from peft.utils import set_peft_model_state_dict
 
         set_peft_model_state_dict(trainer.backbone.denoiser, {k: v.to(device) for k, v in lora_state.items()})
-        for p in trainer.lora_params:
-            p.data = p.data.float()
     timer = GradStepTimer(device)
     trainer.sampler.grad_step_wrapper = timer.wrap(trainer.sampler.grad_step_wrapper)
     grads: list[torch.Tensor] = []
-    original_unscale = trainer.scaler.unscale_
+    original_clip = trainer.accelerator.clip_grad_norm_
 
-    def capture(optimizer):  # after backward, before clipping and the update: the step's gradients
+    def capture(params, max_norm):  # after backward, before clipping and the update: the step's gradients
         grads[:] = [torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten()
                                for p in trainer.lora_params]).cpu()]
-        return original_unscale(optimizer)  # a scaled fp16 gradient has the same direction
+        return original_clip(params, max_norm)  # a scaled fp16 gradient has the same direction
 
-    trainer.scaler.unscale_ = capture
+    trainer.accelerator.clip_grad_norm_ = capture
     trainer._train_step()  # warm-up: Triton compiles, allocator settles
     if device.type == "cuda":
         torch.cuda.synchronize()

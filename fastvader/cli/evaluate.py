@@ -13,12 +13,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from fastvader.cli.sample import load_trained_lora
-    from fastvader.training.trainer import Trainer
+    from fastvader.inference import VideoPipeline
+    from fastvader.training.prompts import validation_prompts
 
-    trainer = Trainer(load(args))
-    if args.lora:
-        load_trained_lora(trainer, args.lora)
-    result = trainer.validate("eval")
+    cfg = load(args)
+    result = VideoPipeline(cfg, lora=args.lora).evaluate(validation_prompts(cfg), list(cfg.validation.seeds))
     print(json.dumps(result, indent=2))
     return 0

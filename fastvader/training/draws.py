@@ -37,3 +37,9 @@ class BatchDraws:
         videos = [torch.Generator().manual_seed(_seed(seed, step, micro, g))
                   for g in range(rank * batch, (rank + 1) * batch)]
         return cls(shared, videos)
+
+    @classmethod
+    def from_generator(cls, generator: torch.Generator, batch: int) -> "BatchDraws":
+        """Every draw of a ``batch``-video micro-batch from one generator, in turn (notebooks and
+        tests that seed a single generator)."""
+        return cls(generator, [generator] * batch)

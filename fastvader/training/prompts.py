@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from fastvader.backbones.base import Backbone, PromptEmbeddings
-from fastvader.config import PromptConfig
+from fastvader.config import PromptConfig, TrainConfig
 
 
 class PromptSource:
@@ -36,6 +36,14 @@ class PromptSource:
     def sample(self, n: int, generator: torch.Generator) -> list[str]:
         idx = torch.randint(len(self.prompts), (n,), generator=generator).tolist()
         return [self.prompts[i] for i in idx]
+
+
+def validation_prompts(cfg: TrainConfig, train: PromptSource | None = None) -> list[str]:
+    """``validation.prompts``, or else the first two training prompts."""
+    if cfg.validation.prompts:
+        return list(cfg.validation.prompts)
+    train = train or PromptSource.from_config(cfg.prompts, getattr(cfg, "_base_dir", None))
+    return train.prompts[:2]
 
 
 def expand_template(template: str, vocab: dict[str, list[str]]) -> list[str]:

@@ -1,9 +1,12 @@
 """The VADER training loop.
 
 One step: draw prompts and noise -> sample with gradients through the last K denoising steps
--> decode the chosen frames -> reward -> loss = -reward -> backward into LoRA -> clip -> step.
-Memory techniques (checkpointing, chunked decode) and kernels are named pieces set up around
-the loop; the loop itself only strings the data flow together.
+-> decode the chosen frames -> reward (:mod:`fastvader.training.rollout`) -> loss = -reward ->
+backward into LoRA -> average over ranks -> clip -> step. One ``accelerate.Accelerator``
+(:mod:`fastvader.training.distributed`) owns mixed precision and fp16 loss scaling, gradient
+accumulation, clipping, the processes of a multi-GPU run and DeepSpeed ZeRO. Memory techniques,
+kernels and the trust pieces (guards, self-check, safeguards) are named pieces set up around the
+loop; the loop itself only strings the data flow together.
 """
 from __future__ import annotations
 
@@ -12,29 +15,34 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from fastvader.io import checkpoint as ckpt
 from fastvader.backbones import Backbone, build_backbone
-from fastvader.config import TrainConfig
-from fastvader.training.distributed import DistContext
-from fastvader.training.draws import BatchDraws
-from fastvader.training.frames import FrameSelector
-from fastvader.monitoring.guards import NonFiniteError, NumericalGuard, check_finite_state, is_finite
-from fastvader.monitoring.learn_signals import LearnMonitor
+from fastvader.config import ConfigError, TrainConfig
+from fastvader.inference import write_samples
+from fastvader.io import checkpoint as ckpt
 from fastvader.io.loggers import Loggers
 from fastvader.lora import add_lora, lora_metadata, lora_state_dict, save_lora
 from fastvader.memory.checkpointing import enable_checkpointing
-from fastvader.memory.offload import FrozenPlacement, grad_step_wrapper
+from fastvader.memory.offload import grad_step_wrapper
 from fastvader.memory.optim import build_optimizer
-from fastvader.training.prompts import PromptCache, PromptSource
-from fastvader.rewards import Reward, build_reward
-from fastvader.precision import resolve_device, resolve_dtype
+from fastvader.monitoring.guards import NonFiniteError, NumericalGuard, check_finite_state, is_finite
+from fastvader.monitoring.learn_signals import LearnMonitor
 from fastvader.monitoring.safeguards import Safeguards
-from fastvader.training.sampling import Sampler, TruncationPolicy
 from fastvader.monitoring.selfcheck import SelfCheck, SelfCheckError
+from fastvader.precision import resolve_device, resolve_dtype
+from fastvader.rewards import Reward, build_reward
+from fastvader.training.distributed import (average_gradients, broadcast_from_main, build_accelerator,
+                                            training_device)
+from fastvader.training.draws import BatchDraws
+from fastvader.training.prompts import PromptSource, validation_prompts
+from fastvader.training.rollout import Rollout, autocast_for, embed_prompts_up_front
+
+#: the numerical guard's reason for a step whose fp16 gradients overflowed
+FP16_OVERFLOW = "fp16 gradient overflow"
+
 
 def resolve_precision(spec: str, device: torch.device) -> torch.dtype:
     """The autocast dtype: bf16 on CUDA and fp32 on CPU unless the config says otherwise."""
@@ -62,9 +70,17 @@ class StepResult:
         return d
 
 
+class _MicroBatch(NamedTuple):
+    reward: float
+    loss: float
+    grad_steps: int
+    finite: bool
+
+
 class Trainer:
     """Builds everything a config names and runs the loop. ``backbone``/``reward`` may be passed
-    in prebuilt (tests, notebooks); ``resume`` is a run directory to continue."""
+    in prebuilt (tests, notebooks); ``resume`` is a run directory to continue. accelerate's
+    settings are per process, so of several Trainers in one process the newest one trains."""
 
     def __init__(self, cfg: TrainConfig, *, backbone: Backbone | None = None,
                  reward: Reward | None = None, resume: str | Path | None = None):
@@ -75,11 +91,12 @@ class Trainer:
             cfg = apply_best_plan(cfg)
         self.cfg = cfg
         t = cfg.train
-        self.dist = DistContext.from_env(resolve_device(t.device).type)
-        self.device = self.dist.device(resolve_device(t.device))
+        configured = resolve_device(t.device)
+        self.amp_dtype = resolve_precision(t.precision, configured)
+        self.accelerator = build_accelerator(cfg, configured, self.amp_dtype)
+        self.device = training_device(self.accelerator, configured)
         if t.cpu_threads and self.device.type == "cpu":
             torch.set_num_threads(t.cpu_threads)
-        self.amp_dtype = resolve_precision(t.precision, self.device)
         self.weight_dtype = self._weight_dtype()
         self.run_dir = cfg.run_dir
         self.generator = torch.Generator().manual_seed(t.seed)
@@ -88,35 +105,17 @@ class Trainer:
         self.backbone = (backbone or build_backbone(cfg.backbone)).freeze()
         self.backbone.to(self.device, self.weight_dtype)
         self.reward = (reward or build_reward(cfg.reward)).freeze().to(self.device)
-        self.frozen = FrozenPlacement([self.backbone.vae, self.reward], self.device, cfg.memory.frozen_placement)
-        self.lora_params = add_lora(self.backbone.denoiser, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
-                                    cfg.lora.target_modules or self.backbone.default_lora_targets,
-                                    cfg.lora.init_weights)
-        for p in self.lora_params:  # LoRA trains in fp32 whatever the base weights are
-            p.data = p.data.float()
-        self.dist.broadcast_(self.lora_params)
         self.selfcheck = SelfCheck(cfg)
+        self.rollout = Rollout.from_config(cfg, self.backbone, self.reward, self.device, self.weight_dtype,
+                                           self._autocast(), grad_step_wrapper=self._step_wrapper())
+        self.lora_params = self._add_lora()
         self.kernel_report = self._apply_kernels()
         self.checkpoint_wrappers = enable_checkpointing(self.backbone.denoiser, cfg.memory.checkpointing)
 
-        self.sampler = Sampler(self.backbone, cfg.sampler.name, cfg.sampler.steps, cfg.sampler.guidance_scale,
-                               cfg.sampler.eta, grad_step_wrapper=self._step_wrapper())
-        self.truncation = TruncationPolicy.parse(cfg.sampler.truncation, cfg.sampler.steps)
-        self.frames = FrameSelector(cfg.frames.reward, cfg.frames.grad, cfg.video.frames)
         self.prompts = PromptSource.from_config(cfg.prompts, getattr(cfg, "_base_dir", None))
-        self.val_prompts = list(cfg.validation.prompts) or self.prompts.prompts[:2]
-        self.prompt_cache = PromptCache(self.backbone, self.device, self.weight_dtype)
-        self._embed_all_prompts()
-        self.latent_shape = self.backbone.latent_shape(cfg.video.frames, cfg.video.height, cfg.video.width)
-
-        self.optimizer = build_optimizer(cfg.optim, self.lora_params)
-        self.zero = None
-        if cfg.memory.zero_stage:  # DeepSpeed ZeRO owns gradient reduction and the update
-            from fastvader.memory.zero import ZeroOptimizer
-
-            self.zero = ZeroOptimizer(cfg, self.backbone.denoiser, self.optimizer, self.amp_dtype, self.dist.world_size)
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.val_prompts = validation_prompts(cfg, self.prompts)
+        embed_prompts_up_front(self.prompt_cache, self.backbone, self.prompts.prompts + self.val_prompts, self.device)
+        self.optimizer, self.lr_scheduler = self._prepare_optimizer()
         self.step = 0
         self.history: dict[str, Any] = {"rewards": [], "validation": {}}
         self._setup_trust()
@@ -124,6 +123,63 @@ class Trainer:
             self.resume(resume)
 
     # -- setup pieces ----------------------------------------------------------------------------
+    @property
+    def sampler(self):
+        return self.rollout.sampler
+
+    @property
+    def prompt_cache(self):
+        return self.rollout.prompt_cache
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.rollout.latent_shape
+
+    @property
+    def zero(self) -> bool:
+        """Whether DeepSpeed ZeRO owns the optimizer (``memory.zero_stage`` > 0)."""
+        return bool(self.cfg.memory.zero_stage)
+
+    def _autocast(self):
+        """The accelerator's autocast. Under DeepSpeed accelerate leaves precision to the engine,
+        which casts only the denoiser it wraps: the sampler's latents, the VAE and the reward then
+        run under torch's autocast at the same dtype."""
+        if self.zero:
+            return autocast_for(self.device, self.amp_dtype)
+        return self.accelerator.autocast
+
+    def _add_lora(self) -> list[torch.nn.Parameter]:
+        from diffusers.training_utils import cast_training_params
+
+        lora = self.cfg.lora
+        params = add_lora(self.backbone.denoiser, lora.rank, lora.alpha, lora.dropout,
+                          lora.target_modules or self.backbone.default_lora_targets, lora.init_weights)
+        cast_training_params(self.backbone.denoiser, torch.float32)  # LoRA trains in fp32 whatever the base is
+        broadcast_from_main(self.accelerator, params)
+        return params
+
+    def _prepare_optimizer(self):
+        """The optimizer through the accelerator (with its GradScaler under fp16; under ZeRO, the
+        DeepSpeed engine around the denoiser) and a constant learning rate schedule."""
+        from diffusers.optimization import get_scheduler
+
+        optimizer = build_optimizer(self.cfg.optim, self.lora_params)
+        if self.zero:
+            _, optimizer = self.accelerator.prepare(self.backbone.denoiser, optimizer)
+        else:
+            optimizer = self.accelerator.prepare(optimizer)
+        return optimizer, get_scheduler("constant", optimizer)
+
+    @property
+    def loss_scale(self):
+        """The fp16 loss scaler the guard consults: the accelerator's GradScaler, DeepSpeed's
+        loss scale under ZeRO, or None."""
+        if self.zero:
+            from fastvader.memory.zero import ZeroLossScale
+
+            return ZeroLossScale(self.optimizer)
+        return self.accelerator.scaler
+
     def _setup_trust(self) -> None:
         """Guards, "did it learn?" signals, the startup self-check and reward-hacking safeguards
         (docs/trust.md)."""
@@ -161,53 +217,12 @@ class Trainer:
         return grad_step_wrapper(self.cfg.memory.checkpointing, self.cfg.memory.offload_activations,
                                  stats=self.selfcheck.offload_stats)
 
-    def _embed_all_prompts(self) -> None:
-        if len(self.prompts.prompts) <= 4096:
-            self.prompt_cache.warm(self.prompts.prompts + self.val_prompts)
-            if self.device.type == "cuda":  # embeddings are cached: the encoder leaves the GPU
-                offload = getattr(self.backbone, "offload_text_encoder", None)
-                text_encoder = getattr(self.backbone, "text_encoder", None)
-                if offload is not None:
-                    offload()
-                elif isinstance(text_encoder, torch.nn.Module):
-                    text_encoder.to("cpu")
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32)
-
     # -- the step --------------------------------------------------------------------------------
-    def _sync(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
     def forward_reward(self, prompts: list[str], timings: dict[str, float],
                        draws: BatchDraws | None = None) -> tuple[torch.Tensor, int]:
-        """Sample, decode and score one micro-batch; returns (rewards (B,), grad steps K).
-        ``draws`` gives each video its own noise stream (see fastvader.training.distributed)."""
-        cfg = self.cfg
-        embeds = self.prompt_cache(prompts)
-        shared = draws.shared if draws is not None else self.generator
-        if draws is not None:
-            noise = torch.cat([self.sampler.initial_noise(1, self.latent_shape, g, self.device, self.weight_dtype)
-                               for g in draws.videos])
-        else:
-            noise = self.sampler.initial_noise(len(prompts), self.latent_shape, self.generator, self.device,
-                                               self.weight_dtype)
-        k = self.truncation.draw(shared)
-        frames, grad_frames = self.frames.draw(shared)
-        t0 = self._sync()
-        with self.autocast():
-            latents = self.sampler.sample(embeds, noise, grad_steps=k, generator=shared)
-            t1 = self._sync()
-            self.frozen.load()
-            video = self.backbone.decode_frames(latents, frames, grad_frames, chunk=cfg.memory.decode_chunk)
-            t2 = self._sync()
-        rewards = self.reward(video.float(), prompts)
-        t3 = self._sync()
-        for key, dt in (("sample", t1 - t0), ("decode", t2 - t1), ("reward", t3 - t2)):
-            timings[key] = timings.get(key, 0.0) + dt
-        return rewards, k
+        """Sample, decode and score one micro-batch: (rewards (B,), grad steps K). ``draws`` gives
+        each video its own random stream; without it every draw comes from ``self.generator``."""
+        return self.rollout(prompts, draws or BatchDraws.from_generator(self.generator, len(prompts)), timings)
 
     def train_step(self) -> StepResult:
         """One optimizer step; a CUDA out-of-memory error is re-raised saying what to change."""
@@ -216,70 +231,69 @@ class Trainer:
         except torch.cuda.OutOfMemoryError as err:
             from fastvader.memory.planner import oom_message
 
-            self.optimizer.zero_grad(set_to_none=True)
+            for p in self.lora_params:  # the partial step's gradients (mid-accumulation, zero_grad waits)
+                p.grad = None
             raise torch.cuda.OutOfMemoryError(oom_message(self.cfg, err, self.device)) from err
 
     def _train_step(self) -> StepResult:
-        """One optimizer step over ``optim.grad_accum`` micro-batches (of ``train.batch_size`` per
-        rank; gradients are averaged over ranks)."""
-        cfg, start = self.cfg, time.perf_counter()
-        accum = cfg.optim.grad_accum
-        timings: dict[str, float] = {}
-        rewards, losses, ks = [], [], []
-        loss_ok, grad_norm = True, float("nan")
-        for micro in range(accum):
-            draws = BatchDraws.for_step(cfg.train.seed, self.step, micro, self.dist.rank, cfg.train.batch_size)
-            prompts = [self.prompts.sample(1, g)[0] for g in draws.videos]
-            reward, k = self.forward_reward(prompts, timings, draws)
-            loss = -reward.mean() / accum
-            penalty = self.safeguards.penalty()  # keeps the model near the base (safeguards.regularizer)
-            if penalty is not None:
-                loss = loss + penalty / accum
-            rewards.append(reward.detach().mean().item())
-            losses.append(loss.item() * accum)
-            ks.append(k)
-            if not (is_finite(loss) and is_finite(reward.detach())):
-                loss_ok = False  # guard: no backward, no update from a NaN/Inf loss
-                break
-            t0 = self._sync()
-            if loss.requires_grad:  # a detached graph is reported by the self-check, not a crash
-                if self.zero is not None:
-                    self.zero.backward(loss)
-                else:
-                    self.scaler.scale(loss).backward()
-            timings["backward"] = timings.get("backward", 0.0) + self._sync() - t0
-            self.frozen.park()
-        if loss_ok and self.cfg.guards.self_check and not self.selfcheck.done:
+        """One optimizer step over ``optim.grad_accum`` micro-batches of ``train.batch_size`` videos
+        per rank; a step whose loss or gradients are NaN/Inf on any rank is skipped on all."""
+        start, timings = time.perf_counter(), {}
+        micro = [self._micro_batch(m, timings) for m in range(self.cfg.optim.grad_accum)]
+        finite = all(m.finite for m in micro)
+        if finite and self.cfg.guards.self_check and not self.selfcheck.done:
             self.selfcheck.verify(self.lora_params)
-        if self.zero is not None:
-            # DeepSpeed owns reduction, clipping, fp16 loss scaling and its own overflow skips
-            if loss_ok:
-                grad_norm = self.zero.step()
-                self.lr_scheduler.step()
-            skip = self.guard.classify(loss_ok, True, None)
-        else:
-            if self.dist.enabled:
-                if not loss_ok:  # poison the average, so that every rank skips this step together
-                    for p in self.lora_params:
-                        p.grad = torch.full_like(p, float("nan"))
-                self.dist.all_reduce_mean(self.lora_params)
-            if loss_ok:
-                self.scaler.unscale_(self.optimizer)
-                max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.lora_params, max_norm))
-            skip = self.guard.classify(loss_ok, is_finite(grad_norm), self.scaler)
-            if skip is None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.lr_scheduler.step()
-            elif loss_ok and self.scaler.is_enabled():
-                self.scaler.update()  # fp16 overflow: lower the loss scale, exactly as scaler.step would skip
-        self.guard.record(skip, self.scaler)
+        if not self.zero:  # DeepSpeed reduces the gradients itself
+            finite = average_gradients(self.accelerator, self.lora_params, finite)
+        grad_norm = self._clip_gradients() if finite else float("nan")
+        loss_scale = self.loss_scale
+        skip = self.guard.classify(finite, is_finite(grad_norm), loss_scale)
+        if skip is None or skip == FP16_OVERFLOW:
+            self.optimizer.step()  # on an overflow the GradScaler skips the update and lowers its scale
+        if skip is None:
+            self.lr_scheduler.step()
+        self.guard.record(skip, loss_scale)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        result = StepResult(self.step, sum(rewards) / len(rewards), sum(losses) / len(losses), grad_norm,
-                            self.optimizer.param_groups[0]["lr"], max(ks), time.perf_counter() - start, timings,
-                            skipped=skip is not None)
+        return self._step_result(micro, grad_norm, skip, time.perf_counter() - start, timings)
+
+    def _micro_batch(self, micro: int, timings: dict[str, float]) -> _MicroBatch:
+        """Forward and backward of one micro-batch inside the accelerator's accumulation window.
+        Every micro-batch runs, even after a NaN/Inf one, so that the accelerator (and DeepSpeed)
+        reach the accumulation boundary at the step's end. A NaN/Inf loss is not back-propagated,
+        except under ZeRO, whose engine must see every backward; its own overflow check then
+        skips the update."""
+        cfg = self.cfg
+        draws = BatchDraws.for_step(cfg.train.seed, self.step, micro, self.accelerator.process_index,
+                                    cfg.train.batch_size)
+        prompts = [self.prompts.sample(1, g)[0] for g in draws.videos]
+        with self.accelerator.accumulate():  # the last micro-batch of a step syncs (and steps, under ZeRO)
+            reward, k = self.forward_reward(prompts, timings, draws)
+            loss = -reward.mean()
+            penalty = self.safeguards.penalty()  # keeps the model near the base (safeguards.regularizer)
+            if penalty is not None:
+                loss = loss + penalty
+            finite = is_finite(loss) and is_finite(reward.detach())
+            if loss.requires_grad and (finite or self.zero):  # a detached graph is the self-check's report
+                t0 = self.rollout.clock()
+                self.accelerator.backward(loss)  # divides by optim.grad_accum; scales fp16 losses
+                timings["backward"] = timings.get("backward", 0.0) + self.rollout.clock() - t0
+        self.rollout.frozen.park()
+        return _MicroBatch(reward.detach().mean().item(), loss.item(), k, finite)
+
+    def _clip_gradients(self) -> float:
+        """Unscale (fp16) and clip the LoRA gradients; returns their norm before clipping. Under ZeRO
+        the engine clipped them inside the last backward, and this reads the norm it used."""
+        max_norm = self.cfg.optim.max_grad_norm if self.cfg.optim.max_grad_norm > 0 else math.inf
+        norm = self.accelerator.clip_grad_norm_(self.lora_params, max_norm)
+        return float("nan") if norm is None else float(norm)
+
+    def _step_result(self, micro: list[_MicroBatch], grad_norm: float, skip: str | None, seconds: float,
+                     timings: dict[str, float]) -> StepResult:
+        result = StepResult(self.step, sum(m.reward for m in micro) / len(micro),
+                            sum(m.loss for m in micro) / len(micro), grad_norm,
+                            self.optimizer.param_groups[0]["lr"], max(m.grad_steps for m in micro), seconds,
+                            timings, skipped=skip is not None)
         result.signals = self.learn.observe(result.reward, grad_norm, result.skipped)
         if self.safeguards.regularizer is not None:
             result.signals["reg_penalty"] = self.safeguards.regularizer.last_value
@@ -288,56 +302,51 @@ class Trainer:
         return result
 
     # -- validation ------------------------------------------------------------------------------
-    @torch.no_grad()
     def sample_videos(self, prompts: list[str], seed: int) -> torch.Tensor:
         """Full no-grad sampling and decoding of every frame: (B, F, 3, H, W) in [0, 1]."""
-        generator = torch.Generator().manual_seed(seed)
-        embeds = self.prompt_cache(prompts)
-        noise = self.sampler.initial_noise(len(prompts), self.latent_shape, generator, self.device, self.weight_dtype)
-        with self.autocast():
-            latents = self.sampler.sample(embeds, noise, grad_steps=0, generator=generator)
-            self.frozen.load()
-            return self.backbone.decode_frames(latents).float()
+        return self.rollout.sample_videos(prompts, seed)
 
     def validate(self, tag: str, save_videos: bool = False) -> dict[str, Any]:
         """Mean reward over the validation prompts and seeds (and sample videos under samples/)."""
-        from fastvader.io.media import frame_grid, write_video
-
-        scores, videos = [], []
-        for seed in self.cfg.validation.seeds:
-            video = self.sample_videos(self.val_prompts, seed)
-            scores.append(self.reward(video, self.val_prompts).float().cpu())
-            videos.append(video.cpu())
-        self.frozen.park()
-        per_prompt = torch.stack(scores).mean(0)
-        result = {"tag": tag, "step": self.step, "reward": float(per_prompt.mean()),
-                  "per_prompt": {p: float(s) for p, s in zip(self.val_prompts, per_prompt)}}
+        seeds = self.cfg.validation.seeds
+        scores, videos = self.rollout.score(self.val_prompts, seeds)
+        result = {"tag": tag, "step": self.step, **scores}
         if save_videos:
-            out = self.run_dir / "samples"
-            for s, seed in enumerate(self.cfg.validation.seeds):
-                for i, prompt in enumerate(self.val_prompts):
-                    name = f"{tag}_seed{seed}_{i:02d}_" + "_".join(prompt.split())[:40]
-                    write_video(videos[s][i], out / name, fps=self.cfg.video.fps)
-            frame_grid([v for batch in videos for v in batch], out / f"{tag}_grid.png")
+            write_samples(videos, self.val_prompts, seeds, self.run_dir / "samples", self.cfg.video.fps,
+                          prefix=f"{tag}_")
         self.safeguards.after_validation(self, tag, videos, result)
         self.history["validation"][tag] = result
         return result
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(),
-                "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "history": json.dumps(self.history)}
+        """What a resumed run needs besides the LoRA weights to continue exactly (under ZeRO the
+        optimizer state is each rank's own: see :meth:`save_checkpoint`)."""
+        state = {"step": self.step, "lr_scheduler": self.lr_scheduler.state_dict(),
+                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                 "history": json.dumps(self.history)}
+        if not self.zero:
+            state["optimizer"] = self.optimizer.state_dict()
+        if self.accelerator.scaler is not None:
+            state["scaler"] = self.accelerator.scaler.state_dict()
+        return state
 
     def save_checkpoint(self) -> Path:
+        """Every rank calls this (under ZeRO each one saves its part of the optimizer state)."""
+        from fastvader.memory.zero import zero_state_dict
+
         lora, state = lora_state_dict(self.backbone.denoiser), self.state_dict()
+        shard = zero_state_dict(self.optimizer) if self.zero else None
         check_finite_state(lora, "a checkpoint")
-        check_finite_state({"optimizer": state["optimizer"]}, "a checkpoint")
-        return ckpt.save_checkpoint(self.run_dir, self.step, lora, state, keep=self.cfg.train.keep_checkpoints)
+        check_finite_state({"optimizer": shard if self.zero else state["optimizer"]}, "a checkpoint")
+        return ckpt.save_checkpoint(self.run_dir, self.step, lora, state, keep=self.cfg.train.keep_checkpoints,
+                                    rank_state=shard, rank=self.accelerator.process_index,
+                                    barrier=self.accelerator.wait_for_everyone)
 
     def resume(self, run_dir: str | Path) -> None:
         from peft.utils import set_peft_model_state_dict
+
+        from fastvader.memory.zero import load_zero_state_dicts
 
         path = ckpt.latest_checkpoint(run_dir)
         if path is None:
@@ -345,16 +354,22 @@ class Trainer:
                                     "set train.checkpoint_every > 0 to write them")
         lora, state = ckpt.load_checkpoint(path)
         set_peft_model_state_dict(self.backbone.denoiser, {k: v.to(self.device) for k, v in lora.items()})
-        for p in self.lora_params:
-            p.data = p.data.float()
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.zero:  # after the weights: the fp32 master copies are loaded over them
+            load_zero_state_dicts(self.optimizer, ckpt.load_rank_states(path))
+        elif "optimizer" not in state:
+            raise ConfigError(f"checkpoint {path} was written under DeepSpeed ZeRO; resume it with the same "
+                              "memory.zero_stage")
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.accelerator.scaler is not None and "scaler" in state:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.history = json.loads(state["history"])
         self.step = int(state["step"])
-        _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        if self.accelerator.is_main_process:
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         print(f"fastvader: resumed from {path} at step {self.step}")
 
     def save_lora(self, path: str | Path | None = None) -> Path:
@@ -368,46 +383,68 @@ class Trainer:
 
     # -- the run ---------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train to ``train.steps``, validating before and after; returns the summary."""
+        """Train to ``train.steps``, validating before and after; returns the summary. Every rank
+        trains and saves its part of each checkpoint; rank 0 alone logs, validates and writes the
+        LoRA file and the summary."""
         from tqdm.auto import tqdm
 
-        from fastvader.io.media import plot_curve
-
         cfg, t = self.cfg, self.cfg.train
-        if not self.dist.is_main:
-            return self._fit_worker()
+        main = self.accelerator.is_main_process
+        start = time.perf_counter()
+        if main:
+            self._open_run()
+        bar = tqdm(total=t.steps, initial=self.step, disable=not (t.progress and main), unit="step",
+                   dynamic_ncols=True)
+        while self.step < t.steps:
+            result = self.train_step()
+            if main:
+                self._log_step(result)
+            bar.update(1)
+            bar.set_postfix(reward=f"{result.reward:.4f}", loss=f"{result.loss:.4f}", s_step=f"{result.seconds:.2f}")
+            self.guard.raise_if_stuck(self.step)
+            if main and cfg.validation.every and self.step % cfg.validation.every == 0 and self.step < t.steps:
+                self.validate(f"step{self.step}")
+            if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                self.save_checkpoint()
+            if self.safeguards.stop_reason:
+                print(f"fastvader: stopping early at step {self.step}: {self.safeguards.stop_reason}")
+                break
+        bar.close()
+        if not main:
+            self._save_last_checkpoint()
+            return {"run": str(self.run_dir), "steps": self.step, "rank": self.accelerator.process_index}
+        return self._close_run(start)
+
+    def _open_run(self) -> None:
+        """The run folder, its config.yaml, a clean metrics log, the loggers, the "before" validation."""
+        cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)  # a fresh run reusing the folder starts clean
         self.loggers = Loggers.from_config(cfg, self.run_dir)
-        start = time.perf_counter()
         if "before" not in self.history["validation"]:
             self.validate("before", save_videos=cfg.validation.save_videos)
-        bar = tqdm(total=t.steps, initial=self.step, disable=not t.progress, unit="step", dynamic_ncols=True)
+
+    def _log_step(self, result: StepResult) -> None:
+        self.history["rewards"].append(result.reward)
+        record = result.as_dict()
         with open(self.run_dir / "metrics.jsonl", "a") as log:
-            while self.step < t.steps:
-                result = self.train_step()
-                self.history["rewards"].append(result.reward)
-                record = result.as_dict()
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                self.loggers.log_step(self.step, record)
-                self.guard.raise_if_stuck(self.step)
-                bar.update(1)
-                bar.set_postfix(reward=f"{result.reward:.4f}", loss=f"{result.loss:.4f}",
-                                s_step=f"{result.seconds:.2f}")
-                if cfg.validation.every and self.step % cfg.validation.every == 0 and self.step < t.steps:
-                    self.validate(f"step{self.step}")
-                if t.checkpoint_every and self.step % t.checkpoint_every == 0:
-                    self.save_checkpoint()
-                if self.safeguards.stop_reason:
-                    print(f"fastvader: stopping early at step {self.step}: {self.safeguards.stop_reason}")
-                    break
-        bar.close()
+            log.write(json.dumps(record) + "\n")
+        self.loggers.log_step(self.step, record)
+
+    def _save_last_checkpoint(self) -> None:
+        every = self.cfg.train.checkpoint_every
+        if not (every and self.step % every == 0):  # not saved by the loop already
+            self.save_checkpoint()
+
+    def _close_run(self, start: float) -> dict[str, Any]:
+        """The "after" validation, the LoRA file, the last checkpoint, the reward curve and the summary."""
+        from fastvader.io.media import plot_curve
+
+        cfg = self.cfg
         after = self.validate("after", save_videos=cfg.validation.save_videos)
         self.save_lora()
-        if not (t.checkpoint_every and self.step % t.checkpoint_every == 0):
-            self.save_checkpoint()
+        self._save_last_checkpoint()
         plot_curve(self.history["rewards"], self.run_dir / "reward_curve.png", title="training reward")
         summary = {
             "run": str(self.run_dir), "steps": self.step,
@@ -423,12 +460,6 @@ class Trainer:
         self.loggers.close()
         ckpt.write_json(self.run_dir / "summary.json", summary)
         return summary
-
-    def _fit_worker(self) -> dict[str, Any]:
-        """Ranks other than 0 only train: rank 0 logs, validates and writes checkpoints."""
-        while self.step < self.cfg.train.steps:
-            self.train_step()
-        return {"run": str(self.run_dir), "steps": self.step, "rank": self.dist.rank}
 
     def trust_summary(self, error: BaseException | None = None) -> dict[str, Any]:
         """Learn signals, guard counts, self-check and held-out results for summary.json; the
@@ -467,6 +498,7 @@ class Trainer:
             revert(self.backbone.vae)
         if self.loggers is not None:
             self.loggers.close()
+        self.accelerator.free_memory()  # drops the accelerator's references (the DeepSpeed engine)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -1,5 +1,10 @@
 """The training loop on the embedded world's architecture (random weights, tiny schedules)."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -11,13 +16,16 @@ from fastvader.training.sampling import TruncationPolicy
 from fastvader.training.trainer import Trainer
 
 
+def tiny_overrides(tmp_path, *overrides):
+    return ["prompts.items=[a red square moving left, a blue circle moving up]",
+            "backbone.random_init=true", "sampler.steps=3", "train.steps=2", "train.progress=false",
+            f"train.output_dir={tmp_path}", "train.run_name=run", "validation.save_videos=false",
+            "validation.prompts=[a green square moving right]", "reward.name=brightness", "optim.lr=1e-3",
+            *overrides]
+
+
 def tiny_config(tmp_path, *overrides):
-    return load_config(None, [
-        "prompts.items=[a red square moving left, a blue circle moving up]",
-        "backbone.random_init=true", "sampler.steps=3", "train.steps=2", "train.progress=false",
-        f"train.output_dir={tmp_path}", "train.run_name=run", "validation.save_videos=false",
-        "validation.prompts=[a green square moving right]", "reward.name=brightness", "optim.lr=1e-3",
-        *overrides])
+    return load_config(None, tiny_overrides(tmp_path, *overrides))
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +132,52 @@ def test_resume_continues_exactly(tmp_path):
     assert steps == list(range(1, 9))
 
 
+KILLED_WORKER = """
+import json, sys
+import torch
+torch.set_num_threads(1)
+from fastvader.config import load_config
+from fastvader.training.trainer import train
+train(load_config(None, json.loads(sys.argv[1])))
+"""
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_as_an_uninterrupted_run(tmp_path):
+    """A run killed with SIGKILL (at whatever point of a step or a save it was) resumes from its
+    latest complete checkpoint and ends where an uninterrupted run ends."""
+    torch.set_num_threads(1)
+    common = ["train.steps=8", "sampler.truncation=rand", "frames.reward=random:2", "sampler.steps=2",
+              "train.checkpoint_every=1"]
+    straight = Trainer(tiny_config(tmp_path / "a", *common))
+    start = _lora(straight)
+    straight.fit()
+
+    script = tmp_path / "worker.py"
+    script.write_text(KILLED_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    worker = subprocess.Popen([sys.executable, str(script), json.dumps(tiny_overrides(tmp_path / "b", *common))],
+                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "b" / "run" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not (latest.is_file() and latest.read_text() >= "step_0000002") and worker.poll() is None:
+        assert time.monotonic() < deadline, "the worker wrote no second checkpoint in 5 minutes"
+        time.sleep(0.02)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    assert worker.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+    resumed = Trainer(tiny_config(tmp_path / "b", *common), resume=tmp_path / "b" / "run")
+    assert 2 <= resumed.step < 8
+    resumed.fit()
+    a, b = _lora(straight), _lora(resumed)
+    assert max(float((a[n] - start[n]).abs().max()) for n in a) > 1e-5  # trained: not two inits compared
+    for name in a:  # another process computed the first steps: equal to rounding
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-8)
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
 def test_crash_mid_checkpoint_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
     from fastvader.io import checkpoint as ckpt
 
@@ -149,8 +203,26 @@ def test_crash_mid_checkpoint_leaves_previous_checkpoint_loadable(tmp_path, monk
         torch.testing.assert_close(_lora(again)[name], value, rtol=0, atol=0)
 
 
-def test_grad_accumulation_matches_a_larger_batch_direction(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, "optim.grad_accum=2"))
+def test_grad_accumulation_averages_the_micro_batches_gradients(tmp_path):
+    """optim.grad_accum=2: one update from the mean of the two micro-batches' gradients (the
+    accelerator divides each loss by 2 and steps only at the step's end)."""
+    from fastvader.training.draws import BatchDraws
+
+    lr, eps = 0.05, 1.0  # with eps >> |g|, Adam's first update is -lr * g / (|g| + eps): close to -lr * g
+    trainer = Trainer(tiny_config(tmp_path, "optim.grad_accum=2", f"optim.lr={lr}", f"optim.eps={eps}",
+                                  "optim.weight_decay=0", "optim.max_grad_norm=0", "guards.self_check=false"))
+    before = [p.detach().clone() for p in trainer.lora_params]
+    grads = []
+    for micro in range(2):  # the draws the step will make
+        draws = BatchDraws.for_step(trainer.cfg.train.seed, 0, micro, 0, 1)
+        prompts = [trainer.prompts.sample(1, g)[0] for g in draws.videos]
+        reward, _ = trainer.forward_reward(prompts, {}, draws)
+        grads.append(torch.autograd.grad(-reward.mean(), trainer.lora_params))
     result = trainer.train_step()
-    assert result.step == 1 and result.grad_norm > 0 and torch.isfinite(torch.tensor(result.loss))
+    assert result.step == 1 and not result.skipped
     assert {"sample", "decode", "reward", "backward"} <= set(result.timings)
+    mean = [(a + b) / 2 for a, b in zip(*grads)]
+    assert result.grad_norm == pytest.approx(float(torch.cat([g.flatten() for g in mean]).norm()), rel=1e-4)
+    for p, p0, g in zip(trainer.lora_params, before, mean):
+        torch.testing.assert_close(p.detach() - p0, -lr * g / (g.abs() + eps), rtol=1e-4, atol=1e-9)
+    assert max(float(g.abs().max()) for g in mean) > 0

@@ -1,0 +1,106 @@
+"""Sampling and scoring without a Trainer: build a config's backbone, load a trained LoRA into it,
+sample whole videos, decode them and score them with the config's reward. ``fastvader sample``
+and ``fastvader eval`` run on it; so can a notebook::
+
+    pipe = VideoPipeline(load_config("configs/demo.yaml"), lora="runs/demo/lora.safetensors")
+    videos = pipe.sample(["a red square moving left"], seed=0)  # (B, F, 3, H, W) in [0, 1]
+    pipe.evaluate(["a red square moving left"], seeds=[0, 1])   # {"reward": ..., "per_prompt": ...}
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastvader.backbones import Backbone, build_backbone
+from fastvader.config import ConfigError, LoraConfig, TrainConfig
+from fastvader.precision import resolve_device, resolve_dtype
+from fastvader.rewards import build_reward
+from fastvader.training.rollout import Rollout, autocast_for
+
+
+class VideoPipeline:
+    """A config's backbone (with a trained LoRA when ``lora`` names one), sampler and, with
+    ``with_reward``, reward: no optimizer, no guards, no checkpointing, no run folder. It builds
+    its own models, so nothing of the caller's is changed."""
+
+    def __init__(self, cfg: TrainConfig, *, lora: str | Path | None = None, with_reward: bool = True):
+        cfg = cfg.validate()
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device)
+        weight_dtype = resolve_dtype(cfg.backbone.dtype, "backbone.dtype", self.device)
+        amp_dtype = resolve_dtype(cfg.train.precision, "train.precision", self.device)
+        torch.manual_seed(cfg.train.seed)  # random_init models draw the weights the Trainer's drew
+        self.backbone = build_backbone(cfg.backbone).freeze()
+        self.backbone.to(self.device, weight_dtype)
+        reward = build_reward(cfg.reward).freeze().to(self.device) if with_reward else None
+        #: the LoRA file's metadata (rank, alpha, targets, training steps); empty without one
+        self.lora_metadata = load_lora(self.backbone, lora, cfg.lora, self.device) if lora else {}
+        self.kernel_report = _apply_kernels(cfg, self.device, self.backbone)
+        self.rollout = Rollout.from_config(cfg, self.backbone, reward, self.device, weight_dtype,
+                                           autocast_for(self.device, amp_dtype))
+
+    def sample(self, prompts: list[str], seed: int = 0) -> torch.Tensor:
+        """One video per prompt, all frames decoded: (B, F, 3, H, W) in [0, 1]."""
+        return self.rollout.sample_videos(prompts, seed)
+
+    def evaluate(self, prompts: list[str], seeds: list[int], tag: str = "eval") -> dict[str, Any]:
+        """The reward of one video per prompt and seed, as the Trainer's validation reports it."""
+        if self.rollout.reward is None:
+            raise ValueError("this VideoPipeline was built with with_reward=False: it samples but cannot score")
+        scores, _ = self.rollout.score(prompts, seeds)
+        return {"tag": tag, "step": int(self.lora_metadata.get("fastvader.steps", 0)), **scores}
+
+
+def load_lora(backbone: Backbone, path: str | Path, default: LoraConfig, device: torch.device) -> dict[str, str]:
+    """Inject adapters shaped as the LoRA file says (its metadata; ``default`` for a file without
+    it) into the backbone's denoiser and load the file's weights; returns the metadata."""
+    from diffusers.training_utils import cast_training_params
+    from peft.utils import set_peft_model_state_dict
+
+    from fastvader.lora import add_lora, read_lora
+
+    state, meta = read_lora(path)
+    targets = meta.get("fastvader.target_modules")
+    add_lora(backbone.denoiser, int(meta.get("fastvader.lora_rank", default.rank)),
+             float(meta.get("fastvader.lora_alpha", default.alpha)),
+             target_modules=json.loads(targets) if targets else default.target_modules or backbone.default_lora_targets)
+    cast_training_params(backbone.denoiser, torch.float32)  # as trained: fp32 adapters on any base
+    backbone.denoiser.requires_grad_(False)
+    result = set_peft_model_state_dict(backbone.denoiser, {k: v.to(device) for k, v in state.items()})
+    if getattr(result, "unexpected_keys", None):
+        raise ConfigError(f"{path} does not match this model's LoRA layout (e.g. {result.unexpected_keys[:2]}); "
+                         "use the backbone it was trained with")
+    return meta
+
+
+def _apply_kernels(cfg: TrainConfig, device: torch.device, backbone: Backbone) -> dict[str, Any] | None:
+    """The fused kernels on the denoiser and VAE when ``kernels.enabled`` asks for them (``auto``:
+    on CUDA), as in training."""
+    from fastvader.patching.core import apply
+
+    enabled = str(cfg.kernels.enabled).lower()
+    if enabled in ("off", "false") or (enabled == "auto" and device.type != "cuda"):
+        return None
+    reports = {where: apply(model, cfg.kernels.ops or None)
+               for where, model in (("denoiser", backbone.denoiser), ("vae", backbone.vae))}
+    for where, report in reports.items():
+        print(f"[{where}] {report}")
+    return reports
+
+
+def write_samples(videos: list[torch.Tensor], prompts: list[str], seeds: list[int], out: str | Path, fps: int,
+                  prefix: str = "") -> list[Path]:
+    """Each seed's batch of videos as files named ``<prefix>seed<S>_<i>_<prompt>`` (mp4 and gif)
+    and one frame grid of them all, ``<prefix>grid.png``; returns the video files."""
+    from fastvader.io.media import frame_grid, write_video
+
+    out = Path(out)
+    files = []
+    for batch, seed in zip(videos, seeds):
+        for i, prompt in enumerate(prompts):
+            files += write_video(batch[i], out / f"{prefix}seed{seed}_{i:02d}_{'_'.join(prompt.split())[:40]}", fps)
+    frame_grid([video for batch in videos for video in batch], out / f"{prefix}grid.png")
+    return files

@@ -1,0 +1,131 @@
+"""VADER's forward pass: prompts and noise -> sample (gradients through the last K denoising
+steps) -> decode the chosen frames -> reward. :meth:`Rollout.__call__` does it for one training
+micro-batch; :meth:`Rollout.sample_videos` and :meth:`Rollout.score` sample whole videos without
+gradients, for validation, ``fastvader sample`` and ``fastvader eval``."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager
+
+import torch
+
+from fastvader.backbones import Backbone
+from fastvader.config import TrainConfig
+from fastvader.memory.offload import FrozenPlacement
+from fastvader.rewards import Reward
+from fastvader.training.draws import BatchDraws
+from fastvader.training.frames import FrameSelector
+from fastvader.training.prompts import PromptCache
+from fastvader.training.sampling import Sampler, StepWrapper, TruncationPolicy
+
+
+def autocast_for(device: torch.device, amp_dtype: torch.dtype) -> Callable[[], ContextManager]:
+    """torch's autocast at ``amp_dtype`` (none for fp32)."""
+    return lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+
+
+def embed_prompts_up_front(cache: PromptCache, backbone: Backbone, prompts: list[str], device: torch.device) -> None:
+    """Embed a finite prompt pool once; on a GPU the text encoder then leaves it."""
+    if len(prompts) > 4096:
+        return
+    cache.warm(prompts)
+    if device.type == "cuda":
+        offload = getattr(backbone, "offload_text_encoder", None)
+        text_encoder = getattr(backbone, "text_encoder", None)
+        if offload is not None:
+            offload()
+        elif isinstance(text_encoder, torch.nn.Module):
+            text_encoder.to("cpu")
+
+
+@dataclass
+class Rollout:
+    backbone: Backbone
+    sampler: Sampler
+    prompt_cache: PromptCache
+    frozen: FrozenPlacement
+    autocast: Callable[[], ContextManager]
+    latent_shape: tuple[int, ...]
+    truncation: TruncationPolicy
+    frames: FrameSelector
+    #: None for a rollout that only samples (``fastvader sample``)
+    reward: Reward | None = None
+    decode_chunk: int = 1
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, backbone: Backbone, reward: Reward | None, device: torch.device,
+                    weight_dtype: torch.dtype, autocast: Callable[[], ContextManager],
+                    grad_step_wrapper: StepWrapper | None = None) -> "Rollout":
+        """The pieces a config names around models already on ``device``."""
+        s = cfg.sampler
+        return cls(backbone=backbone,
+                   sampler=Sampler(backbone, s.name, s.steps, s.guidance_scale, s.eta, grad_step_wrapper),
+                   prompt_cache=PromptCache(backbone, device, weight_dtype),
+                   frozen=FrozenPlacement([backbone.vae, reward], device, cfg.memory.frozen_placement),
+                   autocast=autocast,
+                   latent_shape=backbone.latent_shape(cfg.video.frames, cfg.video.height, cfg.video.width),
+                   truncation=TruncationPolicy.parse(s.truncation, s.steps),
+                   frames=FrameSelector(cfg.frames.reward, cfg.frames.grad, cfg.video.frames),
+                   reward=reward, decode_chunk=cfg.memory.decode_chunk)
+
+    @property
+    def device(self) -> torch.device:
+        return self.prompt_cache.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.prompt_cache.dtype
+
+    def clock(self) -> float:
+        """The time once the device has finished its queued work (phase timings)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def __call__(self, prompts: list[str], draws: BatchDraws,
+                 timings: dict[str, float]) -> tuple[torch.Tensor, int]:
+        """Sample, decode and score one micro-batch: (rewards (B,), grad steps K). Each video's
+        noise comes from its own stream in ``draws``; K and the frames from the shared one.
+        Seconds per phase are added to ``timings``."""
+        embeds = self.prompt_cache(prompts)
+        noise = torch.cat([self.sampler.initial_noise(1, self.latent_shape, g, self.device, self.dtype)
+                           for g in draws.videos])
+        k = self.truncation.draw(draws.shared)
+        frames, grad_frames = self.frames.draw(draws.shared)
+        t0 = self.clock()
+        with self.autocast():
+            latents = self.sampler.sample(embeds, noise, grad_steps=k, generator=draws.shared)
+            t1 = self.clock()
+            self.frozen.load()
+            video = self.backbone.decode_frames(latents, frames, grad_frames, chunk=self.decode_chunk)
+            t2 = self.clock()
+        rewards = self.reward(video.float(), prompts)
+        t3 = self.clock()
+        for key, dt in (("sample", t1 - t0), ("decode", t2 - t1), ("reward", t3 - t2)):
+            timings[key] = timings.get(key, 0.0) + dt
+        return rewards, k
+
+    @torch.no_grad()
+    def sample_videos(self, prompts: list[str], seed: int) -> torch.Tensor:
+        """Full no-grad sampling and decoding of every frame: (B, F, 3, H, W) in [0, 1]."""
+        generator = torch.Generator().manual_seed(seed)
+        embeds = self.prompt_cache(prompts)
+        noise = self.sampler.initial_noise(len(prompts), self.latent_shape, generator, self.device, self.dtype)
+        with self.autocast():
+            latents = self.sampler.sample(embeds, noise, grad_steps=0, generator=generator)
+            self.frozen.load()
+            return self.backbone.decode_frames(latents).float()
+
+    def score(self, prompts: list[str], seeds: list[int]) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """The reward of no-grad samples averaged over ``seeds``: ``{"reward", "per_prompt"}``, and
+        the videos (one (B, F, 3, H, W) batch a seed, on the CPU)."""
+        scores, videos = [], []
+        for seed in seeds:
+            video = self.sample_videos(prompts, seed)
+            scores.append(self.reward(video, prompts).float().cpu())
+            videos.append(video.cpu())
+        self.frozen.park()
+        per_prompt = torch.stack(scores).mean(0)
+        return ({"reward": float(per_prompt.mean()), "per_prompt": {p: float(s) for p, s in zip(prompts, per_prompt)}},
+                videos)
