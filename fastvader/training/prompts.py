@@ -22,14 +22,12 @@ class PromptSource:
         self.prompts = list(prompts)
 
     @classmethod
-    def from_config(cls, cfg: PromptConfig, base_dir: str | Path | None = None) -> "PromptSource":
+    def from_config(cls, cfg: PromptConfig) -> "PromptSource":
+        """``prompts.file`` is already resolved by the config (relative to the YAML file)."""
         if cfg.items:
             return cls([str(p) for p in cfg.items])
         if cfg.file:
-            path = Path(cfg.file)
-            if not path.is_file() and base_dir is not None:
-                path = Path(base_dir) / cfg.file
-            lines = [ln.strip() for ln in path.read_text().splitlines()]
+            lines = [ln.strip() for ln in Path(cfg.file).read_text().splitlines()]
             return cls([ln for ln in lines if ln and not ln.startswith("#")])
         return cls(expand_template(cfg.template or "", cfg.vocab))
 
@@ -42,7 +40,7 @@ def validation_prompts(cfg: TrainConfig, train: PromptSource | None = None) -> l
     """``validation.prompts``, or else the first two training prompts."""
     if cfg.validation.prompts:
         return list(cfg.validation.prompts)
-    train = train or PromptSource.from_config(cfg.prompts, getattr(cfg, "_base_dir", None))
+    train = train or PromptSource.from_config(cfg.prompts)
     return train.prompts[:2]
 
 

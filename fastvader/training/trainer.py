@@ -112,7 +112,7 @@ class Trainer:
         self.kernel_report = self._apply_kernels()
         self.checkpoint_wrappers = enable_checkpointing(self.backbone.denoiser, cfg.memory.checkpointing)
 
-        self.prompts = PromptSource.from_config(cfg.prompts, getattr(cfg, "_base_dir", None))
+        self.prompts = PromptSource.from_config(cfg.prompts)
         self.val_prompts = validation_prompts(cfg, self.prompts)
         embed_prompts_up_front(self.prompt_cache, self.backbone, self.prompts.prompts + self.val_prompts, self.device)
         self.optimizer, self.lr_scheduler = self._prepare_optimizer()
