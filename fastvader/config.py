@@ -187,9 +187,14 @@ class LoopConfig:
     #: auto | cpu | cuda | cuda:N
     device: str = "auto"
     output_dir: str = "runs"
+    #: the run folder's name under output_dir; a run folder belongs to one run (docs/runs.md)
     run_name: str = "run"
-    checkpoint_every: int = 0
-    #: keep at most this many step checkpoints (0 = all)
+    #: write a checkpoint every N steps (0 = by time only) ...
+    checkpoint_every: int = 100
+    #: ... and whenever this many minutes passed since the last one (0 = by steps only); the run's
+    #: end and an interrupt (Ctrl-C, SIGTERM) always write one
+    checkpoint_minutes: float = 15.0
+    #: keep this run's newest N step checkpoints (0 = all)
     keep_checkpoints: int = 2
     progress: bool = True
     #: torch intra-op threads on the CPU (0 = torch's default); tiny models run fastest on 1
@@ -551,6 +556,28 @@ def _validate_frames(cfg: TrainConfig) -> None:
     if cfg.frames.reward == "same":
         raise _err("frames.reward", "same", "'same' is only for frames.grad")
     parse_frame_spec(cfg.frames.grad, cfg.video.frames, "frames.grad")
+    _validate_grad_within_reward(cfg.frames, cfg.video.frames)
+
+
+def _validate_grad_within_reward(frames: FramesConfig, num_frames: int) -> None:
+    """frames.grad picks out of the frames the reward sees: it must be able to pick there."""
+    mode, arg = parse_frame_spec(frames.reward, num_frames, "frames.reward")
+    chosen = None  # a random pick: known only per video
+    if mode != "random":
+        chosen = arg if mode == "list" else list(range(0, num_frames, arg if mode == "stride" else 1))
+    count = arg if mode == "random" else len(chosen)
+    grad_mode, grad_arg = parse_frame_spec(frames.grad, num_frames, "frames.grad")
+    if grad_mode == "random" and grad_arg > count:
+        raise _err("frames.grad", frames.grad, f"it asks for {grad_arg} frames, but frames.reward={frames.reward!r} "
+                                               f"gives the reward {count}; frames.grad picks out of those")
+    if grad_mode == "list" and chosen is None:
+        raise _err("frames.grad", frames.grad, f"a list cannot be checked against frames.reward={frames.reward!r} "
+                                               "(a random pick per video): use frames.grad=random:K or same")
+    if grad_mode == "list" and not set(grad_arg) <= set(chosen):
+        outside = sorted(set(grad_arg) - set(chosen))
+        raise _err("frames.grad", frames.grad, f"frames {outside} are not among the frames the reward sees "
+                                               f"({chosen}, frames.reward={frames.reward!r}); frames.grad picks "
+                                               "out of those")
 
 
 def _validate_lora(cfg: TrainConfig) -> None:
@@ -647,10 +674,11 @@ def _validate_train(cfg: TrainConfig) -> None:
     if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", t.device):
         raise _err("train.device", t.device, "auto, cpu, cuda or cuda:N")
     _positive("train.checkpoint_every", t.checkpoint_every, allow_zero=True)
+    _positive("train.checkpoint_minutes", t.checkpoint_minutes, allow_zero=True)
     _positive("train.keep_checkpoints", t.keep_checkpoints, allow_zero=True)
     _positive("train.cpu_threads", t.cpu_threads, allow_zero=True)
-    if not re.match(r"^[\w.\-]+$", t.run_name):
-        raise _err("train.run_name", t.run_name, "letters, digits, '.', '_' and '-' only")
+    if not t.run_name or t.run_name in (".", "..") or re.search(r"[/\\\x00]", t.run_name):
+        raise _err("train.run_name", t.run_name, "one folder name: no '/' or '\\', not '.' or '..'")
 
 
 def _validate_guards(cfg: TrainConfig) -> None:

@@ -14,6 +14,7 @@ from fastvader.cli.common import HelpFormatter
 from fastvader.config import ConfigError
 from fastvader.monitoring.guards import NonFiniteError
 from fastvader.monitoring.selfcheck import SelfCheckError
+from fastvader.training.interrupt import EXIT_INTERRUPTED
 
 COMMANDS = (train, plan, sample, evaluate, export, env, models)
 
@@ -36,3 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     except (NonFiniteError, SelfCheckError) as err:  # a guard stopped the run: say why, no traceback
         print(f"fastvader: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM; a run that saved its work says where
+        print(f"fastvader: {err or 'interrupted'}", file=sys.stderr)
+        return EXIT_INTERRUPTED

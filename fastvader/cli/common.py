@@ -39,10 +39,11 @@ def command_parser(sub, name: str, help: str, *, config: bool = True) -> argpars
     return p
 
 
-def load(args) -> TrainConfig:
+def load(args, config_path=None) -> TrainConfig:
+    """``--config`` (or ``config_path`` when given) with the command line's overrides."""
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"train.device={args.device}")
     if getattr(args, "gpu_memory", None):
         overrides.append(f"memory.gpu_memory={args.gpu_memory}")
-    return load_config(args.config, overrides)
+    return load_config(config_path or args.config, overrides)

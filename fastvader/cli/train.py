@@ -2,29 +2,31 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from fastvader.cli.common import command_parser, load
-from fastvader.config import load_config
 
 
 def add_parser(sub) -> None:
     p = command_parser(sub, "train", "align a video model with a reward")
-    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its latest checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue the run in RUN_DIR (from its newest intact checkpoint and its own config.yaml, "
+                        "unless --config is given), or from a chosen checkpoint: RUN_DIR/checkpoints/step_N")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a run folder that holds one: deletes everything in it first")
     p.add_argument("--gpu-memory", default=None, metavar="SIZE",
                    help="memory budget such as 24GiB: apply the fastest memory settings the planner predicts to fit")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from fastvader.training.run_folder import ResumePoint
     from fastvader.training.trainer import train
 
-    cfg = load(args)
-    if args.resume:
-        saved = Path(args.resume) / "config.yaml"
-        if args.config is None and saved.is_file():
-            cfg = load_config(saved, args.overrides)
-    summary = train(cfg, resume=args.resume)
+    if args.resume and args.config is None:
+        cfg = load(args, ResumePoint.parse(args.resume).config_path())
+    else:
+        cfg = load(args)
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
     shown = ("run", "steps", "status", "reward_before", "reward_after", "wall_time_s", "learn")
     print(json.dumps({k: summary[k] for k in shown if k in summary}, indent=2))
     if summary.get("safeguards", {}).get("stop_reason"):

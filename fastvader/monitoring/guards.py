@@ -54,23 +54,25 @@ def check_finite_state(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str,
     an optimizer state are searched too). Called before any weights are written."""
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     for name, value in items:
-        bad = _first_nonfinite(value, str(name))
+        bad = first_nonfinite(value, str(name))
         if bad is not None:
             raise NonFiniteError(f"refusing to write {what}: {bad} holds NaN/Inf. The previous file (if any) "
                                  "is kept; see metrics.jsonl for the step where the values broke")
 
 
-def _first_nonfinite(value: Any, name: str) -> str | None:
+def first_nonfinite(value: Any, name: str) -> str | None:
+    """The dotted name of the first floating-point tensor or float under ``value`` that holds
+    NaN/Inf, or None."""
     if isinstance(value, torch.Tensor):
         return None if (not value.is_floating_point() or is_finite(value)) else name
     if isinstance(value, Mapping):
         for k, v in value.items():
-            found = _first_nonfinite(v, f"{name}.{k}")
+            found = first_nonfinite(v, f"{name}.{k}")
             if found:
                 return found
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            found = _first_nonfinite(v, f"{name}[{i}]")
+            found = first_nonfinite(v, f"{name}[{i}]")
             if found:
                 return found
     elif isinstance(value, float) and not math.isfinite(value):

@@ -158,11 +158,13 @@ class Safeguards:
         if loggers is not None:
             loggers.log_validation(trainer.step, tag, result, videos, trainer.cfg.video.fps)
         if tag != "after":  # the final round does not decide anything any more
-            saved = trainer.history.get("early_stop")
-            if saved and not self.stopper.history:  # resumed: continue the curves of the first run
-                self.stopper = EarlyStopper(**saved)
             self.stopper.update(trainer.step, result["reward"], result.get("second_reward"))
             trainer.history["early_stop"] = dataclasses.asdict(self.stopper)
+
+    def restore(self, history: dict[str, Any]) -> None:
+        """Continue the early-stopping curves kept in a resumed run's history."""
+        if history.get("early_stop"):
+            self.stopper = EarlyStopper(**history["early_stop"])
 
     def summary(self) -> dict[str, Any]:
         return {"rounds": self.stopper.history, "best_heldout_reward": self.stopper.best,

@@ -99,3 +99,12 @@ def average_gradients(accelerator, params: list[torch.nn.Parameter], finite: boo
     for p, averaged in zip(params, flat[:-1].split([g.numel() for g in grads])):
         p.grad = averaged.view_as(p).to(p.dtype)
     return bool(flat[-1] == 0)
+
+
+def on_any_process(accelerator, *flags: bool) -> list[bool]:
+    """Each flag, true when it is true on any rank: every rank then decides alike (stop on a
+    signal that reached one rank, checkpoint when one rank's clock says it is time)."""
+    if accelerator.num_processes == 1:
+        return list(flags)
+    votes = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    return [bool(v > 0) for v in accelerator.reduce(votes, reduction="sum")]

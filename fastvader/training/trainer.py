@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 
 from fastvader.backbones import Backbone, build_backbone
-from fastvader.config import ConfigError, TrainConfig
+from fastvader.config import TrainConfig
 from fastvader.inference import write_samples
 from fastvader.io import checkpoint as ckpt
 from fastvader.io.loggers import Loggers
@@ -28,17 +28,19 @@ from fastvader.lora import add_lora, lora_metadata, lora_state_dict, save_lora
 from fastvader.memory.checkpointing import enable_checkpointing
 from fastvader.memory.offload import grad_step_wrapper
 from fastvader.memory.optim import build_optimizer
-from fastvader.monitoring.guards import NonFiniteError, NumericalGuard, check_finite_state, is_finite
+from fastvader.monitoring.guards import NumericalGuard, check_finite_state, is_finite
 from fastvader.monitoring.learn_signals import LearnMonitor
 from fastvader.monitoring.safeguards import Safeguards
-from fastvader.monitoring.selfcheck import SelfCheck, SelfCheckError
+from fastvader.monitoring.selfcheck import SelfCheck
 from fastvader.precision import resolve_device, resolve_dtype
 from fastvader.rewards import Reward, build_reward
 from fastvader.training.distributed import (average_gradients, broadcast_from_main, build_accelerator,
-                                            training_device)
+                                            on_any_process, training_device)
 from fastvader.training.draws import BatchDraws
+from fastvader.training.interrupt import RunInterrupted, StopRequests
 from fastvader.training.prompts import PromptSource, validation_prompts
 from fastvader.training.rollout import Rollout, autocast_for, embed_prompts_up_front
+from fastvader.training.run_folder import RunFolder, begin_invocation, total_wall_time, update_invocation
 
 #: the numerical guard's reason for a step whose fp16 gradients overflowed
 FP16_OVERFLOW = "fp16 gradient overflow"
@@ -79,16 +81,20 @@ class _MicroBatch(NamedTuple):
 
 class Trainer:
     """Builds everything a config names and runs the loop. ``backbone``/``reward`` may be passed
-    in prebuilt (tests, notebooks); ``resume`` is a run directory to continue. accelerate's
-    settings are per process, so of several Trainers in one process the newest one trains."""
+    in prebuilt (tests, notebooks); ``resume`` is a run folder to continue, or one of its
+    checkpoints (``RUN/checkpoints/step_N``); ``overwrite`` empties the run folder when training
+    starts (docs/runs.md). Every check on the config and the folder happens before any model is
+    built. accelerate's settings are per process, so of several Trainers in one process the
+    newest one trains."""
 
     def __init__(self, cfg: TrainConfig, *, backbone: Backbone | None = None,
-                 reward: Reward | None = None, resume: str | Path | None = None):
+                 reward: Reward | None = None, resume: str | Path | None = None, overwrite: bool = False):
         cfg = cfg.validate()
         if cfg.memory.gpu_memory:
             from fastvader.memory.planner import apply_best_plan
 
             cfg = apply_best_plan(cfg)
+        self.run, cfg = RunFolder.open(cfg, resume=resume, overwrite=overwrite)
         self.cfg = cfg
         t = cfg.train
         configured = resolve_device(t.device)
@@ -98,7 +104,7 @@ class Trainer:
         if t.cpu_threads and self.device.type == "cpu":
             torch.set_num_threads(t.cpu_threads)
         self.weight_dtype = self._weight_dtype()
-        self.run_dir = cfg.run_dir
+        self.run_dir = self.run.path
         self.generator = torch.Generator().manual_seed(t.seed)
         torch.manual_seed(t.seed)
 
@@ -118,9 +124,13 @@ class Trainer:
         self.optimizer, self.lr_scheduler = self._prepare_optimizer()
         self.step = 0
         self.history: dict[str, Any] = {"rewards": [], "validation": {}}
+        #: this invocation's record in ``history["invocations"]`` while fit() runs, and its clock
+        self.invocation: dict[str, Any] | None = None
+        self._fit_start = time.perf_counter()
         self._setup_trust()
-        if resume is not None:
-            self.resume(resume)
+        if self.run.checkpoint is not None:
+            self.resume(self.run.checkpoint)
+            self.run.checkpoint = None  # its tensors are in the model and optimizer now
 
     # -- setup pieces ----------------------------------------------------------------------------
     @property
@@ -332,33 +342,33 @@ class Trainer:
         return state
 
     def save_checkpoint(self) -> Path:
-        """Every rank calls this (under ZeRO each one saves its part of the optimizer state)."""
+        """Every rank calls this (under ZeRO each one saves its part of the optimizer state). The
+        history it holds includes this invocation's record, brought up to this step."""
         from fastvader.memory.zero import zero_state_dict
 
+        self._update_invocation()
         lora, state = lora_state_dict(self.backbone.denoiser), self.state_dict()
         shard = zero_state_dict(self.optimizer) if self.zero else None
         check_finite_state(lora, "a checkpoint")
         check_finite_state({"optimizer": shard if self.zero else state["optimizer"]}, "a checkpoint")
         return ckpt.save_checkpoint(self.run_dir, self.step, lora, state, keep=self.cfg.train.keep_checkpoints,
                                     rank_state=shard, rank=self.accelerator.process_index,
-                                    barrier=self.accelerator.wait_for_everyone)
+                                    barrier=self.accelerator.wait_for_everyone, config_yaml=self.cfg.to_yaml())
 
-    def resume(self, run_dir: str | Path) -> None:
+    def resume(self, checkpoint: ckpt.LoadedCheckpoint) -> None:
+        """Continue from a verified checkpoint (:class:`RunFolder` finds and checks it): LoRA
+        weights, optimizer, schedule, loss scale, random streams and the run's history."""
         from peft.utils import set_peft_model_state_dict
 
         from fastvader.memory.zero import load_zero_state_dicts
 
-        path = ckpt.latest_checkpoint(run_dir)
-        if path is None:
-            raise FileNotFoundError(f"no complete checkpoint under {Path(run_dir) / ckpt.CHECKPOINT_DIR}; "
-                                    "set train.checkpoint_every > 0 to write them")
-        lora, state = ckpt.load_checkpoint(path)
-        set_peft_model_state_dict(self.backbone.denoiser, {k: v.to(self.device) for k, v in lora.items()})
+        path, state = checkpoint.path, checkpoint.state
+        set_peft_model_state_dict(self.backbone.denoiser, {k: v.to(self.device) for k, v in checkpoint.lora.items()})
         if self.zero:  # after the weights: the fp32 master copies are loaded over them
             load_zero_state_dicts(self.optimizer, ckpt.load_rank_states(path))
         elif "optimizer" not in state:
-            raise ConfigError(f"checkpoint {path} was written under DeepSpeed ZeRO; resume it with the same "
-                              "memory.zero_stage")
+            raise ckpt.CheckpointError(f"checkpoint {path} was written under DeepSpeed ZeRO; resume it with the "
+                                       "same memory.zero_stage")
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.accelerator.scaler is not None and "scaler" in state:
@@ -367,10 +377,9 @@ class Trainer:
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.history = json.loads(state["history"])
+        self.safeguards.restore(self.history)
         self.step = int(state["step"])
-        if self.accelerator.is_main_process:
-            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
-        print(f"fastvader: resumed from {path} at step {self.step}")
+        print(f"fastvader: resuming from {path} at step {self.step}")
 
     def save_lora(self, path: str | Path | None = None) -> Path:
         cfg = self.cfg
@@ -384,43 +393,87 @@ class Trainer:
     # -- the run ---------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train to ``train.steps``, validating before and after; returns the summary. Every rank
-        trains and saves its part of each checkpoint; rank 0 alone logs, validates and writes the
-        LoRA file and the summary."""
+        trains and saves its part of each checkpoint; rank 0 alone owns the run folder, logs,
+        validates and writes the LoRA file and the summary. SIGINT/SIGTERM stop the run after the
+        step in progress, saving its work (:class:`RunInterrupted`); any other error still leaves
+        summary.json saying what failed."""
+        main = self.accelerator.is_main_process
+        self._fit_start = time.perf_counter()
+        if main:
+            self.run.claim()
+        try:
+            with StopRequests() as stop:
+                self.invocation = begin_invocation(self.history, self.step, self.run.resumed_from, self.run.changes)
+                if main:
+                    self._open_run()
+                status = self._loop(stop)
+                return self._finish(status, stop.signal_name)
+        except Exception as err:
+            found = ckpt.storage_error(err, getattr(err, "filename", None) or self.run_dir)
+            if main:
+                self._write_failure_summary(found or err)
+            if found is not None:
+                raise found from err
+            raise
+        finally:
+            if main:
+                self.run.release()
+
+    def _loop(self, stop: StopRequests) -> str:
+        """Steps until ``train.steps``, an early stop or a stop request (agreed by every rank after
+        each step); checkpoints by steps and by time. Returns the run's status."""
         from tqdm.auto import tqdm
 
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         main = self.accelerator.is_main_process
-        start = time.perf_counter()
-        if main:
-            self._open_run()
         bar = tqdm(total=t.steps, initial=self.step, disable=not (t.progress and main), unit="step",
                    dynamic_ncols=True)
-        while self.step < t.steps:
+        last_save = time.monotonic()
+        if main:
+            self._validate_if_due()  # a run resumed where its previous invocation ended
+        stopping, early = on_any_process(self.accelerator, stop.requested, self.safeguards.stop_reason is not None)
+        while self.step < t.steps and not (stopping or early):
             result = self.train_step()
             if main:
                 self._log_step(result)
             bar.update(1)
             bar.set_postfix(reward=f"{result.reward:.4f}", loss=f"{result.loss:.4f}", s_step=f"{result.seconds:.2f}")
             self.guard.raise_if_stuck(self.step)
-            if main and cfg.validation.every and self.step % cfg.validation.every == 0 and self.step < t.steps:
-                self.validate(f"step{self.step}")
-            if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+            if main:
+                self._validate_if_due()
+            stopping, due, early = on_any_process(self.accelerator, stop.requested, self._checkpoint_due(last_save),
+                                                  self.safeguards.stop_reason is not None)
+            if due and not stopping:  # a stop request saves once, at the end
                 self.save_checkpoint()
-            if self.safeguards.stop_reason:
-                print(f"fastvader: stopping early at step {self.step}: {self.safeguards.stop_reason}")
-                break
+                last_save = time.monotonic()
         bar.close()
-        if not main:
-            self._save_last_checkpoint()
-            return {"run": str(self.run_dir), "steps": self.step, "rank": self.accelerator.process_index}
-        return self._close_run(start)
+        if stopping:
+            return "interrupted"
+        if early and main:
+            print(f"fastvader: stopping early at step {self.step}: {self.safeguards.stop_reason}")
+        return "stopped_early" if early else "completed"
+
+    def _validate_if_due(self) -> None:
+        """A held-out round every ``validation.every`` steps, the last step excepted (the "after"
+        validation scores it), once: a resumed run that ended its previous invocation on such a
+        step has its round now, as an uninterrupted run would have had."""
+        every = self.cfg.validation.every
+        if (every and 0 < self.step < self.cfg.train.steps and self.step % every == 0
+                and f"step{self.step}" not in self.history["validation"]):
+            self.validate(f"step{self.step}")
+
+    def _checkpoint_due(self, last_save: float) -> bool:
+        t = self.cfg.train
+        by_steps = bool(t.checkpoint_every) and self.step % t.checkpoint_every == 0
+        by_time = bool(t.checkpoint_minutes) and time.monotonic() - last_save >= t.checkpoint_minutes * 60
+        return by_steps or by_time
 
     def _open_run(self) -> None:
-        """The run folder, its config.yaml, a clean metrics log, the loggers, the "before" validation."""
+        """The run's config.yaml (the settings of the latest invocation; each checkpoint keeps its
+        own), the loggers, the "before" validation (once per run)."""
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
-        _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)  # a fresh run reusing the folder starts clean
+        with ckpt.atomic_path(self.run_dir / "config.yaml") as tmp:
+            tmp.write_text(cfg.to_yaml())
         self.loggers = Loggers.from_config(cfg, self.run_dir)
         if "before" not in self.history["validation"]:
             self.validate("before", save_videos=cfg.validation.save_videos)
@@ -432,33 +485,54 @@ class Trainer:
             log.write(json.dumps(record) + "\n")
         self.loggers.log_step(self.step, record)
 
-    def _save_last_checkpoint(self) -> None:
-        every = self.cfg.train.checkpoint_every
-        if not (every and self.step % every == 0):  # not saved by the loop already
-            self.save_checkpoint()
+    def _update_invocation(self, status: str | None = None) -> None:
+        if self.invocation is not None:
+            update_invocation(self.invocation, self.step, time.perf_counter() - self._fit_start, status,
+                              self.selfcheck.report)
 
-    def _close_run(self, start: float) -> dict[str, Any]:
-        """The "after" validation, the LoRA file, the last checkpoint, the reward curve and the summary."""
+    def _finish(self, status: str, signal_name: str | None) -> dict[str, Any]:
+        """The end of an invocation, on every rank: the "after" validation (not when interrupted),
+        the LoRA file, a last checkpoint holding the closed history, the reward curve and the
+        summary. An interrupted run then raises RunInterrupted."""
         from fastvader.io.media import plot_curve
 
-        cfg = self.cfg
-        after = self.validate("after", save_videos=cfg.validation.save_videos)
-        self.save_lora()
-        self._save_last_checkpoint()
+        main = self.accelerator.is_main_process
+        after = None
+        if main and status != "interrupted":
+            after = self.validate("after", save_videos=self.cfg.validation.save_videos)
+        if main:
+            self.save_lora()
+        self._update_invocation(status)
+        saved = self.save_checkpoint()
+        if not main:
+            return {"run": str(self.run_dir), "steps": self.step, "rank": self.accelerator.process_index}
         plot_curve(self.history["rewards"], self.run_dir / "reward_curve.png", title="training reward")
-        summary = {
-            "run": str(self.run_dir), "steps": self.step,
-            "reward_before": self.history["validation"]["before"]["reward"],
-            "reward_after": after["reward"],
-            "validation": self.history["validation"],
-            "wall_time_s": round(time.perf_counter() - start, 2),
-            "peak_memory_bytes": peak_memory(self.device), "device": str(self.device),
-            "kernels": {k: str(v) for k, v in (self.kernel_report or {}).items()},
-        }
-        summary.update(self.trust_summary())
+        summary = self.summary(status, after)
         self.loggers.log_summary(self.step, self.run_dir / "reward_curve.png", summary["learn"])
         self.loggers.close()
         ckpt.write_json(self.run_dir / "summary.json", summary)
+        if status == "interrupted":
+            raise RunInterrupted(f"{signal_name}: stopped after step {self.step}; saved {saved}, the LoRA and "
+                                 f"summary.json. Continue with: fastvader train --resume {self.run_dir}", summary)
+        return summary
+
+    def summary(self, status: str, after: dict[str, Any] | None = None,
+                error: BaseException | None = None) -> dict[str, Any]:
+        """What summary.json holds: one history across every invocation of the run (wall time,
+        invocations, validation rounds, safeguards) and this invocation's trust signals."""
+        validation = self.history["validation"]
+        summary = {"run": str(self.run_dir), "steps": self.step, "status": status}
+        if "before" in validation:
+            summary["reward_before"] = validation["before"]["reward"]
+        if after is not None:
+            summary["reward_after"] = after["reward"]
+        summary.update({
+            "validation": validation, "wall_time_s": total_wall_time(self.history),
+            "invocations": self.history.get("invocations", []),
+            "peak_memory_bytes": peak_memory(self.device), "device": str(self.device),
+            "kernels": {k: str(v) for k, v in (self.kernel_report or {}).items()},
+        })
+        summary.update(self.trust_summary(error))
         return summary
 
     def trust_summary(self, error: BaseException | None = None) -> dict[str, Any]:
@@ -469,17 +543,25 @@ class Trainer:
         learn = self.learn.summary()
         for message in learn["warnings"]:
             warnings.warn(f"fastvader did-it-learn check: {message}", stacklevel=2)
-        status = "failed" if error is not None else ("stopped_early" if self.safeguards.stop_reason else "completed")
-        out = {"status": status, "learn": learn, "guards": self.guard.summary(),
-               "self_check": self.selfcheck.report, "safeguards": self.safeguards.summary()}
+        out = {"learn": learn, "guards": self.guard.summary(), "self_check": self.selfcheck.report,
+               "safeguards": self.safeguards.summary()}
         if error is not None:
             out["error"] = f"{type(error).__name__}: {error}"
         return out
 
-    def write_failure_summary(self, error: BaseException) -> None:
-        """summary.json for a run a guard stopped: what failed and the signals so far (no LoRA)."""
-        summary = {"run": str(self.run_dir), "steps": self.step, **self.trust_summary(error)}
-        ckpt.write_json(self.run_dir / "summary.json", summary)
+    def _write_failure_summary(self, error: BaseException) -> None:
+        """summary.json for a run that failed (a guard, the self-check, a full disk, a bug): what
+        failed and the signals so far. Written only once the run owns its folder, and never
+        raising over the error that brought it here."""
+        import warnings
+
+        if self.invocation is None:
+            return
+        self._update_invocation("failed")
+        try:
+            ckpt.write_json(self.run_dir / "summary.json", self.summary("failed", error=error))
+        except OSError as err:
+            warnings.warn(f"fastvader: could not write {self.run_dir / 'summary.json'}: {err}", stacklevel=2)
         if self.loggers is not None:
             self.loggers.close()
 
@@ -498,16 +580,8 @@ class Trainer:
             revert(self.backbone.vae)
         if self.loggers is not None:
             self.loggers.close()
+        self.run.release()
         self.accelerator.free_memory()  # drops the accelerator's references (the DeepSpeed engine)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (they will be redone)."""
-    if not path.is_file():
-        return
-    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    with ckpt.atomic_path(path) as tmp:
-        tmp.write_text("".join(ln + "\n" for ln in kept))
 
 
 def peak_memory(device: torch.device) -> int:
@@ -518,13 +592,13 @@ def peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def train(cfg: TrainConfig, *, resume: str | Path | None = None, **kwargs) -> dict[str, Any]:
-    """Run a whole training job from a config; returns the summary (also in summary.json)."""
-    trainer = Trainer(cfg, resume=resume, **kwargs)
+def train(cfg: TrainConfig, *, resume: str | Path | None = None, overwrite: bool = False,
+          **kwargs) -> dict[str, Any]:
+    """Run a whole training job from a config; returns the summary (also in summary.json).
+    ``resume``: a run folder or one of its checkpoints; ``overwrite``: empty the run folder first.
+    Raises RunInterrupted (a KeyboardInterrupt) after saving when SIGINT/SIGTERM stops it."""
+    trainer = Trainer(cfg, resume=resume, overwrite=overwrite, **kwargs)
     try:
         return trainer.fit()
-    except (NonFiniteError, SelfCheckError) as err:
-        trainer.write_failure_summary(err)
-        raise
     finally:
         trainer.close()
