@@ -17,7 +17,7 @@ $(STAMP): $(REQS)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/fastvader train --config configs/demo.yaml
+	$(VENV)/bin/fastvader train --config configs/demo.yaml --overwrite
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q -ra
