@@ -2,12 +2,11 @@
 that every refusal leaves the folder exactly as it was (tiny toy runs, in-process)."""
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
 
-from tests.helpers.runs import folder_state, steps_logged
+from tests.helpers.runs import folder_state, steps_logged, summary
 from tests.helpers.trust import single_thread, tiny_config  # noqa: F401
 import pytest  # noqa: E402
 
@@ -68,8 +67,8 @@ def test_overwrite_empties_the_folder_first_but_only_once_the_new_run_is_built(r
         train(broken, overwrite=True)
     assert folder_state(run) == before
 
-    summary = train(tiny_config(run.parent, name="done", train={"steps": 2, "checkpoint_every": 1}), overwrite=True)
-    assert summary["status"] == "completed" and len(summary["invocations"]) == 1
+    new = train(tiny_config(run.parent, name="done", train={"steps": 2, "checkpoint_every": 1}), overwrite=True)
+    assert new["status"] == "completed" and len(new["invocations"]) == 1
     assert not (run / "notes.txt").exists()
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_0000001", "step_0000002"]
     assert (run / "checkpoints" / "latest").read_text() == "step_0000002"
@@ -95,8 +94,8 @@ def test_resuming_a_renamed_copy_writes_only_into_the_copy(run, capsys):
     shutil.copytree(run, copy)
     assert main(["train", "--resume", str(copy), "--set", "train.steps=2"]) == 0
     assert folder_state(run) == original
-    summary = json.loads((copy / "summary.json").read_text())
-    assert summary["run"] == str(copy) and summary["steps"] == 2
+    resumed = summary(copy)
+    assert resumed["run"] == str(copy) and resumed["steps"] == 2
     assert steps_logged(copy) == [1, 2]
     saved = (copy / "config.yaml").read_text()
     assert "run_name: renamed copy" in saved and f"output_dir: {copy.parent}" in saved
@@ -120,8 +119,8 @@ def test_resume_allows_other_changes_with_a_warning_and_records_them(run):
     cfg = load_config(run / "config.yaml", ["train.steps=2", "optim.lr=5e-4", "sampler.guidance_scale=2.0"])
     with pytest.warns(UserWarning, match=r"changed settings \(sampler.guidance_scale: 1.0 -> 2.0; optim.lr: 0.001 -> "
                                          r"0.0005\)"):
-        summary = train(cfg, resume=run)
-    changes = summary["invocations"][-1]["config_changes"]
+        resumed = train(cfg, resume=run)
+    changes = resumed["invocations"][-1]["config_changes"]
     assert changes == {"optim.lr": [1e-3, 5e-4], "sampler.guidance_scale": [1.0, 2.0], "train.steps": [1, 2]}
     assert "lr: 0.0005" in (run / "config.yaml").read_text()
     assert "lr: 0.001" in (run / "checkpoints" / "step_0000001" / "config.yaml").read_text()
@@ -156,3 +155,26 @@ def test_stale_temporaries_of_a_killed_save_are_removed_when_the_run_resumes(run
     train(tiny_config(run.parent, name="done", train={"steps": 2}), resume=run)
     assert not list(run.rglob("*.tmp*"))
     assert "removed" in capsys.readouterr().out
+
+
+def test_a_full_disk_stops_the_run_with_one_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    save, calls = ckpt.torch.save, []
+
+    def save_until_the_disk_is_full(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(ckpt.torch, "save", save_until_the_disk_is_full)
+    with pytest.raises(ckpt.StorageError, match=f"cannot write {tmp_path / 'run' / 'checkpoints'}: no space left on "
+                                                "the device; it needs about .* bytes"):
+        train(tiny_config(tmp_path, train={"steps": 3, "checkpoint_every": 1}))
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000001"
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_0000001"]
+    assert ckpt.newest_intact_checkpoint(run).step == 1 and not list(run.rglob(".*tmp*"))
+    failed = summary(run)
+    assert failed["status"] == "failed" and failed["error"].startswith("StorageError: cannot write")
+    assert failed["invocations"][0]["status"] == "failed"
