@@ -97,6 +97,7 @@ class RunFolder:
     #: settings changed since that checkpoint was written: {field: [old, new]}
     changes: dict[str, list] = field(default_factory=dict)
     _lock: "FolderLock | None" = None
+    _prepared: bool = False
 
     @classmethod
     def open(cls, cfg: TrainConfig, resume: str | Path | None = None,
@@ -160,22 +161,28 @@ class RunFolder:
 
     # -- the folder, once training starts ----------------------------------------------------------
     def claim(self) -> list[str]:
-        """Take the folder for this process and make it ready: --overwrite empties it, killed
-        writes' leftovers go, and a resumed run sets aside the checkpoints newer than the one it
-        continues from and drops the log lines after it (they will be redone). Returns what it did."""
+        """Take the folder for this process and make it ready: killed writes' leftovers go and,
+        the first time only, --overwrite empties it or a resumed run sets aside the checkpoints
+        newer than the one it continues from and drops the log lines after it (they will be
+        redone). Returns what it did."""
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = FolderLock(self.path)
         self._lock.acquire()
         done = []
-        if self.overwrite:
+        if self.overwrite and not self._prepared:
             for entry in self.path.iterdir():
-                if entry.name != LOCK_FILE:
-                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                if entry.name == LOCK_FILE:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
             done.append(f"--overwrite: emptied {self.path}")
         done += remove_stale_temporaries(self.path)
-        if self.resumed_step is not None:
+        if self.resumed_step is not None and not self._prepared:
             done += self._set_aside_newer(self.resumed_step)
             _truncate_metrics(self.path / "metrics.jsonl", self.resumed_step)
+        self._prepared = True
         for line in done:
             print(f"fastvader: {line}")
         return done

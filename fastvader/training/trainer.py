@@ -124,7 +124,7 @@ class Trainer:
         self.optimizer, self.lr_scheduler = self._prepare_optimizer()
         self.step = 0
         self.history: dict[str, Any] = {"rewards": [], "validation": {}}
-        #: this invocation's record in ``history["invocations"]`` while fit() runs, and its clock
+        #: this invocation's record in ``history["invocations"]`` once fit() starts, and its start
         self.invocation: dict[str, Any] | None = None
         self._fit_start = time.perf_counter()
         self._setup_trust()

@@ -178,3 +178,17 @@ def test_a_full_disk_stops_the_run_with_one_error_and_keeps_the_last_checkpoint(
     failed = summary(run)
     assert failed["status"] == "failed" and failed["error"].startswith("StorageError: cannot write")
     assert failed["invocations"][0]["status"] == "failed"
+
+
+def test_a_second_claim_of_the_same_folder_clears_nothing(tmp_path):
+    """fit() called twice on one Trainer: --overwrite empties the folder the first time only."""
+    from fastvader.training.run_folder import RunFolder
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("old run")
+    folder = RunFolder(tmp_path / "run", overwrite=True)
+    assert folder.claim() == [f"--overwrite: emptied {tmp_path / 'run'}"]
+    (tmp_path / "run" / "metrics.jsonl").write_text("the first fit's log\n")
+    folder.release()
+    assert folder.claim() == [] and (tmp_path / "run" / "metrics.jsonl").is_file()
+    folder.release()
