@@ -11,7 +11,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fastvader.config import ConfigError  # noqa: E402
+from fastvader.errors import LoraFileError  # noqa: E402
 from fastvader.inference import VideoPipeline  # noqa: E402
 from fastvader.memory.tiny import tiny_toy_config  # noqa: E402
 
@@ -70,5 +70,6 @@ def test_a_lora_of_another_model_is_refused_by_name(trained, tmp_path):
     renamed = {k.replace("transformer_in", "elsewhere"): v for k, v in state.items()}
     bad = tmp_path / "other.safetensors"
     save_file(renamed, str(bad))  # no metadata: the config's lora settings shape the adapters
-    with pytest.raises(ConfigError, match="other.safetensors does not match this model's LoRA layout"):
+    with pytest.raises(LoraFileError, match=r"other.safetensors adapts \d+ module\(s\) this model does not have "
+                                            r"\(e.g. 'unet.elsewhere"):
         VideoPipeline(trained["cfg"], lora=bad, with_reward=False)

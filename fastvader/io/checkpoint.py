@@ -54,13 +54,21 @@ def _remove(p: Path) -> None:
         p.unlink()
 
 
+def user_file_mode(path: str | Path) -> None:
+    """Give a written file the mode any file the user creates gets (safetensors makes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_json(path: str | Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str))
 
 
 def save_checkpoint(run_dir: str | Path, step: int, lora_state: dict[str, torch.Tensor],
-                    train_state: dict[str, Any], keep: int = 0, *, rank_state: dict[str, Any] | None = None,
+                    train_state: dict[str, Any], keep: int = 0, *, lora_metadata: dict[str, str] | None = None,
+                    rank_state: dict[str, Any] | None = None,
                     rank: int = 0, barrier: Callable[[], None] | None = None) -> Path:
     """Write ``checkpoints/step_<N>/`` atomically, then point ``checkpoints/latest`` at it and
     prune old ones (``keep`` > 0). Every rank of a run calls this: rank 0 writes the LoRA and
@@ -80,7 +88,8 @@ def save_checkpoint(run_dir: str | Path, step: int, lora_state: dict[str, torch.
         if rank_state is not None:
             torch.save(rank_state, staging / f"{ZERO_SHARD}{rank}.pt")
         if rank == 0:
-            save_file(lora_state, str(staging / "lora.safetensors"))
+            save_file(lora_state, str(staging / "lora.safetensors"), metadata=lora_metadata)
+            user_file_mode(staging / "lora.safetensors")
             torch.save(train_state, staging / "state.pt")
         wait()
         if rank == 0:
