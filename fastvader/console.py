@@ -14,6 +14,10 @@ from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
+#: third-party warnings about their own internals that a fastvader user can do nothing about
+_NOISY_WARNINGS = (
+    r"The `local_dir_use_symlinks` argument is deprecated",  # diffusers' hub downloads pass it
+)
 #: bitsandbytes >= 0.49 probes the Hub's ``kernels`` package for a CPU 4-bit GEMM whenever it is
 #: imported (peft and diffusers import it when installed), and logs this line when the probe fails.
 #: fastvader never runs 4-bit GEMMs, so the line only ever misleads.
@@ -70,7 +74,8 @@ def quiet_third_party_noise() -> None:
 @contextlib.contextmanager
 def readable_warnings() -> Iterator[None]:
     """fastvader's own warnings (messages starting with "fastvader") print as the message alone,
-    without the source line Python adds; other warnings print as usual."""
+    without the source line Python adds; known third-party noise is dropped; other warnings
+    print as usual."""
     shown = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
@@ -81,8 +86,11 @@ def readable_warnings() -> Iterator[None]:
         else:
             shown(message, category, filename, lineno, file, line)
 
-    warnings.showwarning = show
-    try:
-        yield
-    finally:
-        warnings.showwarning = shown
+    with warnings.catch_warnings():
+        for message in _NOISY_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        warnings.showwarning = show
+        try:
+            yield
+        finally:
+            warnings.showwarning = shown
