@@ -24,7 +24,12 @@ _TRUE = ("1", "on", "yes", "true")
 
 
 def _offline_by_choice() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE in the environment, or huggingface_hub's flag
+    (read from them at its import, or set by the program)."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or any(
+        os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def unreachable_reason(timeout: float = CONNECT_TIMEOUT_S) -> str | None:

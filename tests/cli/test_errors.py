@@ -199,3 +199,23 @@ def test_the_bitsandbytes_probe_line_is_kept_off_the_screen(caplog):
         logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "no kernels")
         logger.warning("a real problem")
     assert [r.getMessage() for r in caplog.records] == ["a real problem"]
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line(world, monkeypatch, capsys):
+    """A read-only folder (simulated: the tests may run as root, for whom nothing is read-only)."""
+    import pathlib
+
+    real_mkdir = pathlib.Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if "locked" in self.parts:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.chdir(world)
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    before = tree_state(world)
+    assert main(["train", "--config", "tiny.yaml", "--set", "train.output_dir=locked"]) == 2
+    assert capsys.readouterr().err.strip() == ("fastvader: locked/r: Permission denied; check the path and its "
+                                               "permissions (an output folder must be a writable folder, not a file)")
+    assert tree_state(world) == before

@@ -285,3 +285,31 @@ def test_wan_diffusers_export_uses_the_transformer_prefix(wan, tmp_path):
     path, _, _ = wan
     keys = load_file(str(export_lora(path, "diffusers", tmp_path / "d.safetensors"))).keys()
     assert all(re.match(r"^transformer\.blocks\.\d+\.", k) for k in keys)
+
+
+def test_diffusers_pipelines_own_loaders_read_the_animatediff_and_wan_files(animatediff, wan, tmp_path):
+    """What AnimateDiffPipeline.load_lora_weights and WanPipeline.load_lora_weights do with a
+    file: the pipeline mixin's lora_state_dict, then the model's load_lora_adapter."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, WanLoraLoaderMixin
+    from peft.utils import get_peft_model_state_dict
+
+    def sd_state(path):  # (state, network alphas, metadata)
+        state, _, meta = StableDiffusionLoraLoaderMixin.lora_state_dict(str(path), return_lora_metadata=True)
+        return state, meta
+
+    def wan_state(path):  # (state, metadata)
+        return WanLoraLoaderMixin.lora_state_dict(str(path), return_lora_metadata=True)
+
+    cases = [(animatediff[0], sd_state, motion_unet(), "unet", animatediff[1]),
+             (export_lora(wan[0], "diffusers", tmp_path / "w.safetensors"), wan_state, wan_transformer(),
+              "transformer", wan[1])]
+    for path, read, model, prefix, peft in cases:
+        state, meta = read(path)
+        model.load_lora_adapter(state, prefix=prefix, metadata=meta)
+        loaded = get_peft_model_state_dict(model, adapter_name="default_0")
+        got, expected = products(loaded), products(peft)
+        assert got.keys() == expected.keys()
+        scale = model.peft_config["default_0"].lora_alpha / model.peft_config["default_0"].r
+        assert scale == ALPHA / RANK
+        for module in expected:
+            torch.testing.assert_close(got[module], expected[module])
