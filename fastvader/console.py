@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
+import sys
+import threading
 import warnings
 from typing import Iterable, Iterator, TypeVar
 
@@ -37,17 +38,20 @@ def progress(iterable: Iterable[T], desc: str, *, enabled: bool = True, total: i
 @contextlib.contextmanager
 def stage(desc: str, *, enabled: bool = True) -> Iterator[None]:
     """A one-step bar for work that cannot count its own progress (loading a model, measuring
-    on the meta device): the terminal shows what runs and for how long, and then that it ended."""
+    on the meta device): the terminal shows what runs and for how long."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=1, desc=desc, disable=None if enabled else True, dynamic_ncols=True,
-               bar_format="{desc}: {elapsed}{postfix}", leave=False)
-    start = time.perf_counter()
+               bar_format="{desc}: {elapsed}", leave=False)
+    done = threading.Event()
+    if not bar.disable:  # tqdm redraws only when told: a ticker keeps the elapsed time moving
+        threading.Thread(target=lambda: [bar.refresh() for _ in iter(lambda: done.wait(1.0), True)],
+                         daemon=True).start()
     try:
         yield
-        bar.set_postfix_str(f"done in {time.perf_counter() - start:.1f}s", refresh=False)
         bar.update(1)
     finally:
+        done.set()
         bar.close()
 
 
@@ -80,8 +84,6 @@ def readable_warnings() -> Iterator[None]:
 
     def show(message, category, filename, lineno, file=None, line=None):
         if str(message).startswith("fastvader"):
-            import sys
-
             print(str(message), file=file or sys.stderr)
         else:
             shown(message, category, filename, lineno, file, line)

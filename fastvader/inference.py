@@ -8,7 +8,6 @@ and ``fastvader eval`` run on it; so can a notebook::
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 

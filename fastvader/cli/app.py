@@ -16,7 +16,7 @@ import sys
 
 from fastvader.cli import env, evaluate, export, models, plan, sample, train
 from fastvader.cli.common import DEBUG_HELP, HelpFormatter
-from fastvader.console import quiet_third_party_noise, readable_warnings
+from fastvader.console import readable_warnings
 from fastvader.errors import UserError, one_line
 from fastvader.monitoring.guards import NonFiniteError
 from fastvader.monitoring.selfcheck import SelfCheckError
@@ -42,7 +42,6 @@ def debug_requested(args: argparse.Namespace) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet_third_party_noise()
     try:
         with readable_warnings():
             return int(args.func(args) or 0)
