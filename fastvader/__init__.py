@@ -2,12 +2,16 @@
 
 Public API::
 
-    from fastvader import TrainConfig, load_config, train, apply, revert
+    from fastvader import TrainConfig, load_config, train, apply, revert, load_lora
 """
 from fastvader.config import ConfigError, TrainConfig, load_config
+from fastvader.console import quiet_third_party_noise
+from fastvader.errors import UserError
 from fastvader.patching import apply, revert
 
 __version__ = "0.1.0"
+
+quiet_third_party_noise()  # bitsandbytes' failed-probe line on every import of peft or diffusers
 
 
 def train(config: TrainConfig, **kwargs):
@@ -17,4 +21,13 @@ def train(config: TrainConfig, **kwargs):
     return _train(config, **kwargs)
 
 
-__all__ = ["TrainConfig", "ConfigError", "load_config", "train", "apply", "revert", "__version__"]
+def load_lora(pipe_or_model, path, **kwargs):
+    """Load a LoRA file (fastvader, diffusers, kohya or ComfyUI layout) into a diffusers pipeline,
+    model or fastvader backbone; see :func:`fastvader.lora.load_lora`. ``.remove()`` undoes it."""
+    from fastvader.lora import load_lora as _load_lora
+
+    return _load_lora(pipe_or_model, path, **kwargs)
+
+
+__all__ = ["TrainConfig", "ConfigError", "UserError", "load_config", "train", "load_lora", "apply", "revert",
+           "__version__"]

@@ -15,8 +15,10 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from fastvader.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration value that cannot work. The message says which field and what to do."""
 
 
@@ -106,6 +108,9 @@ class LoraConfig:
     #: peft target_modules; empty = the backbone's default
     target_modules: list = field(default_factory=list)
     init_weights: bool = True
+    #: start training from this LoRA file (any layout fastvader reads); its rank, alpha and
+    #: modules shape the adapters
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -415,7 +420,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if not path:
         raise ConfigError(f"override {text!r} has an empty key")
-    return path, yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return path, yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text}: the value is not valid YAML ({_yaml_problem(err)}); quote text that "
+                          "holds YAML characters, e.g. --set 'prompts.items=[\"a cat, jumping\"]'") from None
 
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
@@ -430,6 +439,31 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """Where and what, from a PyYAML error: 'line 3, column 8: expected ',' or ']', but got ':''."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
+def read_config_file(path: Path) -> dict:
+    """A config file's sections; a missing, unreadable, empty or non-mapping file is refused by name."""
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not a text file") from None
+    if data is None:
+        raise ConfigError(f"config file {str(path)!r} is empty; give at least the prompts "
+                          "(see configs/demo.yaml), or leave out --config to start from the defaults")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, not a {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 *, validate_now: bool = True) -> TrainConfig:
     """Read YAML (or start from defaults when ``path`` is None), apply overrides, validate."""
@@ -437,12 +471,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     base_dir = None
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        with open(p) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+        data = read_config_file(p)
         base_dir = p.parent
     data = apply_overrides(data, overrides)
     cfg = TrainConfig.from_dict(data, base_dir=base_dir)
@@ -586,6 +615,9 @@ def _validate_lora(cfg: TrainConfig) -> None:
     _positive("lora.alpha", lo.alpha)
     if not 0.0 <= lo.dropout < 1.0:
         raise _err("lora.dropout", lo.dropout, "must be in [0, 1)")
+    if lo.init_from is not None and not Path(lo.init_from).is_file():
+        raise _err("lora.init_from", lo.init_from, "the file does not exist (give a LoRA .safetensors file, e.g. "
+                                                   "runs/<name>/lora.safetensors)")
 
 
 def _validate_reward(cfg: TrainConfig) -> None:
@@ -603,7 +635,10 @@ def _validate_reward(cfg: TrainConfig) -> None:
     in_use = expand_terms(cfg.reward_terms)  # presets expand to the rewards they combine
     for name in r.options:
         if name not in in_use:
-            raise _err(f"reward.options.{name}", r.options[name], f"options name a reward in use: {list(in_use)}")
+            field_name = "reward.terms" if r.terms else "reward.name"
+            in_use_text = list(in_use) if r.terms else repr(r.name)
+            raise ConfigError(f"config: reward.options.{name} is set, but {field_name}={in_use_text} does not use "
+                              f"{name}: drop its options (--set reward.options={{}}) or use {name}")
 
 
 def _validate_optim(cfg: TrainConfig) -> None:
@@ -626,6 +661,9 @@ def _validate_prompts(cfg: TrainConfig) -> None:
         raise _err("prompts", "(several)", "give only one of prompts.items, prompts.file, prompts.template")
     if p.file and not Path(p.file).is_file():
         raise _err("prompts.file", p.file, "the file does not exist")
+    if p.file and not prompt_lines(Path(p.file).read_text(errors="replace")):
+        raise _err("prompts.file", p.file, "the file holds no prompt (one a line; blank lines and # comments "
+                                           "are skipped)")
     if p.template:
         slots = re.findall(r"<(\w+)>", p.template)
         if not slots:
@@ -633,6 +671,12 @@ def _validate_prompts(cfg: TrainConfig) -> None:
         missing = [s for s in slots if not p.vocab.get(s)]
         if missing:
             raise _err("prompts.vocab", p.vocab, f"needs a non-empty list for each slot: {missing}")
+
+
+def prompt_lines(text: str) -> list[str]:
+    """The prompts of a prompts file: one a line, blank lines and ``#`` comments skipped."""
+    lines = (ln.strip() for ln in text.splitlines())
+    return [ln for ln in lines if ln and not ln.startswith("#")]
 
 
 def _validate_validation(cfg: TrainConfig) -> None:
@@ -728,15 +772,20 @@ def _validate_logging(cfg: TrainConfig) -> None:
         _choice("logging.wandb_mode", cfg.logging.wandb_mode, ["online", "offline", "disabled"])
 
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+_UNITS = {"": 2**30, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def parse_bytes(text: str | int, field_name: str = "size") -> int:
-    """'24GiB' -> 25769803776."""
+    """'24GiB' -> 25769803776. A string without a unit ('24') and single-letter units ('24G', as
+    in Docker) are binary: GiB, MiB, KiB. An int is a count of bytes."""
     if isinstance(text, int):
         return text
-    m = re.match(r"^\s*([\d.]+)\s*([a-zA-Z]*)\s*$", str(text))
+    m = re.match(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise _err(field_name, text, "a size such as 24GiB, 22.5GB or 8000MiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        raise _err(field_name, text, "a size such as 24GiB, 24G, 22.5GB or 8000MiB (a bare number means GiB)")
+    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if size <= 0:
+        raise _err(field_name, text, "a size above zero, such as 24GiB")
+    return size

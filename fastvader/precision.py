@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from fastvader.config import ConfigError
+
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -30,5 +32,6 @@ def resolve_device(spec: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={spec!r} but no CUDA device is available; use train.device=cpu")
+        raise ConfigError(f"config: train.device={spec!r} but no CUDA device is available (torch "
+                          f"{torch.__version__} sees none): use --device cpu, or install a CUDA build of torch")
     return device

@@ -63,7 +63,7 @@ def test_overrides_parse_yaml_values():
     (["frames.reward=same"], "'same' is only for frames.grad"),
     (["reward.name=beauty"], "reward.name='beauty' is invalid: choose from"),
     (["reward.terms={brightness: 1.0, nope: 2.0}"], "reward.terms='nope'"),
-    (["reward.options={contrast: {}}"], "options name a reward in use"),
+    (["reward.options={contrast: {}}"], "reward.options.contrast is set, but reward.name='target_color' does not use"),
     (["video.height=30"], "video.height=30 does not fit toy: it must be a multiple of 4"),
     (["sampler.name=euler_a"], "sampler.name='euler_a' is invalid: choose one of"),
     (["backbone.name=sora9"], "backbone.name='sora9' is invalid"),

@@ -32,9 +32,17 @@ def backbone_class(name: str) -> type[Backbone]:
     return getattr(importlib.import_module(module), attr)
 
 
-def build_backbone(cfg) -> Backbone:
-    """Build the backbone named by ``cfg.name`` (a BackboneConfig)."""
-    return backbone_class(cfg.name).from_config(cfg)
+def build_backbone(cfg, *, progress: bool = True) -> Backbone:
+    """Build the backbone named by ``cfg.name`` (a BackboneConfig). A hub id that is neither
+    cached nor reachable fails at once, naming backbone.pretrained (fastvader.hub)."""
+    from fastvader.console import stage
+    from fastvader.hub import hub_or_cache
+
+    cls = backbone_class(cfg.name)
+    hub = {} if cfg.random_init or not cls.hub_weights else {"backbone.pretrained": cfg.pretrained}
+    source = "random weights" if cfg.random_init else cfg.pretrained or "default weights"
+    with stage(f"loading {cfg.name} ({source})", enabled=progress), hub_or_cache(hub):
+        return cls.from_config(cfg)
 
 
 __all__ = ["Backbone", "PromptEmbeddings", "build_backbone", "backbone_class", "register_backbone", "available_backbones"]

@@ -50,6 +50,8 @@ class Backbone(nn.Module):
     prediction_type: ClassVar[str] = "epsilon"
     #: module-name patterns LoRA targets by default (peft ``target_modules``)
     default_lora_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]
+    #: whether its weights may come from the Hugging Face Hub (the embedded world's never do)
+    hub_weights: ClassVar[bool] = True
     #: the defaults a preset starts from (resolution, frames, sampler, guidance)
     defaults: ClassVar[dict[str, Any]] = {}
     #: height and width must be multiples of this (VAE downsampling x patch size)

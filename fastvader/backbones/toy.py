@@ -12,6 +12,7 @@ class ToyBackbone(Backbone):
     family = "toy"
     prediction_type = "epsilon"
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    hub_weights = False
     spatial_multiple = 4
     defaults = dict(frames=8, height=32, width=32, sampler="ddim", steps=25, guidance_scale=7.5)
 
@@ -41,6 +42,17 @@ class ToyBackbone(Backbone):
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
         return {**super().describe(), "params": {"unet": count(world.unet), "vae": count(world.vae),
                                                  "text_encoder": count(world.text_encoder)}}
+
+    @classmethod
+    def check_video_size(cls, num_frames, height, width):
+        """The world's frame positions (ToyWorldConfig.frames) bound the video length."""
+        from fastvader.toy.model import ToyWorldConfig
+
+        super().check_video_size(num_frames, height, width)
+        most = ToyWorldConfig().frames
+        if num_frames > most:
+            raise ValueError(f"video.frames={num_frames} does not fit toy: the embedded world's frame positions "
+                             f"cover {most} frames; set video.frames <= {most}")
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeddings:

@@ -81,6 +81,13 @@ def _remove(p: Path) -> None:
         p.unlink()
 
 
+def user_file_mode(path: str | Path) -> None:
+    """Give a written file the mode any file the user creates gets (safetensors makes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_json(path: str | Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str))
@@ -169,8 +176,9 @@ def checkpoint_step(path: Path) -> int:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, lora_state: dict[str, torch.Tensor],
-                    train_state: dict[str, Any], keep: int = 0, *, rank_state: dict[str, Any] | None = None,
-                    rank: int = 0, barrier: Callable[[], None] | None = None, config_yaml: str | None = None) -> Path:
+                    train_state: dict[str, Any], keep: int = 0, *, lora_metadata: dict[str, str] | None = None,
+                    rank_state: dict[str, Any] | None = None, rank: int = 0,
+                    barrier: Callable[[], None] | None = None, config_yaml: str | None = None) -> Path:
     """Write ``checkpoints/step_<N>/`` atomically, then point ``checkpoints/latest`` at it and
     prune this run's older ones (``keep`` > 0; never the one just written). Every rank of a run
     calls this: rank 0 writes the LoRA, ``state.pt`` and ``config.yaml``, each rank its
@@ -190,7 +198,7 @@ def save_checkpoint(run_dir: str | Path, step: int, lora_state: dict[str, torch.
             raise (storage_error(err, staging, needed) or err) from err
     wait()
     try:
-        _write_files(staging, rank, lora_state, train_state, rank_state, config_yaml, needed)
+        _write_files(staging, rank, lora_state, lora_metadata, train_state, rank_state, config_yaml, needed)
         wait()
         if rank == 0:
             _replace(staging, final)
@@ -204,14 +212,16 @@ def save_checkpoint(run_dir: str | Path, step: int, lora_state: dict[str, torch.
     return final
 
 
-def _write_files(staging: Path, rank: int, lora_state, train_state, rank_state, config_yaml, needed: int) -> None:
+def _write_files(staging: Path, rank: int, lora_state, lora_metadata, train_state, rank_state, config_yaml,
+                 needed: int) -> None:
     from safetensors.torch import save_file
 
     try:
         if rank_state is not None:
             torch.save(rank_state, staging / f"{ZERO_SHARD}{rank}.pt")
         if rank == 0:
-            save_file(lora_state, str(staging / "lora.safetensors"))
+            save_file(lora_state, str(staging / "lora.safetensors"), metadata=lora_metadata)
+            user_file_mode(staging / "lora.safetensors")
             torch.save(train_state, staging / "state.pt")
             if config_yaml is not None:
                 (staging / "config.yaml").write_text(config_yaml)

@@ -7,12 +7,35 @@ A backend that raises is switched off after one warning: a logging failure never
 from __future__ import annotations
 
 import io
+import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+
+def metrics_line(record: dict[str, Any]) -> str:
+    """One ``metrics.jsonl`` line in strict JSON (what ``json.loads`` in any language accepts):
+    a NaN or infinite number is written as null and its field named in ``"nonfinite"``."""
+    nonfinite: list[str] = []
+
+    def clean(value: Any, where: str) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            nonfinite.append(where)
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    out = clean(record, "")
+    if nonfinite:
+        out["nonfinite"] = nonfinite
+    return json.dumps(out, allow_nan=False, default=str) + "\n"
 
 
 def _numeric(d: dict[str, Any]) -> dict[str, float]:

@@ -251,7 +251,10 @@ def measure(cfg: TrainConfig, *, use_cache: bool = True, device_type: str | None
             cache = {}
         if key in cache:
             return Measurements(**cache[key])
-    m = _measure(cfg, dtype)
+    from fastvader.console import stage
+
+    with stage(f"measuring {cfg.backbone.name} on the meta device (cached for next time)", enabled=cfg.train.progress):
+        m = _measure(cfg, dtype)
     if use_cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -143,7 +143,7 @@ class Safeguards:
 
     def after_validation(self, trainer, tag: str, videos: list[torch.Tensor], result: dict[str, Any]) -> None:
         """Score the second reward, write the round's frame grid, log both, feed early stopping."""
-        from fastvader.io.media import frame_grid
+        from fastvader.io.media import sample_grid
 
         if self.second_reward is not None:
             prompts = trainer.val_prompts
@@ -152,7 +152,7 @@ class Safeguards:
         if self.cfg.safeguards.sample_grids:
             grid = trainer.run_dir / "samples" / f"{tag}_grid.png"
             if not grid.is_file():
-                frame_grid([v for batch in videos for v in batch], grid)
+                sample_grid(videos, trainer.val_prompts, trainer.cfg.validation.seeds, grid)
             result["grid"] = str(grid)
         loggers = getattr(trainer, "loggers", None)
         if loggers is not None:

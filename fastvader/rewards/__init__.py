@@ -69,11 +69,19 @@ def _terms(cfg) -> dict[str, float]:
     return expand_terms(terms)
 
 
-def build_reward(cfg) -> Reward:
+def build_reward(cfg, *, progress: bool = True) -> Reward:
     """Build from a RewardConfig: ``cfg.terms`` ({name: weight}, presets allowed) or, when it is
-    empty, ``cfg.name``; ``cfg.options`` ({reward: {option: value}}) go to the constructors."""
+    empty, ``cfg.name``; ``cfg.options`` ({reward: {option: value}}) go to the constructors. A
+    hub id that is neither cached nor reachable fails at once, naming its option (fastvader.hub)."""
+    from fastvader.console import stage
+    from fastvader.hub import hub_or_cache
+
     _load_builtins()
-    return build_reward_from_spec(_terms(cfg), getattr(cfg, "options", None))
+    terms, options = _terms(cfg), dict(getattr(cfg, "options", None) or {})
+    hub = {f"reward.options.{name}.pretrained": (options.get(name) or {}).get("pretrained") or REWARDS[name].default_pretrained
+           for name in terms if issubclass(REWARDS.get(name, Reward), PretrainedReward)}
+    with stage(f"loading reward {'+'.join(terms)}", enabled=progress and bool(hub)), hub_or_cache(hub):
+        return build_reward_from_spec(terms, options)
 
 
 def build_reward_architecture(cfg) -> Reward:

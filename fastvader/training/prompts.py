@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from fastvader.backbones.base import Backbone, PromptEmbeddings
-from fastvader.config import PromptConfig, TrainConfig
+from fastvader.config import PromptConfig, TrainConfig, prompt_lines
 
 
 class PromptSource:
@@ -27,8 +27,7 @@ class PromptSource:
         if cfg.items:
             return cls([str(p) for p in cfg.items])
         if cfg.file:
-            lines = [ln.strip() for ln in Path(cfg.file).read_text().splitlines()]
-            return cls([ln for ln in lines if ln and not ln.startswith("#")])
+            return cls(prompt_lines(Path(cfg.file).read_text()))
         return cls(expand_template(cfg.template or "", cfg.vocab))
 
     def sample(self, n: int, generator: torch.Generator) -> list[str]:

@@ -52,6 +52,8 @@ class Rollout:
     #: None for a rollout that only samples (``fastvader sample``)
     reward: Reward | None = None
     decode_chunk: int = 1
+    #: progress bars on whole-video sampling (validation, sample, eval); only on a terminal
+    progress: bool = True
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, backbone: Backbone, reward: Reward | None, device: torch.device,
@@ -67,7 +69,7 @@ class Rollout:
                    latent_shape=backbone.latent_shape(cfg.video.frames, cfg.video.height, cfg.video.width),
                    truncation=TruncationPolicy.parse(s.truncation, s.steps),
                    frames=FrameSelector(cfg.frames.reward, cfg.frames.grad, cfg.video.frames),
-                   reward=reward, decode_chunk=cfg.memory.decode_chunk)
+                   reward=reward, decode_chunk=cfg.memory.decode_chunk, progress=cfg.train.progress)
 
     @property
     def device(self) -> torch.device:
@@ -117,11 +119,14 @@ class Rollout:
             self.frozen.load()
             return self.backbone.decode_frames(latents).float()
 
-    def score(self, prompts: list[str], seeds: list[int]) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    def score(self, prompts: list[str], seeds: list[int], desc: str = "validation"
+              ) -> tuple[dict[str, Any], list[torch.Tensor]]:
         """The reward of no-grad samples averaged over ``seeds``: ``{"reward", "per_prompt"}``, and
         the videos (one (B, F, 3, H, W) batch a seed, on the CPU)."""
+        from fastvader.console import progress
+
         scores, videos = [], []
-        for seed in seeds:
+        for seed in progress(seeds, f"{desc}: {len(prompts)} prompt(s) a seed", enabled=self.progress, unit="seed"):
             video = self.sample_videos(prompts, seed)
             scores.append(self.reward(video, prompts).float().cpu())
             videos.append(video.cpu())

@@ -23,8 +23,8 @@ from fastvader.backbones import Backbone, build_backbone
 from fastvader.config import TrainConfig
 from fastvader.inference import write_samples
 from fastvader.io import checkpoint as ckpt
-from fastvader.io.loggers import Loggers
-from fastvader.lora import add_lora, lora_metadata, lora_state_dict, save_lora
+from fastvader.io.loggers import Loggers, metrics_line
+from fastvader.lora import init_lora, load_lora_state, lora_metadata, lora_state_dict, save_lora
 from fastvader.memory.checkpointing import enable_checkpointing
 from fastvader.memory.offload import grad_step_wrapper
 from fastvader.memory.optim import build_optimizer
@@ -161,9 +161,9 @@ class Trainer:
     def _add_lora(self) -> list[torch.nn.Parameter]:
         from diffusers.training_utils import cast_training_params
 
-        lora = self.cfg.lora
-        params = add_lora(self.backbone.denoiser, lora.rank, lora.alpha, lora.dropout,
-                          lora.target_modules or self.backbone.default_lora_targets, lora.init_weights)
+        params, lora = init_lora(self.backbone.denoiser, self.cfg.lora, self.backbone.family,
+                                 self.backbone.default_lora_targets)
+        self.cfg = self.cfg.replace(lora=lora)  # lora.init_from: the file's rank, alpha and modules
         cast_training_params(self.backbone.denoiser, torch.float32)  # LoRA trains in fp32 whatever the base is
         broadcast_from_main(self.accelerator, params)
         return params
@@ -319,7 +319,7 @@ class Trainer:
     def validate(self, tag: str, save_videos: bool = False) -> dict[str, Any]:
         """Mean reward over the validation prompts and seeds (and sample videos under samples/)."""
         seeds = self.cfg.validation.seeds
-        scores, videos = self.rollout.score(self.val_prompts, seeds)
+        scores, videos = self.rollout.score(self.val_prompts, seeds, desc=f"validation ({tag})")
         result = {"tag": tag, "step": self.step, **scores}
         if save_videos:
             write_samples(videos, self.val_prompts, seeds, self.run_dir / "samples", self.cfg.video.fps,
@@ -352,18 +352,17 @@ class Trainer:
         check_finite_state(lora, "a checkpoint")
         check_finite_state({"optimizer": shard if self.zero else state["optimizer"]}, "a checkpoint")
         return ckpt.save_checkpoint(self.run_dir, self.step, lora, state, keep=self.cfg.train.keep_checkpoints,
-                                    rank_state=shard, rank=self.accelerator.process_index,
-                                    barrier=self.accelerator.wait_for_everyone, config_yaml=self.cfg.to_yaml())
+                                    lora_metadata=self.lora_file_metadata(), rank_state=shard,
+                                    rank=self.accelerator.process_index, barrier=self.accelerator.wait_for_everyone,
+                                    config_yaml=self.cfg.to_yaml())
 
     def resume(self, checkpoint: ckpt.LoadedCheckpoint) -> None:
         """Continue from a verified checkpoint (:class:`RunFolder` finds and checks it): LoRA
         weights, optimizer, schedule, loss scale, random streams and the run's history."""
-        from peft.utils import set_peft_model_state_dict
-
         from fastvader.memory.zero import load_zero_state_dicts
 
         path, state = checkpoint.path, checkpoint.state
-        set_peft_model_state_dict(self.backbone.denoiser, {k: v.to(self.device) for k, v in checkpoint.lora.items()})
+        load_lora_state(self.backbone.denoiser, checkpoint.lora, path)
         if self.zero:  # after the weights: the fp32 master copies are loaded over them
             load_zero_state_dicts(self.optimizer, ckpt.load_rank_states(path))
         elif "optimizer" not in state:
@@ -381,14 +380,17 @@ class Trainer:
         self.step = int(state["step"])
         print(f"fastvader: resuming from {path} at step {self.step}")
 
-    def save_lora(self, path: str | Path | None = None) -> Path:
+    def lora_file_metadata(self) -> dict[str, str]:
+        """What a LoRA file of this run says of itself: family, base model, rank, alpha, targets,
+        reward, steps (the loaders check a file against it)."""
         cfg = self.cfg
-        meta = lora_metadata(cfg.lora.rank, cfg.lora.alpha,
-                             cfg.lora.target_modules or self.backbone.default_lora_targets,
-                             base_model=cfg.backbone.pretrained or cfg.backbone.name,
+        return lora_metadata(cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules or self.backbone.default_lora_targets,
+                             backbone=cfg.backbone.name, base_model=cfg.backbone.pretrained or cfg.backbone.name,
                              reward=json.dumps(cfg.reward_terms), steps=self.step)
+
+    def save_lora(self, path: str | Path | None = None) -> Path:
         check_finite_state(lora_state_dict(self.backbone.denoiser), "the LoRA file")
-        return save_lora(self.backbone.denoiser, path or self.run_dir / "lora.safetensors", meta)
+        return save_lora(self.backbone.denoiser, path or self.run_dir / "lora.safetensors", self.lora_file_metadata())
 
     # -- the run ---------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -482,7 +484,7 @@ class Trainer:
         self.history["rewards"].append(result.reward)
         record = result.as_dict()
         with open(self.run_dir / "metrics.jsonl", "a") as log:
-            log.write(json.dumps(record) + "\n")
+            log.write(metrics_line(record))
         self.loggers.log_step(self.step, record)
 
     def _update_invocation(self, status: str | None = None) -> None:
@@ -506,7 +508,8 @@ class Trainer:
         saved = self.save_checkpoint()
         if not main:
             return {"run": str(self.run_dir), "steps": self.step, "rank": self.accelerator.process_index}
-        plot_curve(self.history["rewards"], self.run_dir / "reward_curve.png", title="training reward")
+        held_out = [(r["step"], r["reward"]) for r in self.history["validation"].values()]
+        plot_curve(self.history["rewards"], self.run_dir / "reward_curve.png", title="reward", validation=held_out)
         summary = self.summary(status, after)
         self.loggers.log_summary(self.step, self.run_dir / "reward_curve.png", summary["learn"])
         self.loggers.close()

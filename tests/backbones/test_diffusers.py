@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 from fastvader.backbones import available_backbones, backbone_class, build_backbone
 from fastvader.backbones.diffusers_common import CheckpointMismatchError, MissingWeightsError
 from fastvader.config import BackboneConfig, ConfigError, load_config
+from fastvader.errors import HubUnreachableError
 
 
 FAMILIES = ["modelscope", "animatediff", "wan"]  # zeroscope shares modelscope's classes
@@ -369,7 +370,9 @@ def test_missing_local_folder_and_unreachable_hub_id(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # answer at once, no network
     with pytest.raises(MissingWeightsError, match="not a folder"):
         build_backbone(BackboneConfig(name="wan", pretrained=str(tmp_path / "nowhere")))
-    with pytest.raises(MissingWeightsError, match="huggingface-cli download fastvader-test/absent"):
+    with pytest.raises(HubUnreachableError, match="backbone.pretrained='fastvader-test/absent': HF_HUB_OFFLINE is set, "
+                                                  "and the model is not in the local Hugging Face cache; pass a local "
+                                                  "folder as backbone.pretrained"):
         build_backbone(BackboneConfig(name="modelscope", pretrained="fastvader-test/absent"))
 
 

@@ -4,6 +4,8 @@ import json
 import pytest
 
 from fastvader.cli import build_parser, main
+from fastvader.cli.evaluate import readable
+from tests.helpers.disk import tree_state
 
 TINY = """
 backbone: {name: toy, random_init: true}
@@ -35,14 +37,22 @@ def test_train_then_sample_and_eval_with_the_lora(tmp_path, tiny_yaml, capsys):
 
     capsys.readouterr()
     assert main(["sample", "--config", str(tiny_yaml), "--set", out, "--lora", str(run / "lora.safetensors"),
-                 "--prompt", "a green square moving right", "--out", str(tmp_path / "s")]) == 0
-    assert (tmp_path / "s" / "grid.png").is_file() and list((tmp_path / "s").glob("*.gif"))
+                 "--prompt", "a green square moving right"]) == 0
+    [samples] = (tmp_path / "runs").glob("sample-*")  # by default a new folder under train.output_dir
+    assert (samples / "grid.png").is_file() and list(samples.glob("*.gif"))
 
     capsys.readouterr()
-    assert main(["eval", "--config", str(tiny_yaml), "--set", out, "--lora", str(run / "lora.safetensors")]) == 0
-    printed = capsys.readouterr().out
-    result = json.loads(printed[printed.index("{"):])
+    run_before = tree_state(run)
+    assert main(["eval", "--config", str(tiny_yaml), "--set", out, "--lora", str(run / "lora.safetensors"),
+                 "--json", "--out", str(tmp_path / "e")]) == 0
+    result = json.loads(capsys.readouterr().out)  # --json: nothing else on stdout
     assert result["tag"] == "eval" and result["per_prompt"].keys() == {"a blue circle moving up"}
+    assert result["step"] == 2 and result["lora"] == str(run / "lora.safetensors")
+    assert json.loads((tmp_path / "e" / "eval.json").read_text()) == result and (tmp_path / "e" / "grid.png").is_file()
+    assert tree_state(run) == run_before  # eval writes only where --out says
+    text = readable(result, seeds=1)
+    assert text.startswith(f"reward {result['reward']:.4f}: mean over 1 prompt(s) x 1 seed(s)")
+    assert "trained 2 steps" in text and "a blue circle moving up" in text
 
     # resume a finished run for two more steps
     assert main(["train", "--resume", str(run), "--set", "train.steps=3", "--set", out,

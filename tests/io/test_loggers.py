@@ -99,3 +99,34 @@ def test_wandb_gets_scalars_videos_and_the_reward_curve(tmp_path, monkeypatch):
     assert {"train/reward", "train/lora_delta", "heldout/reward", "reward_curve", "videos/after/0"} <= keys
     video = next(data["videos/after/0"] for _, data in logged if "videos/after/0" in data)
     assert video[0] == "video" and video[1] == (3, 3, 16, 16) and video[3] == "gif"
+
+
+def refuse_constant(name: str):
+    raise ValueError(f"bare {name} in a metrics line: not strict JSON")
+
+
+def strict(text: str):
+    import json
+
+    return json.loads(text, parse_constant=refuse_constant)
+
+
+def test_metrics_lines_are_strict_json_with_nonfinite_values_flagged():
+    line = logging_backends.metrics_line({"step": 3, "reward": float("nan"), "loss": 1.5,
+                                          "timings": {"sample": float("inf")}, "ok": True})
+    assert line.endswith("\n") and "NaN" not in line and "Infinity" not in line
+    assert strict(line) == {"step": 3, "reward": None, "loss": 1.5, "timings": {"sample": None}, "ok": True,
+                            "nonfinite": ["reward", "timings.sample"]}
+    assert "nonfinite" not in strict(logging_backends.metrics_line({"step": 1, "reward": 0.5}))
+
+
+def test_a_run_with_a_nan_step_writes_strict_json(tmp_path):
+    from tests.helpers.trust import ScriptedReward
+
+    # reward call 0 is the "before" validation, call 1 the first training step
+    train(tiny_config(tmp_path, name="nan", train={"steps": 2}), reward=ScriptedReward(nan_calls={1}))
+    lines = (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()
+    rows = [strict(line) for line in lines]
+    assert [r["skipped"] for r in rows] == [True, False]
+    assert rows[0]["reward"] is None and "reward" in rows[0]["nonfinite"]
+    assert "nonfinite" not in rows[1]
