@@ -1,4 +1,4 @@
-"""The ``fastvader`` command: train, plan, sample, eval, export, env, models.
+"""The ``fastvader`` command: train, plan, profile, sample, eval, export, env, models.
 
 Every config field can be overridden with ``--set section.key=value``; ``fastvader train --help``
 lists every field with its default. One module per command in this package; each adds its
@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastvader.cli import env, evaluate, export, models, plan, sample, train
+from fastvader.cli import env, evaluate, export, models, plan, profile, sample, train
 from fastvader.cli.common import HelpFormatter
 from fastvader.config import ConfigError
 from fastvader.monitoring.guards import NonFiniteError
 from fastvader.monitoring.selfcheck import SelfCheckError
 
-COMMANDS = (train, plan, sample, evaluate, export, env, models)
+COMMANDS = (train, plan, profile, sample, evaluate, export, env, models)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from fastvader.patching.core import InstanceAttr, Patches
+from fastvader.speed.errors import one_line
 from fastvader.speed.regions import repeated_blocks
 
 #: compiled graphs one block class may hold (a UNet's block classes come in many shapes, and
@@ -58,7 +59,7 @@ class CompileState:
             with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
                 out = compiled(*args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as err:  # tracing or the backend failed: not the model
-            self.error = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+            self.error = one_line(err)
             warnings.warn(f"fastvader: speed.compile failed ({self.error}); the denoiser runs eagerly", stacklevel=3)
             return eager(*args, **kwargs)  # a model error raises again here, as it would uncompiled
         if _graphs_compiled() != before:

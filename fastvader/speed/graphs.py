@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from fastvader.speed.errors import one_line
+
 
 class CudaGraphRecorder:
     """Records CUDA graphs into one shared memory pool."""
@@ -109,7 +111,7 @@ class GraphedCall:
         try:
             graph = _Graph(leaves, spec, self.fn, self.recorder)
         except Exception as err:  # noqa: BLE001  (a call that cannot be recorded still runs)
-            self.error = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+            self.error = one_line(err)
             warnings.warn(f"fastvader: speed.cuda_graphs could not record the call ({self.error}); it runs "
                           "without CUDA graphs", stacklevel=3)
             return None

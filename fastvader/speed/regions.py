@@ -23,23 +23,21 @@ _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 
 
 def repeated_block_classes(model: nn.Module) -> tuple[str, ...]:
-    """Class names of the blocks to compile one by one (empty when the model has none)."""
-    declared = tuple(getattr(model, "_repeated_blocks", None) or ())
-    present = {type(m).__name__ for m in model.modules()}
-    if declared and present & set(declared):
-        return tuple(name for name in declared if name in present)
-    known = tuple(name for name in SUB_BLOCK_TYPES if name in present)
-    if known:
-        return known
-    counts = Counter(type(m).__name__ for m in model.modules())
-    return tuple(sorted({type(m).__name__ for m in _outermost(model, lambda m: counts[type(m).__name__] > 1)}))
+    """Class names of the blocks compiled one by one, in the order the model holds them (empty
+    when it has none)."""
+    return tuple(dict.fromkeys(type(m).__name__ for m in repeated_blocks(model)))
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The outermost instances of :func:`repeated_block_classes` (a block inside another block
-    is compiled as part of it)."""
-    names = set(repeated_block_classes(model))
-    return _outermost(model, lambda m: type(m).__name__ in names)
+    """The outermost modules of the repeated block classes (a block inside another block is
+    compiled as part of it)."""
+    present = {type(m).__name__ for m in model.modules()}
+    declared = set(getattr(model, "_repeated_blocks", None) or ()) & present
+    names = declared or set(SUB_BLOCK_TYPES) & present
+    if names:
+        return _outermost(model, lambda m: type(m).__name__ in names)
+    counts = Counter(type(m).__name__ for m in model.modules())
+    return _outermost(model, lambda m: counts[type(m).__name__] > 1)
 
 
 def _outermost(model: nn.Module, is_block) -> list[nn.Module]:
