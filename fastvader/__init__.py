@@ -3,6 +3,7 @@
 Public API::
 
     from fastvader import TrainConfig, load_config, train, apply, revert, load_lora
+    from fastvader import accelerate_pipeline, revert_pipeline   # a diffusers pipeline, faster
 """
 from fastvader.config import ConfigError, TrainConfig, load_config
 from fastvader.console import quiet_third_party_noise
@@ -12,6 +13,20 @@ from fastvader.patching import apply, revert
 __version__ = "0.1.0"
 
 quiet_third_party_noise()  # bitsandbytes' failed-probe line on every import of peft or diffusers
+
+
+def accelerate_pipeline(pipe, **settings):
+    """Kernels and speed settings on a diffusers pipeline; see :mod:`fastvader.patching.pipelines`."""
+    from fastvader.patching.pipelines import accelerate_pipeline as _accelerate
+
+    return _accelerate(pipe, **settings)
+
+
+def revert_pipeline(pipe) -> bool:
+    """Undo :func:`accelerate_pipeline` exactly."""
+    from fastvader.patching.pipelines import revert_pipeline as _revert
+
+    return _revert(pipe)
 
 
 def train(config: TrainConfig, **kwargs):
@@ -30,4 +45,4 @@ def load_lora(pipe_or_model, path, **kwargs):
 
 
 __all__ = ["TrainConfig", "ConfigError", "UserError", "load_config", "train", "load_lora", "apply", "revert",
-           "__version__"]
+           "accelerate_pipeline", "revert_pipeline", "__version__"]

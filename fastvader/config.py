@@ -182,6 +182,34 @@ class KernelConfig:
     ops: list = field(default_factory=list)
 
 
+COMPILE_MODES = ("auto", "off", "regional", "full")
+
+
+@dataclass
+class SpeedConfig:
+    """The rollout's no-grad denoiser calls at compiled, graph-captured speed (docs/speed.md).
+    ``auto`` engages on CUDA and stays off on the CPU; a setting that cannot engage says so once
+    and the run goes on without it."""
+
+    #: torch.compile of the denoiser: auto (regional on CUDA) | off | regional (its repeated
+    #: blocks, compiled once per block shape) | full (the whole denoiser: longer compile)
+    compile: Switch = "auto"
+    #: the gradient-carrying denoiser calls run compiled too (false: eagerly)
+    compile_grad_steps: bool = False
+    #: torch.compile backend: inductor; aot_eager or eager isolate a compile problem
+    compile_backend: str = "inductor"
+    #: keep compiled artifacts for the next run (torch's mega-cache, one file per denoiser class)
+    compile_cache: bool = True
+    #: where: None = ~/.cache/fastvader/compile (or under $XDG_CACHE_HOME)
+    compile_cache_dir: Optional[str] = None
+    #: replay the rollout's no-grad denoiser calls as CUDA graphs: auto (on CUDA) | on | off
+    cuda_graphs: Switch = "auto"
+    #: convolution weights in channels_last memory format: auto (on CUDA) | on | off
+    channels_last: Switch = "auto"
+    #: fp8 matmuls (torchao) in the linear layers of the no-grad calls; GPUs with fp8 (sm_89+)
+    fp8_rollout: bool = False
+
+
 @dataclass
 class LoopConfig:
     steps: int = 100
@@ -278,6 +306,7 @@ class TrainConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     guards: GuardConfig = field(default_factory=GuardConfig)
     safeguards: SafeguardConfig = field(default_factory=SafeguardConfig)
@@ -546,7 +575,7 @@ def validate(cfg: TrainConfig) -> None:
     """Refuse any value that cannot work, section by section, before a model is built."""
     for check in (_validate_video, _validate_backbone, _validate_sampler, _validate_frames, _validate_lora,
                   _validate_reward, _validate_optim, _validate_prompts, _validate_validation,
-                  _validate_memory, _validate_kernels, _validate_train, _validate_guards,
+                  _validate_memory, _validate_kernels, _validate_speed, _validate_train, _validate_guards,
                   _validate_safeguards, _validate_logging):
         check(cfg)
 
@@ -708,6 +737,26 @@ def _validate_memory(cfg: TrainConfig) -> None:
 
 def _validate_kernels(cfg: TrainConfig) -> None:
     _choice("kernels.enabled", switch_word(cfg.kernels.enabled), SWITCH_VALUES)
+
+
+def _validate_speed(cfg: TrainConfig) -> None:
+    check_speed(cfg.speed, cfg.memory.checkpointing)
+
+
+def check_speed(s: SpeedConfig, checkpointing: str = "none") -> None:
+    """The ``speed`` section on its own (``fastvader.accelerate_pipeline`` takes one)."""
+    _choice("speed.compile", switch_word(s.compile), COMPILE_MODES)
+    _choice("speed.cuda_graphs", switch_word(s.cuda_graphs), SWITCH_VALUES)
+    _choice("speed.channels_last", switch_word(s.channels_last), SWITCH_VALUES)
+    if not s.compile_backend:
+        raise _err("speed.compile_backend", s.compile_backend, "name a torch.compile backend (inductor)")
+    if s.compile_grad_steps and switch_word(s.compile) == "off":
+        raise _err("speed.compile_grad_steps", True, "needs speed.compile=auto, regional or full")
+    if s.compile_grad_steps and switch_word(s.compile) == "full" and checkpointing != "none":
+        raise _err("speed.compile_grad_steps", True,
+                   f"a full compile cannot trace the grad steps through memory.checkpointing="
+                   f"{checkpointing!r} (its wrappers count calls in Python): use speed.compile=regional, "
+                   "whose blocks run compiled inside the checkpoint wrappers, or memory.checkpointing=none")
 
 
 def _validate_train(cfg: TrainConfig) -> None:

@@ -18,13 +18,15 @@ from fastvader.config import TrainConfig
 from fastvader.lora import load_lora
 from fastvader.precision import resolve_device, resolve_dtype
 from fastvader.rewards import build_reward
+from fastvader.speed import SpeedPath
 from fastvader.training.rollout import Rollout, autocast_for
 
 
 class VideoPipeline:
     """A config's backbone (with a trained LoRA when ``lora`` names one), sampler and, with
-    ``with_reward``, reward: no optimizer, no guards, no checkpointing, no run folder. It builds
-    its own models, so nothing of the caller's is changed."""
+    ``with_reward``, reward: no optimizer, no guards, no checkpointing, no run folder; the kernels
+    and ``speed`` settings as in training. It builds its own models, so nothing of the caller's
+    is changed."""
 
     def __init__(self, cfg: TrainConfig, *, lora: str | Path | None = None, with_reward: bool = True):
         cfg = cfg.validate()
@@ -41,6 +43,8 @@ class VideoPipeline:
         self.kernel_report = _apply_kernels(cfg, self.device, self.backbone)
         self.rollout = Rollout.from_config(cfg, self.backbone, reward, self.device, weight_dtype,
                                            autocast_for(self.device, amp_dtype))
+        self.speed = SpeedPath.for_rollout(cfg.speed, self.backbone, self.rollout.sampler, self.device)
+        self.speed.activate()  # no self-check here: compiled blocks and CUDA graphs run from the first call
 
     def sample(self, prompts: list[str], seed: int = 0) -> torch.Tensor:
         """One video per prompt, all frames decoded: (B, F, 3, H, W) in [0, 1]."""

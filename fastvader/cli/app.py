@@ -1,4 +1,4 @@
-"""The ``fastvader`` command: train, plan, sample, eval, export, env, models.
+"""The ``fastvader`` command: train, plan, profile, sample, eval, export, env, models.
 
 Every config field can be overridden with ``--set section.key=value``; ``fastvader train --help``
 lists every field with its default. One module per command in this package; each adds its
@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from fastvader.cli import env, evaluate, export, models, plan, sample, train
+from fastvader.cli import env, evaluate, export, models, plan, profile, sample, train
 from fastvader.cli.common import DEBUG_HELP, HelpFormatter
 from fastvader.console import readable_warnings
 from fastvader.errors import UserError, one_line
@@ -22,7 +22,7 @@ from fastvader.monitoring.guards import NonFiniteError
 from fastvader.monitoring.selfcheck import SelfCheckError
 from fastvader.training.interrupt import EXIT_INTERRUPTED
 
-COMMANDS = (train, plan, sample, evaluate, export, env, models)
+COMMANDS = (train, plan, profile, sample, evaluate, export, env, models)
 
 #: exit statuses: a user mistake, a guard that stopped a run, a bug
 EXIT_USER_ERROR, EXIT_STOPPED, EXIT_BUG = 2, 1, 1

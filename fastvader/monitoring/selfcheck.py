@@ -11,7 +11,10 @@ What is checked:
 - kernels: every module ``fastvader.apply`` replaced (or whose processor / forward it swapped,
   as its report lists) ran during the first step, unless the module holding it did not run
   either (e.g. the VAE encoder);
-- gradient: at least one LoRA parameter received a non-zero gradient.
+- gradient: at least one LoRA parameter received a non-zero gradient;
+- speed (``speed.*``): which settings engaged and why the others did not. The compiled blocks
+  and CUDA graphs start only once the check is over (or known not to run): the kernel probes'
+  Python counters would otherwise be traced into the compiled blocks and recorded graphs.
 
 The self-check holds no module-level state: it learns what engaged only through the objects it
 owns or is handed (offload counters, the checkpoint wrappers, apply's report).
@@ -27,6 +30,7 @@ import torch.nn as nn
 
 if TYPE_CHECKING:
     from fastvader.patching.checkpoint import CheckpointWrappers
+    from fastvader.speed import SpeedPath
 
 
 class SelfCheckError(RuntimeError):
@@ -99,6 +103,7 @@ class SelfCheck:
         self.report: dict[str, Any] = {}
         #: where activation offload acts (fastvader.memory.offload moves CUDA tensors only)
         self.offload_devices: tuple[str, ...] = ("cuda",)
+        self.speed: SpeedPath | None = None
 
     # -- set-up hooks ----------------------------------------------------------------------------
     def watch_kernels(self, where: str, model: nn.Module, apply_fn: Callable[[nn.Module], Any]):
@@ -123,6 +128,14 @@ class SelfCheck:
                 return call
             sampler.grad_step_wrapper = counting_wrapper
 
+    def watch_speed(self, speed: SpeedPath) -> None:
+        """Report ``speed``'s settings, and activate them once the probes are off the model."""
+        self.speed = speed
+
+    def _start_speed(self) -> None:
+        if self.speed is not None:
+            self.speed.activate()
+
     def arm(self) -> None:
         """Start counting engagement (call before the first step)."""
         hits = self.checkpoint_wrappers.hits() if self.checkpoint_wrappers is not None else []
@@ -134,6 +147,7 @@ class SelfCheck:
         for probe in self.kernel_probes:
             probe.remove()
         self.done = True
+        self._start_speed()
 
     # -- the check -------------------------------------------------------------------------------
     def verify(self, lora_params: list[torch.Tensor]) -> dict[str, Any]:
@@ -179,6 +193,11 @@ class SelfCheck:
             report[f"kernels_{probe.where}"] = {"patched": probe.reported, "changed_modules": len(probe.calls),
                                                 "ran": sum(1 for c in probe.calls.values() if c.n > 0)}
             probe.remove()
+
+        if self.speed is not None:
+            report["speed"] = {name: item["detail"] if item["engaged"] else f"off: {item['detail']}"
+                               for name, item in self.speed.summary().items()}
+            self._start_speed()
 
         grads = [p.grad for p in lora_params if p.grad is not None]
         reached = any(bool((g != 0).any()) for g in grads)

@@ -61,14 +61,16 @@ class TruncationPolicy:
 
 
 def classifier_free_guidance(backbone: Backbone, latents: torch.Tensor, t, embeds: PromptEmbeddings,
-                             guidance_scale: float) -> torch.Tensor:
-    """One guided prediction: uncond + g * (cond - uncond), batched into a single call."""
+                             guidance_scale: float, denoise: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    """One guided prediction: uncond + g * (cond - uncond), batched into a single call of
+    ``denoise`` (default ``backbone.denoise``)."""
+    denoise = denoise or backbone.denoise
     timestep = torch.as_tensor(t, device=latents.device)
     if guidance_scale <= 1.0 or embeds.uncond is None:
-        return backbone.denoise(latents, timestep.expand(latents.shape[0]), embeds.cond, **embeds.extra)
+        return denoise(latents, timestep.expand(latents.shape[0]), embeds.cond, **embeds.extra)
     context = torch.cat([embeds.uncond, embeds.cond])
     extra = {k: torch.cat([v, v]) for k, v in embeds.extra.items()}
-    out = backbone.denoise(torch.cat([latents, latents]), timestep.expand(2 * latents.shape[0]), context, **extra)
+    out = denoise(torch.cat([latents, latents]), timestep.expand(2 * latents.shape[0]), context, **extra)
     uncond, cond = out.chunk(2)
     return uncond + guidance_scale * (cond - uncond)
 
@@ -80,11 +82,14 @@ class Sampler:
     """Runs a scheduler's chain with classifier-free guidance.
 
     ``grad_step_wrapper`` wraps each gradient-carrying denoiser call (e.g. per-step
-    checkpointing from ``fastvader.memory``); no-grad steps are never wrapped.
+    checkpointing from ``fastvader.memory``); no-grad steps are never wrapped. They call
+    ``nograd_denoise`` instead of ``backbone.denoise`` when it is set (the compiled,
+    graph-replayed call of ``fastvader.speed``).
     """
 
     def __init__(self, backbone: Backbone, name: str, steps: int, guidance_scale: float,
-                 eta: float = 0.0, grad_step_wrapper: StepWrapper | None = None):
+                 eta: float = 0.0, grad_step_wrapper: StepWrapper | None = None,
+                 nograd_denoise: Callable[..., torch.Tensor] | None = None):
         self.backbone = backbone
         self.scheduler = backbone.make_scheduler(name)
         self.name = name
@@ -92,6 +97,7 @@ class Sampler:
         self.guidance_scale = guidance_scale
         self.eta = eta
         self.grad_step_wrapper = grad_step_wrapper
+        self.nograd_denoise = nograd_denoise
 
     def initial_noise(self, batch: int, shape: tuple[int, ...], generator: torch.Generator,
                       device, dtype=torch.float32) -> torch.Tensor:
@@ -113,17 +119,17 @@ class Sampler:
         if self.name == "ddim":
             step_kwargs["eta"] = self.eta
 
-        def denoise_step(x: torch.Tensor, t) -> torch.Tensor:
+        def denoise_step(x: torch.Tensor, t, denoise=None) -> torch.Tensor:
             scale = getattr(self.scheduler, "scale_model_input", None)  # absent on flow schedulers
             x_in = scale(x, t) if scale is not None else x
-            return classifier_free_guidance(self.backbone, x_in, t, embeds, self.guidance_scale)
+            return classifier_free_guidance(self.backbone, x_in, t, embeds, self.guidance_scale, denoise)
 
         grad_step = self.grad_step_wrapper(denoise_step) if self.grad_step_wrapper else denoise_step
         for i, t in enumerate(timesteps):
             with_grad = i >= first_grad
             ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
             with ctx:
-                model_out = (grad_step if with_grad else denoise_step)(latents, t)
+                model_out = grad_step(latents, t) if with_grad else denoise_step(latents, t, self.nograd_denoise)
                 latents = self.scheduler.step(model_out, t, latents, **step_kwargs, return_dict=False)[0]
             if i + 1 == first_grad:
                 latents = latents.detach()

@@ -34,6 +34,7 @@ from fastvader.monitoring.safeguards import Safeguards
 from fastvader.monitoring.selfcheck import SelfCheck
 from fastvader.precision import resolve_device, resolve_dtype
 from fastvader.rewards import Reward, build_reward
+from fastvader.speed import SpeedPath
 from fastvader.training.distributed import (average_gradients, broadcast_from_main, build_accelerator,
                                             on_any_process, training_device)
 from fastvader.training.draws import BatchDraws
@@ -117,6 +118,7 @@ class Trainer:
         self.lora_params = self._add_lora()
         self.kernel_report = self._apply_kernels()
         self.checkpoint_wrappers = enable_checkpointing(self.backbone.denoiser, cfg.memory.checkpointing)
+        self.speed = SpeedPath.for_rollout(cfg.speed, self.backbone, self.sampler, self.device)
 
         self.prompts = PromptSource.from_config(cfg.prompts)
         self.val_prompts = validation_prompts(cfg, self.prompts)
@@ -198,6 +200,7 @@ class Trainer:
         self.learn = LearnMonitor(self.backbone.denoiser, self.lora_params, cfg.guards,
                                   store=lambda: self.history.setdefault("learn", {}))
         self.selfcheck.watch_checkpointing(self.checkpoint_wrappers, cfg.memory.checkpointing, self.sampler)
+        self.selfcheck.watch_speed(self.speed)
         if cfg.guards.self_check:
             self.selfcheck.arm()
         else:
@@ -534,6 +537,7 @@ class Trainer:
             "invocations": self.history.get("invocations", []),
             "peak_memory_bytes": peak_memory(self.device), "device": str(self.device),
             "kernels": {k: str(v) for k, v in (self.kernel_report or {}).items()},
+            "speed": self.speed.summary(),
         })
         summary.update(self.trust_summary(error))
         return summary
@@ -569,14 +573,15 @@ class Trainer:
             self.loggers.close()
 
     def close(self) -> None:
-        """Take the trainer's patches off the models (self-check hooks, checkpoint wrappers,
-        kernels), so that a backbone passed in runs as it did before. What stays: the LoRA
+        """Take the trainer's patches off the models (self-check hooks, speed settings, checkpoint
+        wrappers, kernels), so that a backbone passed in runs as it did before. What stays: the LoRA
         adapters (peft layers wrapping the original Linear objects, holding the trained weights,
         and peft's ``peft_config`` on the denoiser), and what set-up did to the base weights:
         frozen, eval mode, moved to the run's device and dtype. Calling it again does nothing."""
         from fastvader.patching.core import revert
 
         self.selfcheck.release()
+        self.speed.revert()
         self.checkpoint_wrappers.revert()
         if self.kernel_report is not None:
             revert(self.backbone.denoiser)
