@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import importlib
+
+import torch
+
 from fastvader.backbones.base import Backbone, PromptEmbeddings
 
 # name -> "module:Class". The class implements Backbone and ``from_config(BackboneConfig)``.
@@ -32,9 +35,18 @@ def backbone_class(name: str) -> type[Backbone]:
     return getattr(importlib.import_module(module), attr)
 
 
-def build_backbone(cfg) -> Backbone:
-    """Build the backbone named by ``cfg.name`` (a BackboneConfig)."""
-    return backbone_class(cfg.name).from_config(cfg)
+def build_backbone(cfg, storage=None) -> Backbone:
+    """Build the backbone named by ``cfg.name`` (a BackboneConfig). ``storage``: an
+    :class:`fastvader.memory.fp8.Fp8Storage` for the denoiser's frozen weights (families that
+    stream their weights build straight into it; the others are converted once built)."""
+    cls = backbone_class(cfg.name)
+    on_meta = torch.empty(0).is_meta  # built under torch.device("meta") (the planner): nothing to stream
+    if storage is not None and cls.streams_weights and not on_meta:
+        return cls.from_config(cfg, storage=storage)
+    backbone = cls.from_config(cfg)
+    if storage is not None:
+        storage.convert(backbone.denoiser)
+    return backbone
 
 
 __all__ = ["Backbone", "PromptEmbeddings", "build_backbone", "backbone_class", "register_backbone", "available_backbones"]
