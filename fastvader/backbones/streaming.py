@@ -53,15 +53,20 @@ class SafetensorsReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.header[name]["shape"])
 
-    def read(self, name: str, file=None) -> torch.Tensor:
-        """The tensor ``name`` in its own CPU memory (``file``: this file, already open)."""
+    def nbytes(self, name: str) -> int:
+        begin, end = self.header[name]["data_offsets"]
+        return end - begin
+
+    def read(self, name: str, file=None, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``name`` on the CPU (``file``: this file, already open), in its own memory or,
+        with ``into`` (a uint8 buffer at least its size), in the start of that buffer."""
         if file is None:
             with open(self.path, "rb") as f:
-                return self.read(name, f)
+                return self.read(name, f, into)
         entry = self.header[name]
-        begin, end = entry["data_offsets"]
-        data = torch.empty(end - begin, dtype=torch.uint8)
-        file.seek(self.data_start + begin)
+        size = self.nbytes(name)
+        data = torch.empty(size, dtype=torch.uint8) if into is None else into[:size]
+        file.seek(self.data_start + entry["data_offsets"][0])
         file.readinto(memoryview(data.numpy()))
         return data.view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
@@ -129,14 +134,13 @@ def _expected_tensors(module: nn.Module) -> dict[str, tuple[nn.Module, str, torc
     return out
 
 
-def _put(owner: nn.Module, attr: str, value: torch.Tensor, dtype: torch.dtype) -> None:
-    """Place a tensor read from a checkpoint: quantised into an Fp8Linear's weight, else cast to
-    ``dtype`` when floating."""
+def _put(owner: nn.Module, attr: str, value: torch.Tensor, dtype: torch.dtype, work: torch.Tensor) -> None:
+    """Place a tensor read into a scratch buffer: quantised into an Fp8Linear's weight (through
+    ``work``), else copied out, cast to ``dtype`` when floating."""
     if isinstance(owner, Fp8Linear) and attr == "weight":
-        owner.load_weight(value)
+        owner.load_weight(value, work)
         return
-    if value.is_floating_point():
-        value = value.to(dtype)
+    value = value.to(dtype if value.is_floating_point() else value.dtype, copy=True)
     if attr in owner._parameters:
         owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
     else:
@@ -146,7 +150,9 @@ def _put(owner: nn.Module, attr: str, value: torch.Tensor, dtype: torch.dtype) -
 def load_streaming(module: nn.Module, files: Mapping[str, Path], dtype: torch.dtype, *, what: str = "model",
                    progress: bool = True) -> nn.Module:
     """Fill ``module`` (a skeleton) from the safetensors ``files`` (name -> file) one tensor at a
-    time; names and shapes are checked against the skeleton before anything is read."""
+    time; names and shapes are checked against the skeleton before anything is read. Each tensor
+    is read into one reused buffer and quantised through a second, so that the only memory each
+    tensor adds is what the model keeps of it (no allocator churn to fragment the heap)."""
     from tqdm.auto import tqdm
 
     expected = _expected_tensors(module)
@@ -157,13 +163,16 @@ def load_streaming(module: nn.Module, files: Mapping[str, Path], dtype: torch.dt
     by_file = defaultdict(list)
     for name, path in files.items():
         by_file[path].append(name)
+    largest = max((readers[path].nbytes(name) for name, path in files.items()), default=0)
+    largest_numel = max((t.numel() for _, _, t in expected.values()), default=0)
+    scratch, work = torch.empty(largest, dtype=torch.uint8), torch.empty(4 * largest_numel, dtype=torch.uint8)
     with tqdm(total=len(files), desc=f"loading {what}", unit="tensor", disable=not progress) as bar:
         for path, names in by_file.items():
             reader, wanted = readers[path], set(names)
             with open(path, "rb") as f:
                 for name in (n for n in reader.in_file_order() if n in wanted):
                     owner, attr, _ = expected[name]
-                    _put(owner, attr, reader.read(name, f), dtype)
+                    _put(owner, attr, reader.read(name, f, scratch), dtype, work)
                     bar.update(1)
     _check_complete(module, what)
     return module

@@ -45,12 +45,18 @@ E4M3_RELATIVE_ERROR = 2.0 ** -4
 E4M3_ABSOLUTE_ERROR = 2.0 ** -10
 
 
-def quantize_e4m3(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_e4m3(weight: torch.Tensor, work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) weight -> (e4m3 bits as uint8 (out, in), fp32 scale (out, 1)) with one scale per
-    output channel: the channel's largest magnitude maps to e4m3's largest number, 448."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp_min(torch.finfo(torch.float32).tiny)
-    bits = (w / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).view(torch.uint8)
+    output channel: the channel's largest magnitude maps to e4m3's largest number, 448. The one
+    full-size temporary, an fp32 copy scaled in place, lives in ``work`` when given (a uint8
+    buffer of at least 4 bytes a weight, reused across tensors by the streaming loader)."""
+    if work is None:
+        w = weight.detach().to(torch.float32, copy=True)
+    else:
+        w = work[: weight.numel() * 4].view(torch.float32).view(weight.shape).copy_(weight)
+    low, high = torch.aminmax(w, dim=1, keepdim=True)
+    scale = (torch.maximum(-low, high) / E4M3_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    bits = w.div_(scale).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3).view(torch.uint8)
     return bits, scale
 
 
@@ -107,12 +113,13 @@ class Fp8Linear(nn.Linear):
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
 
-    def load_weight(self, weight: torch.Tensor) -> None:
-        """Quantise a full-precision (out, in) weight into this layer (on the weight's device)."""
+    def load_weight(self, weight: torch.Tensor, work: torch.Tensor | None = None) -> None:
+        """Quantise a full-precision (out, in) weight into this layer (on the weight's device;
+        ``work``: see :func:`quantize_e4m3`)."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight of shape {tuple(weight.shape)} for an Fp8Linear({self.in_features}, "
                              f"{self.out_features})")
-        bits, scale = quantize_e4m3(weight)
+        bits, scale = quantize_e4m3(weight, work)
         self.weight = nn.Parameter(bits, requires_grad=False)
         self.weight_scale = nn.Parameter(scale, requires_grad=False)
 
