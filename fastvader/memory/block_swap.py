@@ -87,10 +87,10 @@ class _SwappedTensor:
         self.slot, self.original = slot, original
 
     def copy_to_placeholder(self, placeholder: torch.Tensor) -> torch.Tensor:
-        """A copy of the host tensor on the placeholder's device, in its dtype."""
-        copy = self.original.detach().to(device=placeholder.device, dtype=placeholder.dtype, non_blocking=True,
+        """A copy of the host tensor on the placeholder's device, in its dtype: a plain tensor, so
+        that memory accounting and activation offload see a copy autograd keeps for what it is."""
+        return self.original.detach().to(device=placeholder.device, dtype=placeholder.dtype, non_blocking=True,
                                          copy=True)
-        return nn.Parameter(copy, requires_grad=False) if isinstance(placeholder, nn.Parameter) else copy
 
 
 class _BlockForward:

@@ -53,6 +53,9 @@ class FrozenWeights:
         if count == "auto":
             raise ConfigError("config: memory.block_swap='auto' was not resolved: plan with memory.gpu_memory "
                               "(or on a CUDA device), or give a number")
+        if count > len(blocks):
+            raise ConfigError(f"config: memory.block_swap={count} is invalid: this denoiser has {len(blocks)} "
+                              f"transformer blocks; swap at most {len(blocks)}")
         if count:
             swapped = last_blocks(len(blocks), count)
             _check_checkpoint_units(denoiser, [blocks[i] for i in swapped], memory_cfg.checkpointing)

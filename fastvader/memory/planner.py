@@ -647,9 +647,12 @@ class Plan:
 def make_plan(cfg: TrainConfig, budget: int | str, m: Measurements | None = None) -> Plan:
     budget = parse_bytes(budget, "gpu_memory")
     m = m or measure(cfg)
-    current = predict(cfg, m)
-    preds = [predict(cfg, m, s) for s in candidate_settings(cfg, m)]
     own = Setting.from_config(cfg)
+    if cfg.memory.block_swap == "auto":  # as given = the fewest swapped blocks that fit (or all of them)
+        own = next((s for s in (dataclasses.replace(own, block_swap=n) for n in range(len(m.blocks) + 1))
+                    if predict(cfg, m, s).fits(budget)), dataclasses.replace(own, block_swap=len(m.blocks)))
+    current = predict(cfg, m, own)
+    preds = [predict(cfg, m, s) for s in candidate_settings(cfg, m)]
 
     def changes(s: Setting) -> int:
         return sum(a != b for a, b in zip(dataclasses.astuple(s), dataclasses.astuple(own)))
