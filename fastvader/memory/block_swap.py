@@ -71,10 +71,6 @@ def frozen_tensors(block: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Ten
                 yield module, name, tensor
 
 
-def block_bytes(block: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for _, _, t in frozen_tensors(block))
-
-
 def _placeholder(tensor: torch.Tensor) -> torch.Tensor:
     empty = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
     return nn.Parameter(empty, requires_grad=False) if isinstance(tensor, nn.Parameter) else empty

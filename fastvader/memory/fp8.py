@@ -201,9 +201,3 @@ class Fp8Storage:
                 else:
                     patches.replace(slot, value)
         return len(layers)
-
-
-def fp8_bytes(denoiser: nn.Module) -> int:
-    """Bytes the fp8 layers of a model store (bits, scales, biases)."""
-    return sum(t.numel() * t.element_size() for m in denoiser.modules() if isinstance(m, Fp8Linear)
-               for t in m.parameters(recurse=False))

@@ -434,7 +434,8 @@ class Setting:
         parts.append("offload=on" if self.offload_activations else "offload=off")
         parts.append(f"frozen={self.frozen_placement}")
         parts.append(f"optim={self.optimizer}")
-        parts.append(f"block_swap={self.block_swap}")
+        if self.block_swap:
+            parts.append(f"block_swap={self.block_swap}")
         return " ".join(parts)
 
     def overrides(self) -> list[str]:

@@ -460,11 +460,11 @@ class Trainer:
 
     def close(self) -> None:
         """Take the trainer's patches off the models (self-check hooks, checkpoint wrappers,
-        kernels, block swap, fp8 layers of a backbone passed in), so that a backbone passed in
-        runs as it did before. What stays: the LoRA
-        adapters (peft layers wrapping the original Linear objects, holding the trained weights,
-        and peft's ``peft_config`` on the denoiser), and what set-up did to the base weights:
-        frozen, eval mode, moved to the run's device and dtype. Calling it again does nothing."""
+        kernels, block swap, the fp8 layers of a backbone passed in), so that a backbone passed in
+        runs as it did before. What stays: the LoRA adapters (peft layers wrapping the original
+        Linear objects, holding the trained weights, and peft's ``peft_config`` on the denoiser),
+        and what set-up did to the base weights: frozen, eval mode, moved to the run's device and
+        dtype. Calling it again does nothing."""
         from fastvader.patching.core import revert
 
         self.selfcheck.release()
