@@ -154,7 +154,7 @@ class BlockSwap:
     def _park(self, module: nn.Module, name: str, tensor: torch.Tensor, pin_memory: bool) -> _SwappedTensor:
         slot = ModuleTensor(module, name)
         self.patches.replace(slot, _placeholder(tensor))
-        if tensor.device != self.host:
+        if tensor.device != self.host or pin_memory:  # a model still on the CPU gets pinned too
             host = tensor.detach().to(self.host)
             tensor.data = host.pin_memory() if pin_memory else host
         return _SwappedTensor(slot, tensor)

@@ -266,8 +266,10 @@ def test_every_shipped_preset_plans_for_24gib_without_weights_or_network(preset,
     assert rc == 0 and ", fits" in out.splitlines()[0], out
 
 
-def _wan_config_folder(folder: Path) -> Path:
-    """A Wan whose blocks' weights outweigh its activations at 32x32x5: 4 blocks of width 128."""
+@pytest.fixture(scope="module")
+def wan_configs(tmp_path_factory) -> Path:
+    """A Wan whose blocks' weights outweigh its activations at 32x32x5: 4 blocks of width 128
+    (one folder for the module: the measurement cache keys on it)."""
     import json
 
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
@@ -279,12 +281,13 @@ def _wan_config_folder(folder: Path) -> Path:
     with torch.device("meta"):
         configs = {"transformer": dict(WanTransformer3DModel(**transformer).config),
                    "vae": dict(AutoencoderKLWan(**TINY_VAE).config), "text_encoder": TINY_TEXT}
+    folder = tmp_path_factory.mktemp("wan_configs")
     for name, config in configs.items():
         (folder / f"{name}_config.json").write_text(json.dumps(config, default=list))
     return folder
 
 
-def test_fp8_and_block_swap_predictions_match_meta_measurements(tmp_path):
+def test_fp8_and_block_swap_predictions_match_meta_measurements(tmp_path, wan_configs):
     """fp8 bytes: the planner's count vs the bytes the converted model holds on the meta device.
     Block swap: the host bytes, and the no-grad call's live peak with 3 of 4 blocks swapped
     (their copies made on the meta device) vs the working set plus the blocks in flight."""
@@ -292,7 +295,7 @@ def test_fp8_and_block_swap_predictions_match_meta_measurements(tmp_path):
     from fastvader.memory.block_swap import BlockSwap, last_blocks, transformer_blocks
     from fastvader.training.sampling import classifier_free_guidance
 
-    cfg = tiny_toy_config(tmp_path, backbone={"name": "wan", "config_path": str(_wan_config_folder(tmp_path))},
+    cfg = tiny_toy_config(tmp_path, backbone={"name": "wan", "config_path": str(wan_configs)},
                           video={"frames": 5, "height": 32, "width": 32}, sampler={"name": "euler_flow"},
                           memory={"fp8_weights": True, "checkpointing": "sub_block"}, reward={"name": "brightness"})
     m = planner.measure(cfg, device_type="cpu")
@@ -320,22 +323,29 @@ def test_fp8_and_block_swap_predictions_match_meta_measurements(tmp_path):
     assert abs((swapped - resident) - parts["in flight"]) <= 0.1 * parts["in flight"], (swapped - resident, parts)
 
 
-def test_block_swap_auto_picks_the_fewest_blocks_that_fit(tmp_path):
-    cfg = tiny_toy_config(tmp_path, backbone={"name": "wan", "config_path": str(_wan_config_folder(tmp_path))},
+def test_block_swap_auto_picks_the_fewest_blocks_that_fit(tmp_path, wan_configs):
+    cfg = tiny_toy_config(tmp_path, backbone={"name": "wan", "config_path": str(wan_configs)},
                           video={"frames": 5, "height": 32, "width": 32}, sampler={"name": "euler_flow"},
-                          memory={"checkpointing": "sub_block", "block_swap": "auto", "gpu_memory": "1GiB"},
-                          reward={"name": "brightness"})
+                          memory={"fp8_weights": True, "checkpointing": "sub_block", "block_swap": "auto",
+                                  "gpu_memory": "1GiB"}, reward={"name": "brightness"})  # measured once above
     m = planner.measure(cfg, device_type="cpu")
     peaks = [planner.predict(cfg, m, planner.Setting(block_swap=n)).peak for n in range(5)]
-    assert peaks == sorted(peaks, reverse=True) and peaks[0] - peaks[4] > 2 ** 20  # each block swapped lowers it
-    budget = int((peaks[2] + peaks[3]) / 2 / planner.HEADROOM)  # fits with 3 blocks swapped, not with 2
+    # swapping lowers the peak once more blocks are swapped than the two in flight
+    assert peaks == sorted(peaks, reverse=True) and peaks[3] < peaks[2] and peaks[4] < peaks[3]
+    budget = int((peaks[2] + peaks[3]) / 2 / planner.HEADROOM)  # as given: fits with 3 blocks swapped, not with 2
     plan = planner.make_plan(cfg, budget, m)
     assert plan.current.setting.block_swap == 3 and plan.current.fits(budget)
-    assert plan.best.setting.block_swap == 3 and "memory.block_swap=3" in plan.best.setting.overrides()
-    assert any(note.startswith("block swap: memory.block_swap=3 of 4 blocks") for note in plan.notes)
+    # a budget that no setting meets without swapping: the best plan swaps, as few blocks as it can
+    unswapped = min(planner.predict(cfg, m, s).peak for s in planner.candidate_settings(cfg, m) if not s.block_swap)
+    budget = int((unswapped - 2 ** 18) / planner.HEADROOM)
+    plan = planner.make_plan(cfg, budget, m)
+    best = plan.best.setting
+    assert best.block_swap > 0 and f"memory.block_swap={best.block_swap}" in best.overrides()
+    assert not planner.predict(cfg, m, dataclasses.replace(best, block_swap=best.block_swap - 1)).fits(budget)
+    assert any(note.startswith(f"block swap: memory.block_swap={best.block_swap} of 4 blocks") for note in plan.notes)
     resolved = planner.apply_best_plan(cfg.replace(memory=dataclasses.replace(cfg.memory, gpu_memory=f"{budget}B")),
                                        verbose=False)
-    assert resolved.memory.block_swap == 3
+    assert resolved.memory.block_swap == best.block_swap
 
 
 def test_fp8_and_block_swap_on_a_unet_say_they_cannot_engage(tmp_path):

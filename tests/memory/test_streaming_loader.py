@@ -178,6 +178,7 @@ def _load_in_fresh_process(folder: Path, mode: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1]) if mode != "write" else {}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable peak RSS")
 def test_streaming_peak_memory_is_the_model_plus_about_one_tensor(tmp_path):
     _load_in_fresh_process(tmp_path, "write")
