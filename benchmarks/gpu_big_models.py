@@ -165,9 +165,11 @@ def swap_cost(trainer) -> dict[str, Any]:
     embeds = trainer.prompt_cache(trainer.prompts.prompts[:1])
     latents = torch.randn(1, *trainer.latent_shape, device=trainer.device, dtype=trainer.weight_dtype)
 
+    amp = trainer.amp_dtype  # the run's autocast from its dtype: main's Trainer moved its accessor into Rollout
+
     @torch.no_grad()
     def call():
-        with trainer.autocast():
+        with torch.autocast(trainer.device.type, dtype=amp, enabled=amp != torch.float32):
             classifier_free_guidance(trainer.backbone, latents, 500, embeds, trainer.cfg.sampler.guidance_scale)
 
     call()
