@@ -18,9 +18,11 @@ again under a hard 24 GiB cap (torch.cuda.set_per_process_memory_fraction). Per 
 allocated memory, step time and its split (no-grad sampling, grad steps, decode, reward,
 backward), and per config the cosine between the two paths' LoRA gradients (same seed, same
 LoRA weights). Then the kernel benchmarks (benchmarks/gpu_temporal_attention.py,
-benchmarks/gpu_group_norm.py, when present) and the kernel tests compiled on the GPU (pytest
-with TRITON_INTERPRET unset). Each section runs in its own try/except: a failure is recorded
-and the rest still runs. The table prints last.
+benchmarks/gpu_group_norm.py, when present), the kernel tests compiled on the GPU (pytest
+with TRITON_INTERPRET unset) and the big-model rows (benchmarks/gpu_big_models.py: Wan 2.1 14B
+and Open-Sora 1.2 360p under a 24 GiB cap, block swap cost, fp8 fidelity; its own JSON under
+benchmarks/results/). Each section runs in its own try/except: a failure is recorded and the
+rest still runs. The table prints last.
 """
 from __future__ import annotations
 
@@ -342,6 +344,13 @@ def kernel_tests(results: dict, args) -> None:
         raise RuntimeError(f"kernel tests failed: {tail[-1] if tail else proc.returncode}")
 
 
+def big_models(results: dict, args) -> None:
+    """The big-model rows, each in its own process (benchmarks/gpu_big_models.py)."""
+    from benchmarks import gpu_big_models
+
+    results["big_models"] = gpu_big_models.main(["--steps", str(args.big_model_steps)])
+
+
 # ---------------------------------------------------------------------------------------------
 # output
 # ---------------------------------------------------------------------------------------------
@@ -405,6 +414,8 @@ def parse_args(argv=None):
     p.add_argument("--only", action="append", default=[], help="run configs whose name contains this (repeatable)")
     p.add_argument("--skip-kernels", action="store_true", help="skip kernel benchmarks and kernel tests")
     p.add_argument("--kernel-test-timeout", type=int, default=240)
+    p.add_argument("--skip-big-models", action="store_true", help="skip the Wan 14B / Open-Sora 360p rows")
+    p.add_argument("--big-model-steps", type=int, default=8, help="sampler steps of the big-model rows")
     p.add_argument("--out-dir", default=None, help="scratch run directory (default: a temporary folder)")
     args = p.parse_args(argv)
     if args.steps is None:
@@ -428,6 +439,8 @@ def main(argv=None) -> dict[str, Any]:
         if not args.skip_kernels and not args.dry_run:
             section(results, "kernel_benchmarks", lambda: kernel_benchmarks(results, args))
             section(results, "kernel_tests", lambda: kernel_tests(results, args))
+        if not args.skip_big_models and not args.dry_run:
+            section(results, "big_models", lambda: big_models(results, args))
     results["total_s"] = round(time.perf_counter() - start, 1)
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,9 @@ def _err(field_name: str, value: Any, allowed: str) -> ConfigError:
 Switch = typing.NewType("Switch", str)
 SWITCH_VALUES = ("auto", "on", "off")
 
+#: A field that is a count or "auto" (YAML gives an int or a string; validation checks which).
+BlockCount = typing.NewType("BlockCount", object)
+
 
 def switch_word(value: Any) -> Any:
     """True/"yes"/"ON" -> "on", False/"no"/"false" -> "off", "Auto" -> "auto"; anything else
@@ -172,6 +175,15 @@ class MemoryConfig:
     zero_stage: int = 0
     #: with ZeRO: none | optimizer (states on the CPU) | optimizer+params (stage 3 only)
     zero_offload: str = "none"
+    #: store the denoiser's frozen Linear weights inside its transformer blocks in fp8 (e4m3,
+    #: one scale per output channel), dequantised layer by layer; LoRA keeps its own dtype
+    fp8_weights: bool = False
+    #: module-name patterns (fnmatch, e.g. "*.ffn.*") of Linear layers inside the blocks that stay
+    #: in backbone.dtype; everything outside the blocks (embeddings, first/last projections) always does
+    fp8_keep_bf16: list = field(default_factory=list)
+    #: transformer blocks whose frozen weights wait in host memory and visit the GPU only while they
+    #: run: 0, N (the last N) or auto (the planner's N for memory.gpu_memory or the card)
+    block_swap: BlockCount = 0
 
 
 @dataclass
@@ -728,11 +740,24 @@ def _validate_memory(cfg: TrainConfig) -> None:
         raise _err("memory.zero_offload", m.zero_offload, "offload is a ZeRO feature: set memory.zero_stage=2 or 3")
     if m.zero_offload == "optimizer+params" and m.zero_stage != 3:
         raise _err("memory.zero_offload", m.zero_offload, "parameter offload needs memory.zero_stage=3")
+    _validate_frozen_weights(cfg)
     if m.zero_stage and cfg.optim.name != "adamw":
         raise _err("optim.name", cfg.optim.name,
                    f"a bitsandbytes optimizer cannot run under DeepSpeed ZeRO (memory.zero_stage={m.zero_stage}): "
                    "DeepSpeed raises for it with ZeRO offload and does not partition its 8-bit states; "
                    "use optim.name=adamw with ZeRO, or memory.zero_stage=0 to keep the 8-bit optimizer")
+
+
+def _validate_frozen_weights(cfg: TrainConfig) -> None:
+    """memory.fp8_weights, fp8_keep_bf16 and block_swap (docs/memory.md)."""
+    m = cfg.memory
+    if not all(isinstance(p, str) for p in m.fp8_keep_bf16):
+        raise _err("memory.fp8_keep_bf16", m.fp8_keep_bf16, "a list of module-name patterns such as '*.ffn.*'")
+    count = m.block_swap
+    if count != "auto" and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+        raise _err("memory.block_swap", count, "0, a number of transformer blocks, or auto")
+    if count == "auto" and not m.gpu_memory and cfg.train.device == "cpu":
+        raise _err("memory.block_swap", count, "auto plans for a GPU's memory: set memory.gpu_memory, or a number")
 
 
 def _validate_kernels(cfg: TrainConfig) -> None:

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import importlib
+
+import torch
+
 from fastvader.backbones.base import Backbone, PromptEmbeddings
 
 # name -> "module:Class". The class implements Backbone and ``from_config(BackboneConfig)``.
@@ -32,17 +35,25 @@ def backbone_class(name: str) -> type[Backbone]:
     return getattr(importlib.import_module(module), attr)
 
 
-def build_backbone(cfg, *, progress: bool = True) -> Backbone:
+def build_backbone(cfg, storage=None, *, progress: bool = True) -> Backbone:
     """Build the backbone named by ``cfg.name`` (a BackboneConfig). A hub id that is neither
-    cached nor reachable fails at once, naming backbone.pretrained (fastvader.hub)."""
+    cached nor reachable fails at once, naming backbone.pretrained (fastvader.hub). ``storage``:
+    an :class:`fastvader.memory.fp8.Fp8Storage` for the denoiser's frozen weights (families that
+    stream their weights build straight into it; the others are converted once built)."""
     from fastvader.console import stage
     from fastvader.hub import hub_or_cache
 
     cls = backbone_class(cfg.name)
     hub = {} if cfg.random_init or not cls.hub_weights else {"backbone.pretrained": cfg.pretrained}
     source = "random weights" if cfg.random_init else cfg.pretrained or "default weights"
+    on_meta = torch.empty(0).is_meta  # built under torch.device("meta") (the planner): nothing to stream
     with stage(f"loading {cfg.name} ({source})", enabled=progress), hub_or_cache(hub):
-        return cls.from_config(cfg)
+        if storage is not None and cls.streams_weights and not on_meta:
+            return cls.from_config(cfg, storage=storage)
+        backbone = cls.from_config(cfg)
+    if storage is not None:
+        storage.convert(backbone.denoiser)
+    return backbone
 
 
 __all__ = ["Backbone", "PromptEmbeddings", "build_backbone", "backbone_class", "register_backbone", "available_backbones"]

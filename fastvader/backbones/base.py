@@ -56,6 +56,9 @@ class Backbone(nn.Module):
     defaults: ClassVar[dict[str, Any]] = {}
     #: height and width must be multiples of this (VAE downsampling x patch size)
     spatial_multiple: ClassVar[int] = 8
+    #: ``from_config(cfg, storage=...)`` builds the denoiser straight into fp8 storage
+    #: (fastvader.memory.fp8); other families are built, then converted
+    streams_weights: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, cfg) -> "Backbone":

@@ -1,5 +1,11 @@
-"""Wan 2.1 T2V 1.3B: diffusers WanTransformer3DModel (flow matching, patch 1x2x2), the causal
-3D AutoencoderKLWan (8x spatial, 4x temporal compression) and a 5.7B UMT5-XXL text encoder.
+"""Wan 2.1 T2V 1.3B and 14B: diffusers WanTransformer3DModel (flow matching, patch 1x2x2), the
+causal 3D AutoencoderKLWan (8x spatial, 4x temporal compression) and a 5.7B UMT5-XXL text encoder.
+
+``backbone.options.variant``: ``1.3b`` (default) or ``14b`` (14.29B transformer, 40 blocks; read
+from a ``pretrained`` hub id naming 14B when not given). With fp8 frozen weights
+(``memory.fp8_weights``) the transformer is built straight into fp8, tensor by tensor
+(:mod:`fastvader.backbones.streaming`): from the checkpoint's safetensors shards, or with
+random weights module by module, never whole in bf16 or fp32 in host memory.
 
 The text encoder is the biggest part of the model. It lives on the CPU; ``encode_prompts``
 moves it to the compute device for the call and back (``options.text_encoder_device: cpu``
@@ -8,15 +14,24 @@ every prompt's embedding.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
 
 import torch
 
-from fastvader.backbones.diffusers_common import (BYTE_TOKENIZER_VOCAB, DiffusersBackbone,
-                               byte_level_clip_tokenizer, find_config_file, load_pretrained,
-                               load_scheduler_config, load_tokenizer, read_json)
+from fastvader.backbones.diffusers_common import (BYTE_TOKENIZER_VOCAB, DiffusersBackbone, MissingWeightsError,
+                               byte_level_clip_tokenizer, find_config_file, is_local, load_pretrained,
+                               load_scheduler_config, load_tokenizer, quiet_diffusers_config_warnings,
+                               read_json, resolve_dtype)
 
-_CONFIG_DIR = "wan2.1_t2v_1.3b"
+#: variant -> (hub id, packaged config folder)
+VARIANTS = {
+    "1.3b": ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "wan2.1_t2v_1.3b"),
+    "14b": ("Wan-AI/Wan2.1-T2V-14B-Diffusers", "wan2.1_t2v_14b"),
+}
+#: the transformer's weight files in the diffusers layout, index first
+TRANSFORMER_FILES = ["diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors"]
 
 # Wan's published schedule is UniPC over flow sigmas with shift 3.0 (480p). fastvader's flow
 # sampler (FlowMatchEulerDiscreteScheduler) reads the same shift as ``shift``.
@@ -40,7 +55,8 @@ class WanBackbone(DiffusersBackbone):
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
     spatial_multiple = 16  # VAE 8x times the transformer's 2x2 patches
     temporal_factor = 4
-    hub_id = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    hub_id = VARIANTS["1.3b"][0]
+    streams_weights = True
     denoiser_subfolder = "transformer"
     max_text_length = 512
     # Wan's own 480p settings (832x480, 81 frames = 5 s at 16 fps, 50 flow steps, CFG 5)
@@ -75,19 +91,33 @@ class WanBackbone(DiffusersBackbone):
 
     # -- building --------------------------------------------------------------------------------
     @classmethod
-    def _config_files(cls, config_dir: Path | None) -> dict[str, Path]:
+    def variant(cls, options: dict, pretrained: str | None = None) -> str:
+        """``options.variant``, else the one a ``pretrained`` hub id names, else 1.3b."""
+        named = next((v for v, (hub, _) in VARIANTS.items() if pretrained == hub), None)
+        variant = str(options.get("variant", named or "1.3b")).lower()
+        if variant not in VARIANTS:
+            raise ValueError(f"backbone.options.variant={options.get('variant')!r} is not a wan variant; "
+                             f"choose one of {list(VARIANTS)}")
+        if named is not None and named != variant:
+            raise ValueError(f"backbone.options.variant={variant!r} does not match backbone.pretrained={pretrained!r} "
+                             f"(the {named} weights); set one of them to match the other")
+        return variant
+
+    @classmethod
+    def _config_files(cls, config_dir: Path | None, variant: str = "1.3b") -> dict[str, Path]:
+        folder = VARIANTS[variant][1]
         return {
-            "transformer": find_config_file("transformer", config_dir, f"{_CONFIG_DIR}/transformer_config.json"),
-            "vae": find_config_file("vae", config_dir, f"{_CONFIG_DIR}/vae_config.json"),
+            "transformer": find_config_file("transformer", config_dir, f"{folder}/transformer_config.json"),
+            "vae": find_config_file("vae", config_dir, f"{folder}/vae_config.json"),
             "text_encoder": find_config_file("text_encoder", config_dir, "text_encoders/umt5-xxl_config.json"),
         }
 
     @classmethod
-    def component_builders(cls, config_dir=None):
+    def component_builders(cls, config_dir=None, variant: str = "1.3b"):
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
         from transformers import UMT5Config, UMT5EncoderModel
 
-        files = cls._config_files(config_dir)
+        files = cls._config_files(config_dir, variant)
         return {
             "transformer": lambda: WanTransformer3DModel.from_config(read_json(files["transformer"])),
             "vae": lambda: AutoencoderKLWan.from_config(read_json(files["vae"])),
@@ -95,11 +125,45 @@ class WanBackbone(DiffusersBackbone):
         }
 
     @classmethod
-    def build_random(cls, config_dir, options, dtype):
-        parts = {k: build().to(dtype) for k, build in cls.component_builders(config_dir).items()}
+    def build_random(cls, config_dir, options, dtype, storage=None):
+        """Random weights. With ``storage`` (fp8) the transformer and the text encoder are filled
+        module by module from skeletons: a 14B model never exists whole in fp32 or bf16."""
+        builders = cls.component_builders(config_dir, cls.variant(options))
+        if storage is None:
+            parts = {k: build().to(dtype) for k, build in builders.items()}
+        else:
+            from fastvader.backbones.streaming import streamed_from_random
+
+            seed = int(options.get("seed", 0))
+            parts = {"vae": builders["vae"]().to(dtype),
+                     "transformer": streamed_from_random(builders["transformer"], dtype, storage, seed=seed,
+                                                         what="wan transformer"),
+                     "text_encoder": streamed_from_random(builders["text_encoder"], dtype, None, seed=seed,
+                                                          what="UMT5 text encoder")}
         return cls(denoiser=parts["transformer"], vae=parts["vae"], text_encoder=parts["text_encoder"],
                    tokenizer=byte_level_clip_tokenizer(cls.max_text_length),
                    scheduler_config=cls.scheduler_defaults, options=options)
+
+    @classmethod
+    def from_config(cls, cfg, storage=None):
+        """As every diffusers family (the variant's hub id when ``pretrained`` is not given);
+        ``storage`` (fp8 frozen weights) builds the transformer straight into fp8 (tiny models
+        are built, then converted)."""
+        options = dict(cfg.options or {})
+        variant = cls.variant(options, cfg.pretrained)
+        if not (cfg.pretrained or cfg.random_init or options.get("tiny")):
+            cfg = dataclasses.replace(cfg, pretrained=VARIANTS[variant][0])
+        if storage is None or options.get("tiny"):
+            backbone = super().from_config(cfg)
+            if storage is not None:
+                storage.convert(backbone.denoiser)
+            return backbone
+        quiet_diffusers_config_warnings()
+        dtype = resolve_dtype(cfg.dtype)
+        if cfg.random_init:
+            config_dir = Path(os.path.expanduser(cfg.config_path)) if cfg.config_path else None
+            return cls.build_random(config_dir, options, dtype, storage)
+        return cls.load_pretrained(cfg.pretrained, options, dtype, storage)
 
     @classmethod
     def build_tiny(cls, options, dtype):
@@ -116,12 +180,15 @@ class WanBackbone(DiffusersBackbone):
                        scheduler_config=cls.scheduler_defaults, options=options)
 
     @classmethod
-    def load_pretrained(cls, pretrained, options, dtype):
+    def load_pretrained(cls, pretrained, options, dtype, storage=None):
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
         from transformers import UMT5EncoderModel
 
-        transformer = load_pretrained(WanTransformer3DModel, pretrained, "transformer", kind="diffusers",
-                                      dtype=dtype, what="transformer")
+        if storage is None:
+            transformer = load_pretrained(WanTransformer3DModel, pretrained, "transformer", kind="diffusers",
+                                          dtype=dtype, what="transformer")
+        else:
+            transformer = cls._stream_transformer(pretrained, options, dtype, storage)
         vae = load_pretrained(AutoencoderKLWan, pretrained, "vae", kind="diffusers", dtype=dtype, what="VAE")
         text = load_pretrained(UMT5EncoderModel, pretrained, "text_encoder", kind="transformers", dtype=dtype,
                                what="UMT5 text encoder")
@@ -129,6 +196,30 @@ class WanBackbone(DiffusersBackbone):
         sched = {**published, "shift": published.get("flow_shift", cls.scheduler_defaults["shift"])}
         return cls(denoiser=transformer, vae=vae, text_encoder=text, tokenizer=load_tokenizer(pretrained),
                    scheduler_config=sched, options=options)
+
+    @classmethod
+    def _stream_transformer(cls, pretrained, options, dtype, storage):
+        """The transformer read tensor by tensor from its safetensors shards into fp8 layers."""
+        from diffusers import WanTransformer3DModel
+
+        from fastvader.backbones.streaming import checkpoint_files, hub_checkpoint_files, streamed_from_files
+
+        if is_local(pretrained):
+            config_file = Path(os.path.expanduser(pretrained)) / "transformer" / "config.json"
+            if not config_file.is_file():
+                raise MissingWeightsError(f"the transformer: {config_file} is missing (expected the diffusers layout "
+                                          "with transformer/config.json and its safetensors)")
+            files = checkpoint_files(config_file.parent, TRANSFORMER_FILES)
+        else:
+            from huggingface_hub import hf_hub_download
+
+            local_only = bool(options.get("local_files_only", False))
+            config_file = Path(hf_hub_download(pretrained, "config.json", subfolder="transformer",
+                                               local_files_only=local_only))
+            files = hub_checkpoint_files(pretrained, "transformer", TRANSFORMER_FILES, local_only)
+        config = read_json(config_file)
+        return streamed_from_files(lambda: WanTransformer3DModel.from_config(config), files, dtype, storage,
+                                   what="wan transformer")
 
     # -- text ------------------------------------------------------------------------------------
     def tokenize(self, prompts):

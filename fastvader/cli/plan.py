@@ -25,7 +25,9 @@ def run(args) -> int:
     if args.json:
         print(json.dumps({"budget": plan.budget, "current": {"peak": plan.current.peak, **plan.current.parts},
                           "fits": [{"peak": p.peak, "relative_time": p.relative_time / plan.current.relative_time,
-                                    "overrides": p.setting.overrides()} for p in plan.ranked]}, indent=2))
+                                    "overrides": p.setting.overrides(), "host_bytes": p.host_bytes,
+                                    "added_seconds": p.added_seconds} for p in plan.ranked],
+                          "notes": plan.notes}, indent=2))
     else:
         print(plan.table())
     return 0 if plan.ranked else 1

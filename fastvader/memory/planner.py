@@ -13,12 +13,23 @@ recompute peak, and what the reward keeps per frame. They are cached per geometr
               (offloaded: only tensors too small to move stay on the GPU)
     peak    = static + max(sampling working set,
                           kept(K-1) + one grad call's forward peak,
-                          kept(K) + decode kept + reward kept + frozen on demand
-                                  + max(denoiser recompute, decode recompute))
+                          kept(K) + decode kept + max(reward kept, decode recompute) + frozen on demand,
+                          kept(K) + denoiser recompute + frozen on demand)
+
+(backward frees each part's saved tensors as it goes: reward, then decode, then denoiser).
 
 Relative speed counts denoiser forward passes: a no-grad step is 1, a grad step is 3 (forward
 + backward) plus 1 per recomputation level (block / sub-block: 1, per-step nested: 2), with
 small fixed costs for offload copies and on-demand moves. It ranks settings; it is not a clock.
+
+Frozen weights (fp8 storage, block swap; :func:`frozen_weight_parts`): fp8 layers store one byte
+a weight plus an fp32 scale per output channel. Block swap takes the last N transformer blocks'
+weights off the GPU (into pinned host memory), adds the two blocks in flight (the one running
+and the one prefetched) to every phase that runs the denoiser, and, without checkpointing,
+the swapped blocks' copies autograd keeps per grad step. Its time: each swapped block's copy
+overlaps the block before it, so what shows per denoiser pass is the copy time beyond that
+block's compute, from assumed rates (:data:`HOST_TO_GPU_BYTES_PER_S`, :data:`GPU_FLOPS`) and the
+FLOPs of one call counted on the meta device; the GPU suite measures the real overlap.
 """
 from __future__ import annotations
 
@@ -36,8 +47,11 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from torch.utils.flop_counter import FlopCounterMode
+
 from fastvader.config import TrainConfig, parse_bytes, parse_frame_spec, parse_truncation
 from fastvader.memory.accounting import gpu_like_attention, record_saved
+from fastvader.memory.block_swap import transformer_blocks
 
 GiB = 2 ** 30
 POLICIES = ("none", "block", "sub_block", "step")
@@ -50,6 +64,13 @@ HEADROOM = 0.92
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 #: the timestep of the measured denoiser calls: memory does not depend on it
 _TIMESTEP = 500
+#: assumed rates for the time block swap and fp8 add (a 24 GB consumer card on PCIe 4.0 x16):
+#: pinned host-to-GPU copies, sustained bf16 matmul throughput, GPU memory bandwidth
+HOST_TO_GPU_BYTES_PER_S = 20e9
+GPU_FLOPS = 100e12
+GPU_BYTES_PER_S = 0.9e12
+#: denoiser passes through the blocks per grad step beyond its forward (recomputation levels)
+RECOMPUTE_PASSES = {"none": 0, "block": 1, "sub_block": 1, "step": 2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +133,9 @@ class Measurements:
     scheduler_fixed: int               # the scheduler's tables: grad steps index into them
     params: dict[str, int]             # parameter counts: denoiser, lora, vae, reward, text_encoder
     lora_tensor_sizes: list[int] = field(default_factory=list)
+    blocks: list[list[int]] = field(default_factory=list)  # per transformer block: frozen [other, fp8, scales] counts
+    unit_count: dict[str, int] = field(default_factory=dict)  # units a policy checkpoints (block, sub_block)
+    call_flops: int = 0                # one no-grad CFG denoiser call
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -145,7 +169,7 @@ def _geometry_key(cfg: TrainConfig, dtype: torch.dtype) -> dict:
             "lora": [cfg.lora.rank, list(cfg.lora.target_modules)], "reward": cfg.reward_terms,
             "reward_options": cfg.reward.options, "decode_chunk": cfg.memory.decode_chunk, "dtype": str(dtype),
             "decode_impl": getattr(decode_frames, "__module__", "") + str(decode_frames.__code__.co_firstlineno),
-            "version": 6}
+            "fp8": [cfg.memory.fp8_weights, list(cfg.memory.fp8_keep_bf16)], "version": 8}
 
 
 def cache_path() -> Path:
@@ -211,9 +235,11 @@ def build_on_meta(cfg: TrainConfig, dtype: torch.dtype):
     from fastvader.lora import add_lora
     from fastvader.rewards import build_reward_architecture
 
+    from fastvader.memory.fp8 import Fp8Storage
+
     bcfg = dataclasses.replace(cfg.backbone, random_init=True, pretrained=None)
     with torch.device("meta"), _quiet(), _meta_stays_put():
-        backbone = build_backbone(bcfg).freeze().to(dtype)
+        backbone = build_backbone(bcfg, storage=Fp8Storage.from_config(cfg.memory)).freeze().to(dtype)
         try:
             reward = build_reward_architecture(cfg.reward).freeze().to(dtype)
         except Exception as err:  # a reward of the user's own that cannot be built without its weights
@@ -266,6 +292,7 @@ def measure(cfg: TrainConfig, *, use_cache: bool = True, device_type: str | None
 
 
 def _measure(cfg: TrainConfig, dtype: torch.dtype) -> Measurements:
+    from fastvader.memory.checkpointing import checkpoint_units
     from fastvader.training.sampling import classifier_free_guidance
 
     backbone, reward, lora = build_on_meta(cfg, dtype)
@@ -280,11 +307,14 @@ def _measure(cfg: TrainConfig, dtype: torch.dtype) -> Measurements:
     with gpu_like_attention():
         call_kept, call_peak = _measure_grad_calls(call, latents, backbone, reward)
         unit_peak = {policy: _largest_unit(call, latents, backbone, reward, policy) for policy in ("block", "sub_block")}
+        unit_count = {policy: len(checkpoint_units(backbone.denoiser, policy)) for policy in ("block", "sub_block")}
         with torch.no_grad(), LivePeak() as live:
             call(latents)
         decode = _measure_decode(backbone, latents, cfg.memory.decode_chunk)
         reward_fixed, reward_per_frame = _measure_reward(backbone, reward, latents, _planning_prompts(cfg, batch))
 
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        call(latents)
     text = getattr(backbone, "text_encoder", None)
     table = getattr(backbone.make_scheduler(cfg.sampler.name), "alphas_cumprod", None)  # grad steps index it
     lora_numel = sum(p.numel() for p in lora)
@@ -295,7 +325,20 @@ def _measure(cfg: TrainConfig, dtype: torch.dtype) -> Measurements:
         reward_kept_per_frame=reward_per_frame, reward_fixed=reward_fixed,
         params={"denoiser": _count(backbone.denoiser) - lora_numel, "lora": lora_numel, "vae": _count(backbone.vae),
                 "reward": _count(reward), "text_encoder": _count(text if isinstance(text, nn.Module) else None)},
-        lora_tensor_sizes=[p.numel() for p in lora])
+        lora_tensor_sizes=[p.numel() for p in lora], call_flops=int(flops.get_total_flops()), unit_count=unit_count,
+        blocks=[_block_counts(block) for block in transformer_blocks(backbone.denoiser)])
+
+
+def _block_counts(block: nn.Module) -> list[int]:
+    """[other, fp8, scales]: the block's frozen elements in the weight dtype, in fp8, and fp8 scales."""
+    from fastvader.memory.block_swap import frozen_tensors
+    from fastvader.memory.fp8 import Fp8Linear
+
+    counts = [0, 0, 0]
+    for module, name, tensor in frozen_tensors(block):
+        fp8 = isinstance(module, Fp8Linear)
+        counts[1 if fp8 and name == "weight" else 2 if fp8 and name == "weight_scale" else 0] += tensor.numel()
+    return counts
 
 
 def _measure_grad_calls(call, latents: torch.Tensor, backbone, reward: nn.Module) -> tuple[dict, dict]:
@@ -381,23 +424,28 @@ class Setting:
     offload_activations: bool = False
     frozen_placement: str = "resident"
     optimizer: str = "adamw"
+    block_swap: int = 0
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "Setting":
         m = cfg.memory
-        return cls(m.checkpointing, m.offload_activations, m.frozen_placement, cfg.optim.name)
+        swap = m.block_swap if isinstance(m.block_swap, int) else 0  # auto: the planner picks
+        return cls(m.checkpointing, m.offload_activations, m.frozen_placement, cfg.optim.name, swap)
 
     def describe(self) -> str:
         parts = [f"checkpointing={self.checkpointing}"]
         parts.append("offload=on" if self.offload_activations else "offload=off")
         parts.append(f"frozen={self.frozen_placement}")
         parts.append(f"optim={self.optimizer}")
+        if self.block_swap:
+            parts.append(f"block_swap={self.block_swap}")
         return " ".join(parts)
 
     def overrides(self) -> list[str]:
         return [f"memory.checkpointing={self.checkpointing}",
                 f"memory.offload_activations={str(self.offload_activations).lower()}",
-                f"memory.frozen_placement={self.frozen_placement}", f"optim.name={self.optimizer}"]
+                f"memory.frozen_placement={self.frozen_placement}", f"optim.name={self.optimizer}",
+                f"memory.block_swap={self.block_swap}"]
 
 
 @dataclass
@@ -406,6 +454,9 @@ class Prediction:
     peak: int
     parts: dict[str, int]
     relative_time: float
+    #: seconds per step fp8 dequantisation and block swap transfers add (assumed rates)
+    added_seconds: dict[str, float] = field(default_factory=dict)
+    host_bytes: int = 0  # pinned host memory of the swapped blocks
 
     def fits(self, budget: int) -> bool:
         return self.peak <= budget * HEADROOM
@@ -451,7 +502,8 @@ def predict(cfg: TrainConfig, m: Measurements, setting: Setting | None = None) -
     seen, grad_frames = _frames_with_grad(cfg)
     p = m.params
     parts: dict[str, int] = {}
-    parts["denoiser weights"] = p["denoiser"] * wbytes
+    frozen_weights = frozen_weight_parts(m, s.block_swap, wbytes)
+    parts["denoiser weights"] = frozen_weights["resident"]
     parts["lora + grads + optimizer"] = 8 * p["lora"] + _optimizer_state_bytes(s.optimizer, m.lora_tensor_sizes)
     frozen = (p["vae"] + p["reward"]) * wbytes
     parts["frozen models (resident)" if s.frozen_placement == "resident" else "frozen models (on demand)"] = frozen
@@ -465,23 +517,34 @@ def predict(cfg: TrainConfig, m: Measurements, setting: Setting | None = None) -
     # fp32 base weights under half autocast: each linear/conv keeps a half copy of its weight
     # for backward, once per grad step without checkpointing (once per unit otherwise)
     weight_copies = p["denoiser"] * act_bytes if wbytes > act_bytes else 0
-    if s.checkpointing == "none":
-        per_step += weight_copies
+    if s.checkpointing == "none":  # autograd keeps each swapped block's GPU copy until backward
+        per_step += weight_copies + frozen_weights["swapped"]
+    in_flight = frozen_weights["in flight"]
+    if in_flight:
+        parts["block swap: blocks in flight"] = in_flight
     kept = k * per_step + m.scheduler_fixed
     recompute = {"none": 0, "block": m.unit_peak["block"], "sub_block": m.unit_peak["sub_block"],
                  "step": m.call_kept["sub_block"] + m.unit_peak["sub_block"]}[s.checkpointing]
-    if s.offload_activations:
-        recompute += m.call_kept[s.checkpointing] if s.checkpointing != "step" else 0
+    if s.offload_activations and s.checkpointing == "none":
+        recompute += m.call_kept["none"]
+    elif s.offload_activations and s.checkpointing != "step":
+        # backward brings one unit's offloaded inputs back at a time, to recompute it (the H200
+        # run of K=10 with sub_block + offload measured 6.89 GiB where counting them all gave 8.61)
+        recompute += m.call_kept[s.checkpointing] // max(1, m.unit_count.get(s.checkpointing, 1))
     decode_kept = m.decode_kept_first + (grad_frames - 1) * m.decode_kept_per_frame
     reward_kept = m.reward_fixed + seen * m.reward_kept_per_frame
     parts["activations kept (K grad steps)"] = kept
     parts["decode kept"] = decode_kept
     parts["reward kept"] = reward_kept
     parts["backward recompute"] = max(recompute, m.decode_recompute)
+    # backward runs the reward's, the decode's, then the denoiser's part; each part's saved
+    # tensors are freed as it finishes, so the reward's are gone when the decode recomputes
+    # and both are gone when the denoiser recomputes
     phases = {
-        "sampling": resident_frozen + m.nograd_working,
-        "grad forward": resident_frozen + (k - 1) * per_step + m.call_forward_peak[s.checkpointing],
-        "backward": frozen + kept + decode_kept + reward_kept + 4 * p["lora"] + max(recompute, m.decode_recompute),
+        "sampling": resident_frozen + m.nograd_working + in_flight,
+        "grad forward": resident_frozen + (k - 1) * per_step + m.call_forward_peak[s.checkpointing] + in_flight,
+        "backward: reward, decode": frozen + kept + decode_kept + 4 * p["lora"] + max(reward_kept, m.decode_recompute),
+        "backward: denoiser": frozen + kept + 4 * p["lora"] + recompute + in_flight,
     }
     parts.update({f"phase: {name}": v for name, v in phases.items()})
     peak = static + max(phases.values())
@@ -490,15 +553,61 @@ def predict(cfg: TrainConfig, m: Measurements, setting: Setting | None = None) -
     cost = (steps - k) + k * GRAD_STEP_COST[s.checkpointing]
     cost += k * OFFLOAD_COST_PER_GRAD_STEP if s.offload_activations else 0
     cost += ON_DEMAND_COST if s.frozen_placement == "on_demand" else 0
-    return Prediction(s, int(peak), parts, cost)
+    added = frozen_weight_seconds(cfg, m, s, wbytes)
+    call_seconds = m.call_flops / GPU_FLOPS
+    if call_seconds > 0:
+        cost += sum(added.values()) / call_seconds
+    return Prediction(s, int(peak), parts, cost, added, frozen_weights["swapped"])
 
 
-def candidate_settings(cfg: TrainConfig) -> list[Setting]:
+# ---------------------------------------------------------------------------------------------
+# frozen weights: fp8 storage and block swap
+# ---------------------------------------------------------------------------------------------
+def _block_bytes(counts: list[int], wbytes: int) -> int:
+    other, fp8, scales = counts
+    return other * wbytes + fp8 + 4 * scales
+
+
+def frozen_weight_parts(m: Measurements, block_swap: int, wbytes: int) -> dict[str, int]:
+    """Bytes of the denoiser's frozen weights: ``resident`` on the GPU, ``swapped`` (the last
+    ``block_swap`` blocks, in host memory) and ``in flight`` (the two largest swapped blocks: one
+    runs while the next is prefetched)."""
+    fp8 = sum(c[1] for c in m.blocks)
+    scales = sum(c[2] for c in m.blocks)
+    total = (m.params["denoiser"] - fp8 - scales) * wbytes + fp8 + 4 * scales
+    swapped = sorted((_block_bytes(c, wbytes) for c in m.blocks[len(m.blocks) - block_swap:]), reverse=True)
+    swapped = swapped if block_swap else []
+    return {"resident": total - sum(swapped), "swapped": sum(swapped), "in flight": sum(swapped[:2])}
+
+
+def frozen_weight_seconds(cfg: TrainConfig, m: Measurements, s: Setting, wbytes: int) -> dict[str, float]:
+    """Seconds per training step that block swap transfers (beyond what overlaps compute) and fp8
+    dequantisation add, at the assumed rates; one entry per technique in use."""
+    steps = cfg.sampler.steps
+    k = parse_truncation(cfg.sampler.truncation, steps)[2]
+    passes = (steps - k) + k * (1 + RECOMPUTE_PASSES[s.checkpointing])  # denoiser passes that swap blocks in
+    out: dict[str, float] = {}
+    if s.block_swap and m.blocks:
+        block_compute = m.call_flops / GPU_FLOPS / len(m.blocks)
+        exposed = sum(max(0.0, _block_bytes(c, wbytes) / HOST_TO_GPU_BYTES_PER_S - block_compute)
+                      for c in m.blocks[len(m.blocks) - s.block_swap:])
+        out["block swap"] = passes * exposed
+    fp8 = sum(c[1] for c in m.blocks)
+    if fp8:  # read one byte, write two, per weight, per pass (backward dequantises once more)
+        out["fp8 dequantisation"] = (passes + k) * 3 * fp8 / GPU_BYTES_PER_S
+    return out
+
+
+def candidate_settings(cfg: TrainConfig, m: Measurements | None = None) -> list[Setting]:
     """Every checkpointing policy x activation offload x frozen placement x optimizer: AdamW, the
-    config's own, and bitsandbytes' AdamW8bit (not under DeepSpeed ZeRO, which refuses it)."""
+    config's own, and bitsandbytes' AdamW8bit (not under DeepSpeed ZeRO, which refuses it) x
+    blocks swapped: the config's number, or every number from 0 to all blocks (``auto``; needs
+    ``m``)."""
     optimizers = dict.fromkeys(["adamw", cfg.optim.name] + ([] if cfg.memory.zero_stage else ["adamw8bit"]))
-    return [Setting(c, o, f, opt) for c in POLICIES for o in (False, True)
-            for f in ("resident", "on_demand") for opt in optimizers]
+    swap = cfg.memory.block_swap
+    swaps = range(len(m.blocks) + 1) if swap == "auto" and m is not None else [swap if isinstance(swap, int) else 0]
+    return [Setting(c, o, f, opt, n) for c in POLICIES for o in (False, True)
+            for f in ("resident", "on_demand") for opt in optimizers for n in swaps]
 
 
 @dataclass
@@ -506,6 +615,7 @@ class Plan:
     budget: int
     current: Prediction
     ranked: list[Prediction]  # fitting settings, fastest first
+    notes: list[str] = field(default_factory=list)  # fp8 and block swap: what they engage, cost, or why not
 
     @property
     def best(self) -> Prediction | None:
@@ -531,6 +641,7 @@ class Plan:
                          f"{pred.setting.describe()}")
         if not self.ranked:
             lines.append("    nothing fits: lower video size or frames.grad, or use more GPUs")
+        lines.extend(self.notes)
         lines.append("composition of the config as given (bytes predicted from meta-device measurements):")
         for name, v in self.current.parts.items():
             lines.append(f"    {name:<34} {gib(v):>12}")
@@ -540,30 +651,73 @@ class Plan:
 def make_plan(cfg: TrainConfig, budget: int | str, m: Measurements | None = None) -> Plan:
     budget = parse_bytes(budget, "gpu_memory")
     m = m or measure(cfg)
-    current = predict(cfg, m)
-    preds = [predict(cfg, m, s) for s in candidate_settings(cfg)]
     own = Setting.from_config(cfg)
+    if cfg.memory.block_swap == "auto":  # as given = the fewest swapped blocks that fit (or all of them)
+        own = next((s for s in (dataclasses.replace(own, block_swap=n) for n in range(len(m.blocks) + 1))
+                    if predict(cfg, m, s).fits(budget)), dataclasses.replace(own, block_swap=len(m.blocks)))
+    current = predict(cfg, m, own)
+    preds = [predict(cfg, m, s) for s in candidate_settings(cfg, m)]
 
     def changes(s: Setting) -> int:
         return sum(a != b for a, b in zip(dataclasses.astuple(s), dataclasses.astuple(own)))
 
-    fitting = sorted((p for p in preds if p.fits(budget)), key=lambda p: (round(p.relative_time, 6), changes(p.setting), p.peak))
-    return Plan(budget, current, fitting)
+    # ties in time go to fewer swapped blocks (less host memory and PCIe traffic), then fewer changes
+    fitting = sorted((p for p in preds if p.fits(budget)),
+                     key=lambda p: (round(p.relative_time, 6), p.setting.block_swap, changes(p.setting), p.peak))
+    plan = Plan(budget, current, fitting)
+    plan.notes = frozen_weight_notes(cfg, m, plan.best or current)
+    return plan
+
+
+def frozen_weight_notes(cfg: TrainConfig, m: Measurements, pred: Prediction) -> list[str]:
+    """What fp8 storage and block swap do in ``pred``, or why they cannot engage."""
+    mem = cfg.memory
+    if not m.blocks:
+        asked = [f"memory.{n}={v!r}" for n, v in (("fp8_weights", mem.fp8_weights), ("block_swap", mem.block_swap)) if v]
+        return [f"{', '.join(asked)} cannot engage: the denoiser has no repeated transformer blocks"] if asked else []
+    wbytes = _DTYPE_BYTES[weight_dtype_name(cfg, target_device_type(cfg))]
+    notes = []
+    fp8 = sum(c[1] for c in m.blocks)
+    if fp8:
+        full = (m.params["denoiser"] - sum(c[2] for c in m.blocks)) * wbytes  # without the scales, in one dtype
+        notes.append(f"fp8 frozen weights: denoiser {format_size(frozen_weight_parts(m, 0, wbytes)['resident'])} "
+                     f"instead of {format_size(full)}; dequantisation adds "
+                     f"~{pred.added_seconds.get('fp8 dequantisation', 0.0):.2f} s per step")
+    n = pred.setting.block_swap
+    if n:
+        steps, k = cfg.sampler.steps, parse_truncation(cfg.sampler.truncation, cfg.sampler.steps)[2]
+        passes = (steps - k) + k * (1 + RECOMPUTE_PASSES[pred.setting.checkpointing])
+        transfer = passes * pred.host_bytes / HOST_TO_GPU_BYTES_PER_S
+        shown = pred.added_seconds.get("block swap", 0.0)
+        notes.append(f"block swap: memory.block_swap={n} of {len(m.blocks)} blocks, {format_size(pred.host_bytes)} in "
+                     f"pinned host memory; {transfer:.1f} s of transfers per step, ~{shown:.1f} s not hidden behind "
+                     f"compute (assumed {HOST_TO_GPU_BYTES_PER_S / 1e9:.0f} GB/s host-to-GPU, "
+                     f"{GPU_FLOPS / 1e12:.0f} TFLOP/s)")
+    elif mem.block_swap == "auto":
+        notes.append("block swap: memory.block_swap=auto needs no swapped block here (0)")
+    return notes
 
 
 def apply_setting(cfg: TrainConfig, s: Setting) -> TrainConfig:
     memory = dataclasses.replace(cfg.memory, checkpointing=s.checkpointing, offload_activations=s.offload_activations,
-                                 frozen_placement=s.frozen_placement)
+                                 frozen_placement=s.frozen_placement, block_swap=s.block_swap)
     new = cfg.replace(memory=memory, optim=dataclasses.replace(cfg.optim, name=s.optimizer))
     return new.validate()
 
 
 def apply_best_plan(cfg: TrainConfig, verbose: bool = True) -> TrainConfig:
     """The config with the fastest setting that fits ``memory.gpu_memory`` (unchanged when the
-    config already is that setting). Raises ConfigError when nothing fits."""
+    config already is that setting); ``memory.block_swap=auto`` without a budget plans for the
+    CUDA card's memory. Raises ConfigError when nothing fits."""
     from fastvader.config import ConfigError
 
-    plan = make_plan(cfg, cfg.memory.gpu_memory)
+    budget = cfg.memory.gpu_memory
+    if budget is None:
+        if not torch.cuda.is_available():
+            raise ConfigError("config: memory.block_swap='auto' plans for a GPU's memory and there is no CUDA "
+                              "device: set memory.gpu_memory, or a number of blocks")
+        budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    plan = make_plan(cfg, budget)
     if plan.best is None:
         raise ConfigError(f"config: memory.gpu_memory={cfg.memory.gpu_memory!r}: no memory setting fits "
                           f"(the config as given needs {plan.current.peak / GiB:.1f} GiB); lower video size, "
@@ -571,6 +725,8 @@ def apply_best_plan(cfg: TrainConfig, verbose: bool = True) -> TrainConfig:
     if verbose:
         print(f"fastvader plan: {plan.best.setting.describe()} "
               f"(predicted peak {plan.best.peak / GiB:.2f} GiB of {plan.budget / GiB:.1f} GiB)")
+        for note in plan.notes:
+            print(f"fastvader plan: {note}")
     return apply_setting(cfg, plan.best.setting)
 
 

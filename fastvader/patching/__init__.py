@@ -7,6 +7,8 @@ from fastvader.patching.core import (
     AttentionProcessor,
     ChildModule,
     InstanceAttr,
+    ModuleClass,
+    ModuleTensor,
     Patch,
     Patches,
     PatchReport,
@@ -17,4 +19,5 @@ from fastvader.patching.core import (
 )
 
 __all__ = ["apply", "revert", "is_patched", "available_patches", "PatchReport", "Patch", "PATCHES",
-           "Patches", "InstanceAttr", "ChildModule", "AttentionProcessor"]
+           "Patches", "InstanceAttr", "ChildModule", "ModuleTensor",
+           "ModuleClass", "AttentionProcessor"]

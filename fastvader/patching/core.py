@@ -6,7 +6,8 @@ goes through the same mechanism.
 
 A :class:`Patches` handle makes replacements in *slots*: an instance attribute such as a
 module's ``forward`` (:class:`InstanceAttr`), a child in ``parent._modules``
-(:class:`ChildModule`) or a diffusers attention processor (:class:`AttentionProcessor`). The
+(:class:`ChildModule`), a parameter or buffer entry (:class:`ModuleTensor`), an object's class
+(:class:`ModuleClass`) or a diffusers attention processor (:class:`AttentionProcessor`). The
 first replacement of a slot records what it held, including "no instance attribute"; reverting
 restores exactly that, newest first.
 
@@ -140,6 +141,34 @@ class ChildModule(_KeySlot):
 
     def changed_module(self, value: Any) -> Any:
         return value
+
+
+class ModuleTensor(_KeySlot):
+    """A parameter or buffer entry of a module (``_parameters`` / ``_buffers``): block swap puts
+    an empty placeholder there while the weights live on the host."""
+
+    def __init__(self, module: nn.Module, name: str):
+        super().__init__(module, name)
+        self.kind = "buffer" if name in module._buffers else "param"
+
+    def mapping(self) -> dict:
+        return self.owner._buffers if self.kind == "buffer" else self.owner._parameters
+
+
+class ModuleClass(Slot):
+    """The class of an object: fp8 storage turns an ``nn.Linear`` into an ``Fp8Linear`` in place,
+    so that whatever holds the layer (peft's LoRA wrapper, made later) keeps holding it."""
+
+    kind = "class"
+
+    def __init__(self, owner: Any):
+        super().__init__(owner, "__class__")
+
+    def read(self) -> Any:
+        return type(self.owner)
+
+    def write(self, value: Any) -> None:
+        self.owner.__class__ = value
 
 
 class AttentionProcessor(Slot):

@@ -26,6 +26,8 @@ from fastvader.io import checkpoint as ckpt
 from fastvader.io.loggers import Loggers, metrics_line
 from fastvader.lora import init_lora, load_lora_state, lora_metadata, lora_state_dict, save_lora
 from fastvader.memory.checkpointing import enable_checkpointing
+from fastvader.memory.fp8 import Fp8Storage
+from fastvader.memory.frozen_weights import FrozenWeights
 from fastvader.memory.offload import grad_step_wrapper
 from fastvader.memory.optim import build_optimizer
 from fastvader.monitoring.guards import NumericalGuard, check_finite_state, is_finite
@@ -91,7 +93,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, backbone: Backbone | None = None,
                  reward: Reward | None = None, resume: str | Path | None = None, overwrite: bool = False):
         cfg = cfg.validate()
-        if cfg.memory.gpu_memory:
+        if cfg.memory.gpu_memory or cfg.memory.block_swap == "auto":
             from fastvader.memory.planner import apply_best_plan
 
             cfg = apply_best_plan(cfg)
@@ -109,7 +111,11 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(t.seed)
         torch.manual_seed(t.seed)
 
-        self.backbone = (backbone or build_backbone(cfg.backbone)).freeze()
+        storage = Fp8Storage.from_config(cfg.memory)
+        self.backbone = (backbone or build_backbone(cfg.backbone, storage=storage)).freeze()
+        # fp8 storage and block swap, before the move: swapped blocks never have to fit on the GPU
+        self.frozen_weights = FrozenWeights(self.backbone.denoiser, cfg.memory, self.device,
+                                            passed_in=backbone is not None)
         self.backbone.to(self.device, self.weight_dtype)
         self.reward = (reward or build_reward(cfg.reward)).freeze().to(self.device)
         self.selfcheck = SelfCheck(cfg)
@@ -574,10 +580,11 @@ class Trainer:
 
     def close(self) -> None:
         """Take the trainer's patches off the models (self-check hooks, speed settings, checkpoint
-        wrappers, kernels), so that a backbone passed in runs as it did before. What stays: the LoRA
-        adapters (peft layers wrapping the original Linear objects, holding the trained weights,
-        and peft's ``peft_config`` on the denoiser), and what set-up did to the base weights:
-        frozen, eval mode, moved to the run's device and dtype. Calling it again does nothing."""
+        wrappers, kernels, block swap, the fp8 layers of a backbone passed in), so that a backbone
+        passed in runs as it did before. What stays: the LoRA adapters (peft layers wrapping the
+        original Linear objects, holding the trained weights, and peft's ``peft_config`` on the
+        denoiser), and what set-up did to the base weights: frozen, eval mode, moved to the run's
+        device and dtype. Calling it again does nothing."""
         from fastvader.patching.core import revert
 
         self.selfcheck.release()
@@ -586,6 +593,7 @@ class Trainer:
         if self.kernel_report is not None:
             revert(self.backbone.denoiser)
             revert(self.backbone.vae)
+        self.frozen_weights.revert()
         if self.loggers is not None:
             self.loggers.close()
         self.run.release()

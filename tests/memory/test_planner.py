@@ -9,6 +9,8 @@ from pathlib import Path
 # probe for Hugging Face's `kernels` package and breaks its imports; fastvader is installed.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parents[2]]
 
+import dataclasses  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -262,3 +264,97 @@ def test_every_shipped_preset_plans_for_24gib_without_weights_or_network(preset,
     out = capsys.readouterr().out
     assert out.startswith("budget 24.0 GiB") and "phase: backward" in out, out
     assert rc == 0 and ", fits" in out.splitlines()[0], out
+
+
+@pytest.fixture(scope="module")
+def wan_configs(tmp_path_factory) -> Path:
+    """A Wan whose blocks' weights outweigh its activations at 32x32x5: 4 blocks of width 128
+    (one folder for the module: the measurement cache keys on it)."""
+    import json
+
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    from fastvader.backbones.wan import TINY_TEXT, TINY_TRANSFORMER, TINY_VAE
+
+    transformer = {**TINY_TRANSFORMER, "num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 1024,
+                   "num_layers": 4}
+    with torch.device("meta"):
+        configs = {"transformer": dict(WanTransformer3DModel(**transformer).config),
+                   "vae": dict(AutoencoderKLWan(**TINY_VAE).config), "text_encoder": TINY_TEXT}
+    folder = tmp_path_factory.mktemp("wan_configs")
+    for name, config in configs.items():
+        (folder / f"{name}_config.json").write_text(json.dumps(config, default=list))
+    return folder
+
+
+def test_fp8_and_block_swap_predictions_match_meta_measurements(tmp_path, wan_configs):
+    """fp8 bytes: the planner's count vs the bytes the converted model holds on the meta device.
+    Block swap: the host bytes, and the no-grad call's live peak with 3 of 4 blocks swapped
+    (their copies made on the meta device) vs the working set plus the blocks in flight."""
+    from fastvader.memory.accounting import gpu_like_attention
+    from fastvader.memory.block_swap import BlockSwap, last_blocks, transformer_blocks
+    from fastvader.training.sampling import classifier_free_guidance
+
+    cfg = tiny_toy_config(tmp_path, backbone={"name": "wan", "config_path": str(wan_configs)},
+                          video={"frames": 5, "height": 32, "width": 32}, sampler={"name": "euler_flow"},
+                          memory={"fp8_weights": True, "checkpointing": "sub_block"}, reward={"name": "brightness"})
+    m = planner.measure(cfg, device_type="cpu")
+    backbone, _, lora = planner.build_on_meta(cfg, torch.float32)
+    trainable = {id(p) for p in lora}
+    held = sum(p.numel() * p.element_size() for p in backbone.denoiser.parameters() if id(p) not in trainable)
+    assert planner.frozen_weight_parts(m, 0, 4)["resident"] == held
+    assert sum(c[1] for c in m.blocks) > held / 2  # most of it is fp8 at one byte a weight
+
+    latents = torch.empty(1, *backbone.latent_shape(5, 32, 32), device="meta")
+    embeds = backbone.placeholder_embeddings(1, torch.float32)
+
+    def live_peak() -> int:
+        with gpu_like_attention(), torch.no_grad(), planner.LivePeak() as live:
+            classifier_free_guidance(backbone, latents, 500, embeds, cfg.sampler.guidance_scale)
+        return live.peak
+
+    resident = live_peak()
+    swap = BlockSwap(transformer_blocks(backbone.denoiser), last_blocks(4, 3), host="meta")
+    swapped = live_peak()
+    parts = planner.frozen_weight_parts(m, 3, 4)
+    assert swap.host_bytes == parts["swapped"] and parts["in flight"] == 2 * parts["swapped"] // 3
+    swap.revert()
+    assert abs(resident - m.nograd_working) <= 0.01 * resident
+    assert abs((swapped - resident) - parts["in flight"]) <= 0.1 * parts["in flight"], (swapped - resident, parts)
+
+
+def test_block_swap_auto_picks_the_fewest_blocks_that_fit(tmp_path, wan_configs):
+    cfg = tiny_toy_config(tmp_path, backbone={"name": "wan", "config_path": str(wan_configs)},
+                          video={"frames": 5, "height": 32, "width": 32}, sampler={"name": "euler_flow"},
+                          memory={"fp8_weights": True, "checkpointing": "sub_block", "block_swap": "auto",
+                                  "gpu_memory": "1GiB"}, reward={"name": "brightness"})  # measured once above
+    m = planner.measure(cfg, device_type="cpu")
+    peaks = [planner.predict(cfg, m, planner.Setting(block_swap=n)).peak for n in range(5)]
+    # swapping lowers the peak once more blocks are swapped than the two in flight
+    assert peaks == sorted(peaks, reverse=True) and peaks[3] < peaks[2] and peaks[4] < peaks[3]
+    budget = int((peaks[2] + peaks[3]) / 2 / planner.HEADROOM)  # as given: fits with 3 blocks swapped, not with 2
+    plan = planner.make_plan(cfg, budget, m)
+    assert plan.current.setting.block_swap == 3 and plan.current.fits(budget)
+    # a budget that no setting meets without swapping: the best plan swaps, as few blocks as it can
+    unswapped = min(planner.predict(cfg, m, s).peak for s in planner.candidate_settings(cfg, m) if not s.block_swap)
+    budget = int((unswapped - 2 ** 18) / planner.HEADROOM)
+    plan = planner.make_plan(cfg, budget, m)
+    best = plan.best.setting
+    assert best.block_swap > 0 and f"memory.block_swap={best.block_swap}" in best.overrides()
+    assert not planner.predict(cfg, m, dataclasses.replace(best, block_swap=best.block_swap - 1)).fits(budget)
+    assert any(note.startswith(f"block swap: memory.block_swap={best.block_swap} of 4 blocks") for note in plan.notes)
+    resolved = planner.apply_best_plan(cfg.replace(memory=dataclasses.replace(cfg.memory, gpu_memory=f"{budget}B")),
+                                       verbose=False)
+    assert resolved.memory.block_swap == best.block_swap
+
+
+def test_fp8_and_block_swap_on_a_unet_say_they_cannot_engage(tmp_path):
+    """The plan notes it, and the Trainer (FrozenWeights, before the model moves) refuses."""
+    from fastvader.training.trainer import Trainer
+
+    cfg = tiny_toy_config(tmp_path, memory={"block_swap": 2, "fp8_weights": True})
+    plan = planner.make_plan(cfg, "1GiB", planner.measure(cfg, device_type="cpu"))
+    assert plan.notes == ["memory.fp8_weights=True, memory.block_swap=2 cannot engage: the denoiser has no "
+                          "repeated transformer blocks"]
+    with pytest.raises(ConfigError, match="cannot engage"):
+        Trainer(cfg)
