@@ -269,7 +269,7 @@ def _measure(cfg: TrainConfig, dtype: torch.dtype) -> Measurements:
     batch = cfg.train.batch_size
     shape = backbone.latent_shape(cfg.video.frames, cfg.video.height, cfg.video.width)
     latents = torch.empty(batch, *shape, device="meta", dtype=dtype)
-    embeds = backbone.placeholder_embeddings(batch, dtype)
+    embeds = backbone.placeholder_conditioning(batch, dtype, shape)
 
     def call(x):
         return classifier_free_guidance(backbone, x, _TIMESTEP, embeds, cfg.sampler.guidance_scale)

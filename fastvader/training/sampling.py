@@ -20,6 +20,7 @@ from fastvader.config import parse_truncation
 _SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}),
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "euler": ("EulerDiscreteScheduler", {}),
     "euler_flow": ("FlowMatchEulerDiscreteScheduler", {}),
 }
 
@@ -61,15 +62,18 @@ class TruncationPolicy:
 
 
 def classifier_free_guidance(backbone: Backbone, latents: torch.Tensor, t, embeds: PromptEmbeddings,
-                             guidance_scale: float) -> torch.Tensor:
-    """One guided prediction: uncond + g * (cond - uncond), batched into a single call."""
+                             guidance_scale: float | torch.Tensor) -> torch.Tensor:
+    """One guided prediction: uncond + g * (cond - uncond), batched into a single call. ``g`` is
+    a number or a tensor that broadcasts over the latents (a per-frame ramp)."""
     timestep = torch.as_tensor(t, device=latents.device)
-    if guidance_scale <= 1.0 or embeds.uncond is None:
+    if float(torch.as_tensor(guidance_scale).max()) <= 1.0 or embeds.uncond is None:
         return backbone.denoise(latents, timestep.expand(latents.shape[0]), embeds.cond, **embeds.extra)
     context = torch.cat([embeds.uncond, embeds.cond])
-    extra = {k: torch.cat([v, v]) for k, v in embeds.extra.items()}
-    out = backbone.denoise(torch.cat([latents, latents]), timestep.expand(2 * latents.shape[0]), context, **extra)
+    out = backbone.denoise(torch.cat([latents, latents]), timestep.expand(2 * latents.shape[0]), context,
+                           **embeds.guided_extra())
     uncond, cond = out.chunk(2)
+    if isinstance(guidance_scale, torch.Tensor):
+        guidance_scale = guidance_scale.to(cond.device, cond.dtype)
     return uncond + guidance_scale * (cond - uncond)
 
 
@@ -112,11 +116,12 @@ class Sampler:
         step_kwargs = {"generator": generator}
         if self.name == "ddim":
             step_kwargs["eta"] = self.eta
+        guidance = self.backbone.guidance_scales(self.guidance_scale, latents.shape[2])
 
         def denoise_step(x: torch.Tensor, t) -> torch.Tensor:
             scale = getattr(self.scheduler, "scale_model_input", None)  # absent on flow schedulers
             x_in = scale(x, t) if scale is not None else x
-            return classifier_free_guidance(self.backbone, x_in, t, embeds, self.guidance_scale)
+            return classifier_free_guidance(self.backbone, x_in, t, embeds, guidance)
 
         grad_step = self.grad_step_wrapper(denoise_step) if self.grad_step_wrapper else denoise_step
         for i, t in enumerate(timesteps):
