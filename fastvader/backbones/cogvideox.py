@@ -66,12 +66,14 @@ class DPMSolverSteps:
         self._previous = (None, None)
         return self.scheduler.set_timesteps(*args, **kwargs)
 
-    def step(self, model_output, timestep, sample, generator=None, return_dict=False, **kwargs):
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True, **kwargs):
+        from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
         old_prediction, previous_t = self._previous
         prev_sample, prediction = self.scheduler.step(model_output, old_prediction, timestep, previous_t, sample,
                                                       generator=generator, return_dict=False, **kwargs)
         self._previous = (prediction, timestep)
-        return (prev_sample,)
+        return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
 
 
 class CogVideoXBackbone(DiffusersBackbone):
