@@ -101,6 +101,8 @@ class Sampler:
                       device, dtype=torch.float32) -> torch.Tensor:
         """Noise drawn on the CPU generator, so runs are reproducible across devices."""
         noise = torch.randn((batch, *shape), generator=generator, dtype=torch.float32)
+        # the schedule first: Euler's initial sigma (SVD's 700) comes from it, not from the training betas
+        self.scheduler.set_timesteps(self.steps)
         # flow-matching schedulers start from unit noise and have no init_noise_sigma
         sigma = getattr(self.scheduler, "init_noise_sigma", 1.0)
         return (noise * sigma).to(device=device, dtype=dtype)

@@ -134,6 +134,15 @@ def check_decode_gradients(backbone, latents: torch.Tensor, frames: list[int], g
     torch.testing.assert_close(grad_ours, grad_plain, rtol=1e-4, atol=1e-6)
 
 
+def _same_or_fresh_cache(now, before) -> bool:
+    """The same object, or an equal list of plain values: the per-call caches diffusers' causal
+    VAEs reset on every decode (Wan's ``_conv_idx``, ``_feat_map``)."""
+    if now is before:
+        return True
+    plain = type(now) is list and type(before) is list and not any(isinstance(v, torch.Tensor) for v in now + before)
+    return plain and now == before
+
+
 def check_apply_revert(backbone, run: Callable[[], tuple[torch.Tensor, ...]], expect: dict[str, dict[str, int]]):
     """fastvader.apply on the denoiser and the VAE patches ``expect`` ({part: {op: sites}}), the
     patched models compute what they computed, and revert leaves them exactly as found. ``run``
@@ -149,5 +158,5 @@ def check_apply_revert(backbone, run: Callable[[], tuple[torch.Tensor, ...]], ex
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
     assert fastvader.revert(backbone.denoiser) == reports["denoiser"].total
     assert fastvader.revert(backbone.vae) == reports["vae"].total
-    assert_restored(backbone, snapshot)
+    assert_restored(backbone, snapshot, same=_same_or_fresh_cache)
     assert all(torch.equal(got, ref) for got, ref in zip(run(), want))
