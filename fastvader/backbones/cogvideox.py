@@ -95,6 +95,14 @@ class CogVideoXBackbone(DiffusersBackbone):
     #: input channels of the tiny transformer: the noisy latents only
     tiny_in_channels = 4
 
+    def __init__(self, **parts):
+        super().__init__(**parts)
+        # The loop's decode checkpoints a unit of two latent frames (eight video frames) and
+        # recomputes it in backward; with diffusers' per-block checkpointing inside the decoder
+        # that recompute keeps one block's activations, not the unit's: at 49x480x720 the planner
+        # measures 16.9 GiB instead of 67.9 GiB. Calls without gradients are unaffected.
+        self.vae.enable_gradient_checkpointing()
+
     @classmethod
     def variant(cls, options: dict) -> Variant:
         name = str(options.get("variant", cls.default_variant)).lower()

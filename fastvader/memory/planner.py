@@ -213,7 +213,9 @@ def build_on_meta(cfg: TrainConfig, dtype: torch.dtype):
 
     bcfg = dataclasses.replace(cfg.backbone, random_init=True, pretrained=None)
     with torch.device("meta"), _quiet(), _meta_stays_put():
-        backbone = build_backbone(bcfg).freeze().to(dtype)
+        # .to("meta"): a few parameters ignore the device context (SVD's AlphaBlender builds its
+        # mix factor with the legacy torch.Tensor constructor, on the CPU)
+        backbone = build_backbone(bcfg).freeze().to("meta", dtype)
         try:
             reward = build_reward_architecture(cfg.reward).freeze().to(dtype)
         except Exception as err:  # a reward of the user's own that cannot be built without its weights
