@@ -143,11 +143,18 @@ def _same_or_fresh_cache(now, before) -> bool:
     return plain and now == before
 
 
-def check_apply_revert(backbone, run: Callable[[], tuple[torch.Tensor, ...]], expect: dict[str, dict[str, int]]):
+def check_apply_revert(backbone, emb, num_frames: int, timestep: float, expect: dict[str, dict[str, int]]):
     """fastvader.apply on the denoiser and the VAE patches ``expect`` ({part: {op: sites}}), the
-    patched models compute what they computed, and revert leaves them exactly as found. ``run``
-    is a no-grad forward of both parts."""
+    patched models compute what they computed (a no-grad denoise of a 32x32 video of
+    ``num_frames`` frames with the conditioning ``emb``, and its decode), and revert leaves them
+    exactly as found."""
     import fastvader
+
+    x = torch.randn(1, *backbone.latent_shape(num_frames, 32, 32), generator=torch.Generator().manual_seed(0))
+
+    def run() -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            return backbone.denoise(x, torch.tensor(timestep), emb.cond, **emb.extra), backbone.decode_latents(x)
 
     snapshot, want = model_state(backbone), run()
     reports = {"denoiser": fastvader.apply(backbone.denoiser), "vae": fastvader.apply(backbone.vae)}
