@@ -113,8 +113,9 @@ def check_strict_round_trip(backbone, name: str, tmp_path: Path, encode: Callabl
         build_backbone(BackboneConfig(name=name, pretrained=str(tmp_path), dtype="fp32"))
     assert dropped in str(err.value)
     weights.unlink()
-    with pytest.raises(MissingWeightsError, match="diffusion_pytorch_model.safetensors"):
+    with pytest.raises(MissingWeightsError, match="diffusion_pytorch_model.safetensors") as err:
         build_backbone(BackboneConfig(name=name, pretrained=str(tmp_path), dtype="fp32"))
+    assert str(tmp_path / backbone.denoiser_subfolder) in str(err.value)
 
 
 def check_decode_gradients(backbone, latents: torch.Tensor, frames: list[int], grad_frames: list[int],
