@@ -1,6 +1,7 @@
 """The end-to-end GPU suite: one command, under 8 minutes on one H100/H200.
 
     python -m benchmarks.gpu_suite                 # everything, JSON to benchmarks/gpu_suite.json
+    python -m benchmarks.gpu_suite --families      # and the CogVideoX / image-to-video rows (gpu_families.py)
     python -m benchmarks.gpu_suite --dry-run       # CPU, toy backbone, tiny sizes: checks the wiring
 
 It builds ModelScope T2V 1.7B from the packaged model configs with random weights (the registered
@@ -314,6 +315,18 @@ def end_to_end(results: dict, args) -> None:
                 r["lora_grad_cosine"] = cos
 
 
+def families(results: dict, args) -> None:
+    """The CogVideoX and image-to-video rows (benchmarks/gpu_families.py), also written to
+    benchmarks/results/gpu_families.json."""
+    from benchmarks import gpu_families
+
+    family_args = argparse.Namespace(dry_run=args.dry_run, steps=args.family_steps, cap=args.cap, no_cap=args.no_cap,
+                                     only=[], out_dir=args.out_dir)
+    gpu_families.measure(results, family_args)
+    gpu_families.write({"environment": results["environment"], "dry_run": args.dry_run,
+                        "family_runs": results["family_runs"]}, args.families_json)
+
+
 def kernel_benchmarks(results: dict, args) -> None:
     out = results.setdefault("kernel_benchmarks", {})
     for module, fns in (("benchmarks.gpu_temporal_attention", ["measure"]),
@@ -413,6 +426,10 @@ def parse_args(argv=None):
     p.add_argument("--no-cap", action="store_true", help="skip the capped runs")
     p.add_argument("--only", action="append", default=[], help="run configs whose name contains this (repeatable)")
     p.add_argument("--skip-kernels", action="store_true", help="skip kernel benchmarks and kernel tests")
+    p.add_argument("--families", action="store_true",
+                   help="also the CogVideoX-5b, SVD-xt and CogVideoX-5b-I2V rows (benchmarks/gpu_families.py)")
+    p.add_argument("--family-steps", type=int, default=4, help="sampler steps of the family rows")
+    p.add_argument("--families-json", default=str(ROOT / "benchmarks" / "results" / "gpu_families.json"))
     p.add_argument("--kernel-test-timeout", type=int, default=240)
     p.add_argument("--skip-big-models", action="store_true", help="skip the Wan 14B / Open-Sora 360p rows")
     p.add_argument("--big-model-steps", type=int, default=8, help="sampler steps of the big-model rows")
@@ -436,6 +453,8 @@ def main(argv=None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         args.out_dir = args.out_dir or tmp
         section(results, "end_to_end", lambda: end_to_end(results, args))
+        if args.families:
+            section(results, "families", lambda: families(results, args))
         if not args.skip_kernels and not args.dry_run:
             section(results, "kernel_benchmarks", lambda: kernel_benchmarks(results, args))
             section(results, "kernel_tests", lambda: kernel_tests(results, args))
@@ -449,6 +468,10 @@ def main(argv=None) -> dict[str, Any]:
     if results.get("models_note"):
         print(f"[gpu_suite] {results['models_note']}")
     print(table(results))
+    if results.get("family_runs"):
+        from benchmarks.gpu_families import table as family_table
+
+        print(family_table(results["family_runs"]))
     return results
 
 

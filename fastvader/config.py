@@ -77,7 +77,7 @@ TRUNCATION_RE = re.compile(r"^(last|rand|specific:(\d+)|range:(\d+)-(\d+))$")
 
 @dataclass
 class SamplerConfig:
-    #: ddim | dpm++ | euler_flow
+    #: ddim | dpm++ | euler (EDM-style Euler: SVD) | euler_flow
     name: str = "ddim"
     steps: int = 25
     eta: float = 0.0
@@ -140,13 +140,20 @@ class OptimConfig:
 
 @dataclass
 class PromptConfig:
-    #: an explicit list of training prompts
+    #: an explicit list of training prompts: texts, or {text: ..., image: path} for image-to-video
+    #: (a folder as image: one prompt per image in it)
     items: list = field(default_factory=list)
     #: a text file, one prompt a line
     file: Optional[str] = None
     #: a generator template such as "<animal> <activity>", filled from `vocab`
     template: Optional[str] = None
     vocab: dict = field(default_factory=dict)
+    #: image-to-video: the conditioning image (or a folder: one prompt per image) of every prompt
+    #: that names none
+    image: Optional[str] = None
+    #: how a conditioning image meets the video size: stretch (the diffusers pipelines' resize; an
+    #: aspect ratio it would change by over 5% is refused) | crop (keep the aspect ratio, cut the centre)
+    image_resize: str = "stretch"
 
 
 @dataclass
@@ -331,6 +338,7 @@ class TrainConfig:
         ``prompts.file`` is looked for in the working folder, then there."""
         cfg = _build(cls, data or {}, "")
         cfg.prompts = _with_prompt_file_resolved(cfg.prompts, base_dir)
+        cfg.prompts, cfg.validation = _with_image_paths_resolved(cfg.prompts, cfg.validation, base_dir)
         return cfg
 
     @classmethod
@@ -448,6 +456,28 @@ def _with_prompt_file_resolved(prompts: PromptConfig, base_dir: str | Path | Non
     candidates = [path] if path.is_absolute() or base_dir is None else [path, Path(base_dir) / path]
     found = next((c for c in candidates if c.is_file()), None)
     return prompts if found is None else dataclasses.replace(prompts, file=os.path.abspath(found))
+
+
+def _resolved_path(value: Any, base_dir: str | Path | None) -> Any:
+    """A relative path made absolute where it exists (the working folder, else ``base_dir``)."""
+    if not isinstance(value, str) or not value:
+        return value
+    path = Path(os.path.expanduser(value))
+    candidates = [path] if path.is_absolute() or base_dir is None else [path, Path(base_dir) / path]
+    found = next((c for c in candidates if c.exists()), None)
+    return value if found is None else os.path.abspath(found)
+
+
+def _with_image_paths_resolved(prompts: PromptConfig, validation: "ValidationConfig",
+                               base_dir: str | Path | None) -> tuple[PromptConfig, "ValidationConfig"]:
+    """Conditioning-image paths (``prompts.image`` and ``image`` of prompt entries) found as
+    ``prompts.file`` is, made absolute."""
+    def entries(items: list) -> list:
+        return [{**item, "image": _resolved_path(item["image"], base_dir)} if isinstance(item, dict) and "image" in item
+                else item for item in items]
+
+    return (dataclasses.replace(prompts, items=entries(prompts.items), image=_resolved_path(prompts.image, base_dir)),
+            dataclasses.replace(validation, prompts=entries(validation.prompts)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -613,7 +643,7 @@ def _validate_backbone(cfg: TrainConfig) -> None:
 
 def _validate_sampler(cfg: TrainConfig) -> None:
     s = cfg.sampler
-    _choice("sampler.name", s.name, ["ddim", "dpm++", "euler_flow"])
+    _choice("sampler.name", s.name, ["ddim", "dpm++", "euler", "euler_flow"])
     _positive("sampler.steps", s.steps)
     if not 0.0 <= s.eta <= 1.0:
         raise _err("sampler.eta", s.eta, "must be in [0, 1]")
@@ -712,6 +742,10 @@ def _validate_prompts(cfg: TrainConfig) -> None:
         missing = [s for s in slots if not p.vocab.get(s)]
         if missing:
             raise _err("prompts.vocab", p.vocab, f"needs a non-empty list for each slot: {missing}")
+    _choice("prompts.image_resize", p.image_resize, ["stretch", "crop"])
+    from fastvader.training.prompts import check_conditioning
+
+    check_conditioning(cfg)  # every entry's image against the backbone, before any model is built
 
 
 def prompt_lines(text: str) -> list[str]:

@@ -14,6 +14,10 @@ _REGISTRY: dict[str, str] = {
     "zeroscope": "fastvader.backbones.modelscope:ZeroScopeBackbone",
     "animatediff": "fastvader.backbones.animatediff:AnimateDiffBackbone",
     "wan": "fastvader.backbones.wan:WanBackbone",
+    "wan_i2v": "fastvader.backbones.wan:WanI2VBackbone",
+    "cogvideox": "fastvader.backbones.cogvideox:CogVideoXBackbone",
+    "cogvideox_i2v": "fastvader.backbones.cogvideox:CogVideoXI2VBackbone",
+    "svd": "fastvader.backbones.svd:SVDBackbone",
     "videocrafter2": "fastvader.backbones.videocrafter2:VideoCrafter2Backbone",
     "opensora": "fastvader.backbones.opensora:OpenSoraBackbone",
 }

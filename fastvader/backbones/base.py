@@ -1,4 +1,4 @@
-"""The interface between the training loop and a text-to-video model.
+"""The interface between the training loop and a text- or image-to-video model.
 
 The loop never touches a model family's classes directly: it encodes prompts once, calls
 ``denoise`` inside the sampler, hands latents to ``decode_frames`` with ``backbone.vae``, and
@@ -16,30 +16,47 @@ import torch.nn as nn
 
 @dataclass
 class PromptEmbeddings:
-    """Text conditioning for a batch of prompts. ``uncond`` is the empty-prompt embedding used
-    by classifier-free guidance (same shape as ``cond``); ``extra`` holds anything else a family
-    needs (attention masks, pooled embeddings), batched along dim 0 like ``cond``."""
+    """The conditioning of a batch of prompts. ``uncond`` is the empty-prompt embedding used by
+    classifier-free guidance (same shape as ``cond``); ``extra`` holds anything else a family
+    needs (attention masks, pooled embeddings, a conditioning image's latents), batched along
+    dim 0 like ``cond``. ``uncond_extra`` holds the unconditional branch's values of the
+    ``extra`` keys whose values differ there (SVD guides against zero image latents); the other
+    keys take ``extra``'s values in both branches."""
 
     cond: torch.Tensor
     uncond: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    uncond_extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def _map(self, fn) -> "PromptEmbeddings":
+        return PromptEmbeddings(fn(self.cond), None if self.uncond is None else fn(self.uncond),
+                                {k: fn(v) for k, v in self.extra.items()},
+                                {k: fn(v) for k, v in self.uncond_extra.items()})
 
     def to(self, device=None, dtype=None) -> "PromptEmbeddings":
-        def move(t):
-            if t is None:
-                return None
-            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
-        return PromptEmbeddings(move(self.cond), move(self.uncond),
-                                {k: move(v) for k, v in self.extra.items()})
+        return self._map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
 
     def select(self, index: torch.Tensor | list[int]) -> "PromptEmbeddings":
         idx = torch.as_tensor(index, dtype=torch.long, device=self.cond.device)
-        return PromptEmbeddings(self.cond[idx], None if self.uncond is None else self.uncond[idx],
-                                {k: v[idx] for k, v in self.extra.items()})
+        return self._map(lambda t: t[idx.to(t.device)])
+
+    @classmethod
+    def cat(cls, rows: Sequence["PromptEmbeddings"]) -> "PromptEmbeddings":
+        """The rows (each a batch of prompts) as one batch, in order."""
+        first = rows[0]
+        return cls(torch.cat([r.cond for r in rows]),
+                   None if first.uncond is None else torch.cat([r.uncond for r in rows]),
+                   {k: torch.cat([r.extra[k] for r in rows]) for k in first.extra},
+                   {k: torch.cat([r.uncond_extra[k] for r in rows]) for k in first.uncond_extra})
+
+    def guided_extra(self) -> dict[str, torch.Tensor]:
+        """``extra`` for a classifier-free-guidance batch: the unconditional rows, then the
+        conditional ones."""
+        return {k: torch.cat([self.uncond_extra.get(k, v), v]) for k, v in self.extra.items()}
 
 
 class Backbone(nn.Module):
-    """A text-to-video diffusion model as fastvader trains it.
+    """A text- or image-to-video diffusion model as fastvader trains it.
 
     Subclasses set the class attributes and implement the four methods. ``denoiser`` is the
     module LoRA is injected into; ``vae`` and ``text_encoder`` stay frozen.
@@ -59,6 +76,9 @@ class Backbone(nn.Module):
     #: ``from_config(cfg, storage=...)`` builds the denoiser straight into fp8 storage
     #: (fastvader.memory.fp8); other families are built, then converted
     streams_weights: ClassVar[bool] = False
+    #: what a prompt conditions on: "text" (text-to-video), "text+image" (image-to-video with a
+    #: text prompt: the first frame is given) or "image" (image-to-video without text: SVD)
+    conditioning: ClassVar[str] = "text"
 
     @classmethod
     def from_config(cls, cfg) -> "Backbone":
@@ -86,9 +106,13 @@ class Backbone(nn.Module):
     vae: nn.Module
 
     # -- the four things the loop calls --------------------------------------------------------
-    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeddings:
+    def encode_prompts(self, prompts: Sequence[str], images: torch.Tensor | None = None,
+                       num_frames: int | None = None) -> PromptEmbeddings:
         """Embed prompts (and the empty prompt for guidance). Called once per prompt set; the
-        loop caches the result, so the text encoder may be offloaded afterwards."""
+        loop caches the result, so the text encoder may be offloaded afterwards. Image-to-video
+        families also take ``images``: (N, 3, H, W) in [0, 1] at the video's size, one
+        conditioning image per prompt, and the video's ``num_frames`` (text-to-video families
+        take neither)."""
         raise NotImplementedError
 
     def placeholder_embeddings(self, batch: int, dtype: torch.dtype) -> PromptEmbeddings:
@@ -98,6 +122,12 @@ class Backbone(nn.Module):
         The default encodes empty prompts; families with a large or downloaded text encoder
         give the shapes from their configuration."""
         return self.encode_prompts([""] * batch).to(self.device, dtype)
+
+    def placeholder_conditioning(self, batch: int, dtype: torch.dtype,
+                                 latent_shape: tuple[int, int, int, int]) -> PromptEmbeddings:
+        """``placeholder_embeddings`` and, for image-to-video families, what a conditioning image
+        adds for latents of ``latent_shape`` (values unspecified): what the planner conditions on."""
+        return self.placeholder_embeddings(batch, dtype)
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(channels, latent_frames, latent_height, latent_width) for a video of this size.
@@ -110,9 +140,15 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def make_scheduler(self, name: str):
-        """A diffusers scheduler of the given family ('ddim', 'dpm++', 'euler_flow') configured
-        for this model's training noise schedule."""
+        """A diffusers scheduler of the given family ('ddim', 'dpm++', 'euler', 'euler_flow')
+        configured for this model's training noise schedule."""
         raise NotImplementedError
+
+    def guidance_scales(self, guidance_scale: float, latent_frames: int) -> float | torch.Tensor:
+        """The classifier-free guidance weight the sampler applies: ``guidance_scale`` itself,
+        or per latent frame, shaped (1, 1, latent_frames, 1, 1), for families whose pipeline
+        ramps it over the frames (SVD)."""
+        return guidance_scale
 
     def decode_frames(self, latents: torch.Tensor, frames: Sequence[int] | None = None,
                       grad_frames: Sequence[int] | None = None, chunk: int = 1) -> torch.Tensor:

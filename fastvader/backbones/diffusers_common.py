@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -185,6 +186,54 @@ def check_loading_info(info: dict, cls_name: str, where: str) -> None:
                                       + ". Is it the right model family / config?")
 
 
+def load_image_encoder(pretrained: str, dtype: torch.dtype, what: str = "CLIP image encoder"):
+    """The pipeline's ``image_encoder/`` as the class its config names (``CLIPVisionModel`` or
+    ``CLIPVisionModelWithProjection``: conversions save either), loaded strictly."""
+    import transformers
+
+    try:
+        config = transformers.CLIPVisionConfig.from_pretrained(
+            str(Path(os.path.expanduser(pretrained))) if is_local(pretrained) else pretrained, subfolder="image_encoder")
+        architectures = list(config.architectures or [])
+    except (OSError, EnvironmentError):
+        architectures = []  # load_pretrained below says what is missing
+    name = "CLIPVisionModel" if architectures == ["CLIPVisionModel"] else "CLIPVisionModelWithProjection"
+    return load_pretrained(getattr(transformers, name), pretrained, "image_encoder", kind="transformers", dtype=dtype,
+                           what=what)
+
+
+def packaged_json(relative: str) -> dict:
+    """A packaged config without its annotation keys (``_source``, ``_class_name``, ...)."""
+    return {k: v for k, v in read_json(packaged_config(relative)).items() if not k.startswith("_")}
+
+
+def check_causal_frames(family: str, num_frames: int, factor: int) -> None:
+    """Causal video VAEs (Wan, CogVideoX) keep the first frame and compress the others ``factor``
+    times: a video has factor*k+1 frames."""
+    if num_frames % factor != 1:
+        k = max(0, round((num_frames - 1) / factor))
+        raise ValueError(f"video.frames={num_frames} does not fit {family}: its VAE compresses time {factor}x "
+                         f"causally, so frames must be {factor}k+1 (try {factor * k + 1})")
+
+
+def check_patch_grid(family: str, height: int, width: int, spatial: int, patch: int) -> None:
+    """The latent of a (height, width) video (``spatial`` times smaller) must divide into the
+    transformer's ``patch`` x ``patch`` patches."""
+    for name, v in (("video.height", height), ("video.width", width)):
+        if v % (spatial * patch):
+            raise ValueError(f"{name}={v} does not fit {family}: the latent ({v}/{spatial}) must divide into "
+                             f"{patch}x{patch} patches, so it must be a multiple of {spatial * patch}")
+
+
+def frame_indices(frames, total: int) -> list[int]:
+    """``frames`` (None: all) of a video of ``total`` decoded frames, checked."""
+    idx = list(range(total)) if frames is None else [int(i) for i in frames]
+    bad = [i for i in idx if not 0 <= i < total]
+    if bad:
+        raise ValueError(f"frames {bad} are outside a video of {total} frames")
+    return idx
+
+
 def load_tokenizer(pretrained: str, subfolder: str = "tokenizer"):
     from transformers import AutoTokenizer
 
@@ -270,8 +319,8 @@ class DiffusersBackbone(Backbone):
     #: the denoiser's folder in the diffusers pipeline layout
     denoiser_subfolder: ClassVar[str] = "unet"
 
-    def __init__(self, *, denoiser: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer,
-                 scheduler_config: dict, options: dict | None = None):
+    def __init__(self, *, denoiser: nn.Module, vae: nn.Module, text_encoder: nn.Module | None, tokenizer,
+                 scheduler_config: dict, options: dict | None = None, image_encoder: nn.Module | None = None):
         super().__init__()
         self.denoiser = denoiser
         self.vae = vae
@@ -282,13 +331,17 @@ class DiffusersBackbone(Backbone):
         # Tokens per prompt: the family's length, capped by what this tokenizer and text encoder
         # hold (tiny and random-init models are shorter).
         limits = [type(self).max_text_length, getattr(tokenizer, "model_max_length", None),
-                  getattr(text_encoder.config, "max_position_embeddings", None)]
+                  getattr(getattr(text_encoder, "config", None), "max_position_embeddings", None)]
         self.max_text_length = min(int(n) for n in limits if isinstance(n, int) and 0 < n < 10**6)
-        # A plain list keeps the encoder out of the module tree: .to()/.cuda() on the backbone
-        # leave it on the CPU; encode_prompts borrows the compute device per call.
-        self._text_encoder_slot: list[nn.Module | None] = [text_encoder.cpu().eval()]
+        # Plain lists keep the encoders (text; image, for image-to-video families) out of the module
+        # tree: .to()/.cuda() on the backbone leave them on the CPU; encode_prompts borrows the
+        # compute device per call.
+        self._text_encoder_slot: list[nn.Module | None] = [None if text_encoder is None else text_encoder.cpu().eval()]
+        self._image_encoder_slot: list[nn.Module | None] = [None if image_encoder is None else image_encoder.cpu().eval()]
         self.freeze()
-        text_encoder.requires_grad_(False)
+        for encoder in (text_encoder, image_encoder):
+            if encoder is not None:
+                encoder.requires_grad_(False)
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -303,7 +356,12 @@ class DiffusersBackbone(Backbone):
             if config_dir is not None and not config_dir.is_dir():
                 raise MissingWeightsError(f"backbone.config_path={cfg.config_path!r} is not a folder of config JSONs")
             return cls.build_random(config_dir, options, dtype)
-        return cls.load_pretrained(cfg.pretrained or cls.hub_id, options, dtype)
+        return cls.load_pretrained(cfg.pretrained or cls.default_pretrained(options), options, dtype)
+
+    @classmethod
+    def default_pretrained(cls, options: dict) -> str:
+        """The hub id loaded when backbone.pretrained is not given."""
+        return cls.hub_id
 
     @classmethod
     def build_tiny(cls, options: dict, dtype: torch.dtype) -> "DiffusersBackbone":
@@ -345,12 +403,15 @@ class DiffusersBackbone(Backbone):
         """Write the diffusers pipeline layout this class loads (denoiser, vae/, text_encoder/,
         tokenizer/, scheduler/), e.g. to freeze a random-init model for later runs."""
         path = Path(path)
-        if self.text_encoder is None:
+        if self.text_encoder is None and self.tokenizer is not None:
             raise RuntimeError("the text encoder was freed; rebuild the backbone before saving it")
         self.denoiser.save_pretrained(path / self.denoiser_subfolder)
         self.vae.save_pretrained(path / "vae")
-        self.text_encoder.save_pretrained(path / "text_encoder")
-        self.tokenizer.save_pretrained(str(path / "tokenizer"))
+        if self.tokenizer is not None:
+            self.text_encoder.save_pretrained(path / "text_encoder")
+            self.tokenizer.save_pretrained(str(path / "tokenizer"))
+        if self.image_encoder is not None:
+            self.image_encoder.save_pretrained(path / "image_encoder")
         (path / "scheduler").mkdir(parents=True, exist_ok=True)
         with open(path / "scheduler" / "scheduler_config.json", "w") as f:
             json.dump(self.scheduler_config, f, indent=1)
@@ -361,10 +422,27 @@ class DiffusersBackbone(Backbone):
     def text_encoder(self) -> nn.Module | None:
         return self._text_encoder_slot[0]
 
+    @property
+    def image_encoder(self) -> nn.Module | None:
+        """The conditioning images' encoder of image-to-video families (CLIP vision), else None."""
+        return self._image_encoder_slot[0]
+
     def offload_text_encoder(self) -> None:
-        """Move the text encoder to the CPU (where it lives between calls anyway)."""
-        if self.text_encoder is not None:
-            self.text_encoder.to("cpu")
+        """Move the text (and image) encoder to the CPU (where they live between calls anyway)."""
+        for encoder in (self.text_encoder, self.image_encoder):
+            if encoder is not None:
+                encoder.to("cpu")
+
+    @contextlib.contextmanager
+    def borrowed(self, encoder: nn.Module):
+        """The encoder on the compute device (see ``text_device``) for one call, then back on the
+        CPU, even when the call fails; yields the device."""
+        device = self.text_device()
+        encoder.to(device)
+        try:
+            yield device
+        finally:
+            encoder.to("cpu")  # never left on the GPU between calls
 
     def free_text_encoder(self) -> None:
         """Drop the text encoder for good (e.g. Wan's 5.7B UMT5 once every prompt is cached)."""
@@ -393,20 +471,24 @@ class DiffusersBackbone(Backbone):
             return torch.device("cpu")
         return self.device
 
+    def encode_prompts(self, prompts: Sequence[str], images: torch.Tensor | None = None,
+                       num_frames: int | None = None) -> PromptEmbeddings:
+        """Text-to-video families: the prompts' text embeddings; a conditioning image is refused."""
+        if images is not None:
+            raise ValueError(f"backbone {self.family!r} is text-to-video: its prompts take no conditioning image")
+        return self.encode_text(prompts)
+
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeddings:
+    def encode_text(self, prompts: Sequence[str]) -> PromptEmbeddings:
+        """The prompts' and the negative prompt's text embeddings (cond, uncond)."""
         encoder = self.text_encoder
         if encoder is None:
             raise RuntimeError(f"the {self.family} text encoder was freed (free_text_encoder()); encode every "
                                "prompt before freeing it, or rebuild the backbone")
         prompts = list(prompts)
         ids, mask = self.tokenize(prompts + [self.negative_prompt])
-        device = self.text_device()
-        encoder.to(device)
-        try:
+        with self.borrowed(encoder) as device:
             emb = self.run_text_encoder(encoder, ids.to(device), mask.to(device))
-        finally:
-            encoder.to("cpu")  # never left on the GPU between calls
         cond, uncond = emb[:-1], emb[-1:].expand(len(prompts), -1, -1)
         return PromptEmbeddings(cond.contiguous(), uncond.contiguous())
 

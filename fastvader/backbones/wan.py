@@ -1,16 +1,21 @@
-"""Wan 2.1 T2V 1.3B and 14B: diffusers WanTransformer3DModel (flow matching, patch 1x2x2), the
-causal 3D AutoencoderKLWan (8x spatial, 4x temporal compression) and a 5.7B UMT5-XXL text encoder.
+"""Wan 2.1: diffusers WanTransformer3DModel (flow matching, patch 1x2x2), the causal 3D
+AutoencoderKLWan (8x spatial, 4x temporal compression) and a 5.7B UMT5-XXL text encoder.
 
-``backbone.options.variant``: ``1.3b`` (default) or ``14b`` (14.29B transformer, 40 blocks; read
-from a ``pretrained`` hub id naming 14B when not given). With fp8 frozen weights
-(``memory.fp8_weights``) the transformer is built straight into fp8, tensor by tensor
-(:mod:`fastvader.backbones.streaming`): from the checkpoint's safetensors shards, or with
-random weights module by module, never whole in bf16 or fp32 in host memory.
+- ``wan``: T2V 1.3B, or 14B with ``backbone.options.variant: 14b`` (40 blocks; read from a
+  ``pretrained`` hub id naming 14B when not given).
+- ``wan_i2v``: I2V 14B 480P, the same code with the image conditioning of
+  ``WanImageToVideoPipeline``: the conditioning image's CLIP ViT-H/14 penultimate hidden states
+  (a second cross-attention context), and a video whose first frame is the image and the rest
+  zeros, encoded by the VAE and stacked on the noisy latents' channels behind a first-frame mask.
 
-The text encoder is the biggest part of the model. It lives on the CPU; ``encode_prompts``
+The text encoder is the biggest part of the T2V model. It lives on the CPU; ``encode_prompts``
 moves it to the compute device for the call and back (``options.text_encoder_device: cpu``
 keeps it on the CPU throughout), and ``free_text_encoder()`` drops it once the loop has cached
-every prompt's embedding.
+every prompt's embedding. The image encoder of ``wan_i2v`` lives there too.
+
+With fp8 frozen weights (``memory.fp8_weights``) the transformer is built straight into fp8,
+tensor by tensor (:mod:`fastvader.backbones.streaming`): from the checkpoint's safetensors
+shards, or with random weights module by module, never whole in bf16 or fp32 in host memory.
 """
 from __future__ import annotations
 
@@ -21,15 +26,18 @@ from pathlib import Path
 import torch
 
 from fastvader.backbones.diffusers_common import (BYTE_TOKENIZER_VOCAB, DiffusersBackbone, MissingWeightsError,
-                               byte_level_clip_tokenizer, find_config_file, is_local, load_pretrained,
-                               load_scheduler_config, load_tokenizer, quiet_diffusers_config_warnings,
-                               read_json, resolve_dtype)
+                                                  byte_level_clip_tokenizer, check_causal_frames, check_patch_grid,
+                                                  find_config_file, frame_indices, is_local, load_image_encoder,
+                                                  load_pretrained, load_scheduler_config, load_tokenizer,
+                                                  quiet_diffusers_config_warnings, read_json, resolve_dtype)
 
-#: variant -> (hub id, packaged config folder)
+#: variant -> (hub id, packaged transformer config folder)
 VARIANTS = {
     "1.3b": ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "wan2.1_t2v_1.3b"),
     "14b": ("Wan-AI/Wan2.1-T2V-14B-Diffusers", "wan2.1_t2v_14b"),
 }
+#: every Wan 2.1 model shares one VAE
+VAE_CONFIG = "wan2.1_t2v_1.3b/vae_config.json"
 #: the transformer's weight files in the diffusers layout, index first
 TRANSFORMER_FILES = ["diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors"]
 
@@ -46,6 +54,13 @@ TINY_VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
 TINY_TEXT = dict(vocab_size=BYTE_TOKENIZER_VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
                  feed_forward_proj="gated-gelu", relative_attention_num_buckets=8)
 TINY_TEXT_LENGTH = 16
+# the image-to-video transformer at the same tiny size: 4 noise + 4 mask + 4 image-condition channels,
+# a 16-wide image context (TINY_IMAGE_ENCODER's hidden states) with its own key/value projections
+TINY_I2V_TRANSFORMER = dict(TINY_TRANSFORMER, in_channels=12, image_dim=16, added_kv_proj_dim=24)
+TINY_IMAGE_ENCODER = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          image_size=224, patch_size=56, projection_dim=16)
+#: channels of the first-frame mask: the VAE's 4 frames per latent frame
+MASK_CHANNELS = 4
 
 
 class WanBackbone(DiffusersBackbone):
@@ -55,6 +70,8 @@ class WanBackbone(DiffusersBackbone):
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
     spatial_multiple = 16  # VAE 8x times the transformer's 2x2 patches
     temporal_factor = 4
+    variants = VARIANTS
+    default_variant = "1.3b"
     hub_id = VARIANTS["1.3b"][0]
     streams_weights = True
     denoiser_subfolder = "transformer"
@@ -68,22 +85,14 @@ class WanBackbone(DiffusersBackbone):
     @classmethod
     def check_video_size(cls, num_frames, height, width):
         super().check_video_size(num_frames, height, width)
-        if num_frames % cls.temporal_factor != 1:
-            k = max(0, round((num_frames - 1) / cls.temporal_factor))
-            raise ValueError(f"video.frames={num_frames} does not fit wan: its VAE compresses time 4x causally, so "
-                             f"frames must be 4k+1 (try {cls.temporal_factor * k + 1})")
+        check_causal_frames(cls.family, num_frames, cls.temporal_factor)
 
     def latent_shape(self, num_frames, height, width):
         self.check_video_size(num_frames, height, width)
         vae = self.vae.config
-        patch = self.denoiser.config.patch_size
         s, tf = vae.scale_factor_spatial, vae.scale_factor_temporal
-        for name, v, p in (("video.height", height, patch[1]), ("video.width", width, patch[2])):
-            if v % (s * p):
-                raise ValueError(f"{name}={v} does not fit wan: the latent ({v}/{s}) must divide into {p}x{p} "
-                                 f"patches, so it must be a multiple of {s * p}")
-        if num_frames % tf != 1:
-            raise ValueError(f"video.frames={num_frames} must be {tf}k+1 for this VAE")
+        check_patch_grid(self.family, height, width, s, self.denoiser.config.patch_size[1])
+        check_causal_frames(self.family, num_frames, tf)
         return (vae.z_dim, (num_frames - 1) // tf + 1, height // s, width // s)
 
     def num_video_frames(self, latent_frames: int) -> int:
@@ -92,28 +101,28 @@ class WanBackbone(DiffusersBackbone):
     # -- building --------------------------------------------------------------------------------
     @classmethod
     def variant(cls, options: dict, pretrained: str | None = None) -> str:
-        """``options.variant``, else the one a ``pretrained`` hub id names, else 1.3b."""
-        named = next((v for v, (hub, _) in VARIANTS.items() if pretrained == hub), None)
-        variant = str(options.get("variant", named or "1.3b")).lower()
-        if variant not in VARIANTS:
-            raise ValueError(f"backbone.options.variant={options.get('variant')!r} is not a wan variant; "
-                             f"choose one of {list(VARIANTS)}")
+        """``options.variant``, else the one a ``pretrained`` hub id names, else the default."""
+        named = next((v for v, (hub, _) in cls.variants.items() if pretrained == hub), None)
+        variant = str(options.get("variant", named or cls.default_variant)).lower()
+        if variant not in cls.variants:
+            raise ValueError(f"backbone.options.variant={options.get('variant')!r} is not a {cls.family} variant; "
+                             f"choose one of {list(cls.variants)}")
         if named is not None and named != variant:
             raise ValueError(f"backbone.options.variant={variant!r} does not match backbone.pretrained={pretrained!r} "
                              f"(the {named} weights); set one of them to match the other")
         return variant
 
     @classmethod
-    def _config_files(cls, config_dir: Path | None, variant: str = "1.3b") -> dict[str, Path]:
-        folder = VARIANTS[variant][1]
+    def _config_files(cls, config_dir: Path | None, variant: str | None = None) -> dict[str, Path]:
+        folder = cls.variants[variant or cls.default_variant][1]
         return {
             "transformer": find_config_file("transformer", config_dir, f"{folder}/transformer_config.json"),
-            "vae": find_config_file("vae", config_dir, f"{folder}/vae_config.json"),
+            "vae": find_config_file("vae", config_dir, VAE_CONFIG),
             "text_encoder": find_config_file("text_encoder", config_dir, "text_encoders/umt5-xxl_config.json"),
         }
 
     @classmethod
-    def component_builders(cls, config_dir=None, variant: str = "1.3b"):
+    def component_builders(cls, config_dir=None, variant: str | None = None):
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
         from transformers import UMT5Config, UMT5EncoderModel
 
@@ -125,24 +134,27 @@ class WanBackbone(DiffusersBackbone):
         }
 
     @classmethod
+    def _assemble(cls, parts: dict, tokenizer, scheduler_config: dict, options: dict) -> "WanBackbone":
+        return cls(denoiser=parts["transformer"], vae=parts["vae"], text_encoder=parts["text_encoder"],
+                   image_encoder=parts.get("image_encoder"), tokenizer=tokenizer, scheduler_config=scheduler_config,
+                   options=options)
+
+    @classmethod
     def build_random(cls, config_dir, options, dtype, storage=None):
         """Random weights. With ``storage`` (fp8) the transformer and the text encoder are filled
         module by module from skeletons: a 14B model never exists whole in fp32 or bf16."""
         builders = cls.component_builders(config_dir, cls.variant(options))
-        if storage is None:
-            parts = {k: build().to(dtype) for k, build in builders.items()}
-        else:
+        streamed = ("transformer", "text_encoder") if storage is not None else ()
+        parts = {k: build().to(dtype) for k, build in builders.items() if k not in streamed}
+        if storage is not None:
             from fastvader.backbones.streaming import streamed_from_random
 
             seed = int(options.get("seed", 0))
-            parts = {"vae": builders["vae"]().to(dtype),
-                     "transformer": streamed_from_random(builders["transformer"], dtype, storage, seed=seed,
-                                                         what="wan transformer"),
-                     "text_encoder": streamed_from_random(builders["text_encoder"], dtype, None, seed=seed,
-                                                          what="UMT5 text encoder")}
-        return cls(denoiser=parts["transformer"], vae=parts["vae"], text_encoder=parts["text_encoder"],
-                   tokenizer=byte_level_clip_tokenizer(cls.max_text_length),
-                   scheduler_config=cls.scheduler_defaults, options=options)
+            parts["transformer"] = streamed_from_random(builders["transformer"], dtype, storage, seed=seed,
+                                                        what=f"{cls.family} transformer")
+            parts["text_encoder"] = streamed_from_random(builders["text_encoder"], dtype, None, seed=seed,
+                                                         what="UMT5 text encoder")
+        return cls._assemble(parts, byte_level_clip_tokenizer(cls.max_text_length), cls.scheduler_defaults, options)
 
     @classmethod
     def from_config(cls, cfg, storage=None):
@@ -152,7 +164,7 @@ class WanBackbone(DiffusersBackbone):
         options = dict(cfg.options or {})
         variant = cls.variant(options, cfg.pretrained)
         if not (cfg.pretrained or cfg.random_init or options.get("tiny")):
-            cfg = dataclasses.replace(cfg, pretrained=VARIANTS[variant][0])
+            cfg = dataclasses.replace(cfg, pretrained=cls.variants[variant][0])
         if storage is None or options.get("tiny"):
             backbone = super().from_config(cfg)
             if storage is not None:
@@ -167,20 +179,25 @@ class WanBackbone(DiffusersBackbone):
 
     @classmethod
     def build_tiny(cls, options, dtype):
+        with torch.random.fork_rng():
+            torch.manual_seed(int(options.get("seed", 0)))
+            parts = {k: build().to(dtype) for k, build in cls.tiny_builders().items()}
+        return cls._assemble(parts, byte_level_clip_tokenizer(cls.tiny_text_length), cls.scheduler_defaults, options)
+
+    #: tokens per prompt of the tiny model
+    tiny_text_length = TINY_TEXT_LENGTH
+
+    @classmethod
+    def tiny_builders(cls) -> dict:
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
         from transformers import UMT5Config, UMT5EncoderModel
 
-        with torch.random.fork_rng():
-            torch.manual_seed(int(options.get("seed", 0)))
-            transformer = WanTransformer3DModel(**TINY_TRANSFORMER).to(dtype)
-            vae = AutoencoderKLWan(**TINY_VAE).to(dtype)
-            text = UMT5EncoderModel(UMT5Config(**TINY_TEXT)).to(dtype)
-        return cls(denoiser=transformer, vae=vae, text_encoder=text,
-                       tokenizer=byte_level_clip_tokenizer(TINY_TEXT_LENGTH),
-                       scheduler_config=cls.scheduler_defaults, options=options)
+        return {"transformer": lambda: WanTransformer3DModel(**TINY_TRANSFORMER),
+                "vae": lambda: AutoencoderKLWan(**TINY_VAE),
+                "text_encoder": lambda: UMT5EncoderModel(UMT5Config(**TINY_TEXT))}
 
     @classmethod
-    def load_pretrained(cls, pretrained, options, dtype, storage=None):
+    def load_parts(cls, pretrained: str, dtype: torch.dtype, options: dict, storage=None) -> dict:
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
         from transformers import UMT5EncoderModel
 
@@ -189,13 +206,17 @@ class WanBackbone(DiffusersBackbone):
                                           dtype=dtype, what="transformer")
         else:
             transformer = cls._stream_transformer(pretrained, options, dtype, storage)
-        vae = load_pretrained(AutoencoderKLWan, pretrained, "vae", kind="diffusers", dtype=dtype, what="VAE")
-        text = load_pretrained(UMT5EncoderModel, pretrained, "text_encoder", kind="transformers", dtype=dtype,
-                               what="UMT5 text encoder")
+        return {"transformer": transformer,
+                "vae": load_pretrained(AutoencoderKLWan, pretrained, "vae", kind="diffusers", dtype=dtype, what="VAE"),
+                "text_encoder": load_pretrained(UMT5EncoderModel, pretrained, "text_encoder", kind="transformers",
+                                                dtype=dtype, what="UMT5 text encoder")}
+
+    @classmethod
+    def load_pretrained(cls, pretrained, options, dtype, storage=None):
         published = load_scheduler_config(pretrained, cls.scheduler_defaults)
         sched = {**published, "shift": published.get("flow_shift", cls.scheduler_defaults["shift"])}
-        return cls(denoiser=transformer, vae=vae, text_encoder=text, tokenizer=load_tokenizer(pretrained),
-                   scheduler_config=sched, options=options)
+        parts = cls.load_parts(pretrained, dtype, options, storage)
+        return cls._assemble(parts, load_tokenizer(pretrained), sched, options)
 
     @classmethod
     def _stream_transformer(cls, pretrained, options, dtype, storage):
@@ -219,7 +240,7 @@ class WanBackbone(DiffusersBackbone):
             files = hub_checkpoint_files(pretrained, "transformer", TRANSFORMER_FILES, local_only)
         config = read_json(config_file)
         return streamed_from_files(lambda: WanTransformer3DModel.from_config(config), files, dtype, storage,
-                                   what="wan transformer")
+                                   what=f"{cls.family} transformer")
 
     # -- text ------------------------------------------------------------------------------------
     def tokenize(self, prompts):
@@ -236,9 +257,18 @@ class WanBackbone(DiffusersBackbone):
         """Predicts the flow velocity for (B, C, f, h, w) latents; timesteps are sigma x 1000."""
         dtype = self.denoiser_dtype
         t = self._batched_timestep(timestep, latents.shape[0], latents.device)
-        out = self.denoiser(latents.to(dtype), t, encoder_hidden_states=encoder_hidden_states.to(dtype),
-                            return_dict=False)[0]
+        out = self.denoiser(self.model_input(latents, extra).to(dtype), t,
+                            encoder_hidden_states=encoder_hidden_states.to(dtype), return_dict=False,
+                            **self.image_context(extra, dtype))[0]
         return out.to(latents.dtype)
+
+    def model_input(self, latents: torch.Tensor, extra: dict) -> torch.Tensor:
+        """What the transformer's patch embedding takes: the latents (T2V)."""
+        return latents
+
+    def image_context(self, extra: dict, dtype: torch.dtype) -> dict:
+        """The transformer's image cross-attention input: none (T2V)."""
+        return {}
 
     # -- decoding ---------------------------------------------------------------------------------
     def decode_latents(self, latents, frames=None):
@@ -246,11 +276,7 @@ class WanBackbone(DiffusersBackbone):
         decode the shortest prefix holding every requested frame and pick the frames from it.
         Its decoder has no gradient checkpointing; backprop memory grows with that prefix."""
         B, C, f = latents.shape[:3]
-        total = self.num_video_frames(f)
-        idx = list(range(total)) if frames is None else list(frames)
-        bad = [i for i in idx if not 0 <= i < total]
-        if bad:
-            raise ValueError(f"frames {bad} are outside a video of {total} frames")
+        idx = frame_indices(frames, self.num_video_frames(f))
         tf = self.vae.config.scale_factor_temporal
         prefix = (max(idx) + tf - 1) // tf + 1
         vae_dtype = next(self.vae.parameters()).dtype
@@ -262,3 +288,98 @@ class WanBackbone(DiffusersBackbone):
         video = (video.float() / 2 + 0.5).clamp(0, 1)
         return video[:, :, idx].permute(0, 2, 1, 3, 4)
 
+
+
+class WanI2VBackbone(WanBackbone):
+    """Wan 2.1 I2V 14B 480P (``WanImageToVideoPipeline``)."""
+
+    family = "wan_i2v"
+    conditioning = "text+image"
+    variants = {"14b": ("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", "wan2.1_i2v_14b_480p")}
+    default_variant = "14b"
+    hub_id = variants["14b"][0]
+    #: diffusers' WanAttnProcessor takes the context's last 512 tokens as the text: always 512
+    tiny_text_length = 512
+
+    @classmethod
+    def component_builders(cls, config_dir=None, variant=None):
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        image_file = find_config_file("image_encoder", config_dir,
+                                      "clip_hf/laion_CLIP-ViT-H-14-laion2B-s32B-b79K_vision_config.json")
+        return {**super().component_builders(config_dir, variant),
+                "image_encoder": lambda: CLIPVisionModel(CLIPVisionConfig(**read_json(image_file)))}
+
+    @classmethod
+    def tiny_builders(cls):
+        from diffusers import WanTransformer3DModel
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        return {**super().tiny_builders(), "transformer": lambda: WanTransformer3DModel(**TINY_I2V_TRANSFORMER),
+                "image_encoder": lambda: CLIPVisionModel(CLIPVisionConfig(**TINY_IMAGE_ENCODER))}
+
+    @classmethod
+    def load_parts(cls, pretrained, dtype, options, storage=None):
+        return {**super().load_parts(pretrained, dtype, options, storage),
+                "image_encoder": load_image_encoder(pretrained, dtype)}
+
+    # -- conditioning ------------------------------------------------------------------------------
+    def encode_prompts(self, prompts, images=None, num_frames=None):
+        if images is None or num_frames is None:
+            raise ValueError("wan_i2v conditions every video on an image: give prompts with images "
+                             "({text: ..., image: path}) and the video's frame count")
+        emb = self.encode_text(prompts)
+        emb.extra["image_embeds"] = self.image_embeddings(images)
+        emb.extra["image_condition"] = self.image_condition(images, num_frames)
+        return emb
+
+    @torch.no_grad()
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP's penultimate hidden states of each image after CLIPImageProcessor's resize, centre
+        crop and normalisation (done in torch on the prepared image; the pipeline gives it the
+        original one): (N, tokens, width)."""
+        from dataclasses import replace
+
+        from fastvader.rewards.preprocess import CLIP_TRANSFORM
+
+        encoder = self.image_encoder
+        size = encoder.config.image_size
+        transform = replace(CLIP_TRANSFORM, shortest_edge=size, crop=(size, size))
+        with self.borrowed(encoder) as device:
+            pixels = transform(images.float()).to(device, next(encoder.parameters()).dtype)
+            return encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2].cpu()
+
+    @torch.no_grad()
+    def image_condition(self, images: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """Per image, the pipeline's condition: a mask marking the first frame as given, and the
+        latents (mode, normalised) of a video whose first frame is the image and the rest zeros:
+        (N, 4 + C, latent frames, h, w)."""
+        cfg = self.vae.config
+        device, dtype = next(self.vae.parameters()).device, next(self.vae.parameters()).dtype
+        mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1)
+        out = []
+        for image in images:  # one video at a time: the encoder's activations span every frame
+            first = (image * 2 - 1)[None, :, None]
+            video = torch.cat([first, first.new_zeros(1, 3, num_frames - 1, *first.shape[3:])], dim=2)
+            z = self.vae.encode(video.to(device, dtype)).latent_dist.mode().float().cpu()
+            mask = torch.zeros(1, MASK_CHANNELS, *z.shape[2:])
+            mask[:, :, 0] = 1.0
+            out.append(torch.cat([mask, (z - mean) / std], dim=1))
+        return torch.cat(out)
+
+    def placeholder_conditioning(self, batch, dtype, latent_shape):
+        emb = self.placeholder_embeddings(batch, dtype)
+        channels, frames, h, w = latent_shape
+        vision = self.image_encoder.config
+        tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+        emb.extra["image_embeds"] = torch.empty(batch, tokens, vision.hidden_size, device=self.device, dtype=dtype)
+        emb.extra["image_condition"] = torch.empty(batch, MASK_CHANNELS + channels, frames, h, w, device=self.device,
+                                                   dtype=dtype)
+        return emb
+
+    def model_input(self, latents, extra):
+        return torch.cat([latents, extra["image_condition"].to(latents.dtype)], dim=1)
+
+    def image_context(self, extra, dtype):
+        return {"encoder_hidden_states_image": extra["image_embeds"].to(dtype)}

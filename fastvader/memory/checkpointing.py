@@ -20,7 +20,7 @@ from fastvader.patching.checkpoint import CheckpointWrappers
 # diffusers video UNets and DiTs (by class name, so unknown families just match nothing).
 SUB_BLOCK_TYPES = (
     "ResnetBlock2D", "TemporalConvLayer", "Transformer2DModel", "TransformerTemporalModel",
-    "AnimateDiffTransformer3D", "TransformerSpatioTemporalModel", "WanTransformerBlock",
+    "AnimateDiffTransformer3D", "TemporalBasicTransformerBlock", "SpatioTemporalResBlock", "WanTransformerBlock",
     "BasicTransformerBlock", "CogVideoXBlock",
     # fastvader's own VideoCrafter2 (LVDM) and Open-Sora modules
     "LVDMResBlock", "SpatialTransformer", "TemporalTransformer", "STDiT3Block",

@@ -239,7 +239,9 @@ def build_on_meta(cfg: TrainConfig, dtype: torch.dtype):
 
     bcfg = dataclasses.replace(cfg.backbone, random_init=True, pretrained=None)
     with torch.device("meta"), _quiet(), _meta_stays_put():
-        backbone = build_backbone(bcfg, storage=Fp8Storage.from_config(cfg.memory)).freeze().to(dtype)
+        # .to("meta"): a few parameters ignore the device context (SVD's AlphaBlender builds its
+        # mix factor with the legacy torch.Tensor constructor, on the CPU)
+        backbone = build_backbone(bcfg, storage=Fp8Storage.from_config(cfg.memory)).freeze().to("meta", dtype)
         try:
             reward = build_reward_architecture(cfg.reward).freeze().to(dtype)
         except Exception as err:  # a reward of the user's own that cannot be built without its weights
@@ -299,7 +301,7 @@ def _measure(cfg: TrainConfig, dtype: torch.dtype) -> Measurements:
     batch = cfg.train.batch_size
     shape = backbone.latent_shape(cfg.video.frames, cfg.video.height, cfg.video.width)
     latents = torch.empty(batch, *shape, device="meta", dtype=dtype)
-    embeds = backbone.placeholder_embeddings(batch, dtype)
+    embeds = backbone.placeholder_conditioning(batch, dtype, shape)
 
     def call(x):
         return classifier_free_guidance(backbone, x, _TIMESTEP, embeds, cfg.sampler.guidance_scale)

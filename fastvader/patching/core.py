@@ -302,11 +302,11 @@ _GROUP_NORM = "fastvader.patching.group_norm"
 #: every op ``apply`` knows, by name; each lives in its own module beside its kernel
 PATCHES: Mapping[str, Patch] = MappingProxyType({patch.name: patch for patch in (
     Patch("temporal_attention", _imported(_TEMPORAL, "apply_temporal_attention"), _imported(_TEMPORAL, "backend"),
-          "temporal self-attention of TransformerTemporalModel / AnimateDiffTransformer3D "
-          "through fastvader.kernels.temporal_attention"),
+          "temporal self-attention of TransformerTemporalModel / AnimateDiffTransformer3D / SVD's "
+          "TemporalBasicTransformerBlock through fastvader.kernels.temporal_attention"),
     Patch("group_norm", _imported(_GROUP_NORM, "apply_group_norm"), _imported(_GROUP_NORM, "backend"),
-          "GroupNorm+SiLU fused (ResnetBlock2D, TemporalConvLayer, conv_norm_out/conv_act, "
-          "Attention.group_norm); backward recomputes from the input and fp32 mean/rstd"),
+          "GroupNorm+SiLU fused (ResnetBlock2D, TemporalResnetBlock, TemporalConvLayer, conv_norm_out/conv_act, "
+          "Attention.group_norm, CogVideoX's spatial norms); backward recomputes from the input and fp32 mean/rstd"),
     Patch("group_norm_conv", _imported(_GROUP_NORM, "apply_group_norm_conv"), _imported(_GROUP_NORM, "backend"),
           "group_norm, and each ResnetBlock2D norm-SiLU-conv run keeps only its input (backward "
           "recomputes norm+SiLU, not the conv). Use instead of group_norm: after group_norm has "

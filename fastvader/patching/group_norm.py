@@ -17,6 +17,13 @@ original objects):
   two back to back and nowhere else).
 - ``Attention.group_norm`` (the VAE mid-block attention's input norm): a fused norm without
   activation.
+- ``TemporalResnetBlock`` (SVD's UNet and VAE decoder, on (B, C, F, H, W)): its ``forward``, as
+  ResnetBlock2D's, by :func:`_fused_temporal_resnet_forward`; ``conv_norm_out`` + ``conv_act`` of
+  ``UNetSpatioTemporalConditionModel`` and of SVD's ``TemporalDecoder``.
+- ``CogVideoXSpatialNorm3D.norm_layer`` (every norm of the CogVideoX VAE decoder: the GroupNorm
+  whose output the latents modulate before the SiLU): a fused norm without activation. The
+  encoder's norms (used without gradients, once per conditioning image) are left alone; the
+  Wan VAE and the DiTs have no GroupNorm.
 
 State-dict keys do not change (the fused module names its Parameters ``weight``/``bias`` and
 shares the original ones), so checkpoints load either way and LoRA adapters are unaffected.
@@ -107,20 +114,50 @@ def _resnet_forward(self, input_tensor, temb, recompute_conv: bool):
     return (input_tensor + hidden_states) / self.output_scale_factor
 
 
-def _patch_resnet_block(patches: Patches, block: nn.Module, recompute_conv: bool) -> None:
-    from diffusers.models.resnet import ResnetBlock2D
+def _fused_temporal_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args,
+                                   **kwargs) -> torch.Tensor:
+    """diffusers ``TemporalResnetBlock.forward`` (0.42: SVD's UNet and VAE decoder, on (B, C, F,
+    H, W)) with each GroupNorm+SiLU pair as one fused op."""
+    hidden_states = self.conv1(_fused_norm(self.norm1, input_tensor, "silu"))
+    if self.time_emb_proj is not None:
+        temb = self.time_emb_proj(self.nonlinearity(temb))[:, :, :, None, None]
+        hidden_states = hidden_states + temb.permute(0, 2, 1, 3, 4)
+    hidden_states = self.conv2(self.dropout(_fused_norm(self.norm2, hidden_states, "silu")))
+    if self.conv_shortcut is not None:
+        input_tensor = self.conv_shortcut(input_tensor)
+    return input_tensor + hidden_states
 
+
+def _fusable_forward(block: nn.Module, cls: type) -> InstanceAttr | None:
+    """The ``forward`` slot of a ``cls`` block whose norm1/norm2 are GroupNorms and nonlinearity
+    SiLU, running diffusers' own forward; None for any other block."""
     forward = InstanceAttr(block, "forward")
-    if (type(block).forward is not ResnetBlock2D.forward  # a subclass with its own forward
+    if (type(block).forward is not cls.forward  # a subclass with its own forward
             # hooked by someone else (accelerate offload, ...) or already fused; fastvader's own
             # wrappers (activation checkpointing) stay on top of the fused forward
             or forward.base() is not MISSING
             # "ada_group"/"spatial" blocks carry other norm classes: left alone
             or type(block.norm1) is not nn.GroupNorm or type(block.norm2) is not nn.GroupNorm
             or type(block.nonlinearity) is not nn.SiLU):
-        return
-    fused = _fused_resnet_forward_recompute if recompute_conv else _fused_resnet_forward
-    patches.replace(forward, types.MethodType(fused, block))
+        return None
+    return forward
+
+
+def _patch_resnet_block(patches: Patches, block: nn.Module, recompute_conv: bool) -> None:
+    from diffusers.models.resnet import ResnetBlock2D
+
+    forward = _fusable_forward(block, ResnetBlock2D)
+    if forward is not None:
+        fused = _fused_resnet_forward_recompute if recompute_conv else _fused_resnet_forward
+        patches.replace(forward, types.MethodType(fused, block))
+
+
+def _patch_temporal_resnet_block(patches: Patches, block: nn.Module) -> None:
+    from diffusers.models.resnet import TemporalResnetBlock
+
+    forward = _fusable_forward(block, TemporalResnetBlock)
+    if forward is not None:
+        patches.replace(forward, types.MethodType(_fused_temporal_resnet_forward, block))
 
 
 def _swap_pair(patches: Patches, parent: nn.Module, norm_key: str, act_key: str) -> None:
@@ -141,11 +178,14 @@ def _swap_norm(patches: Patches, parent: nn.Module, norm_key: str) -> None:
 def _conv_out_owner_types() -> tuple[type, ...]:
     """Classes whose forward applies ``conv_norm_out`` then ``conv_act`` back to back and uses
     ``conv_act`` nowhere else (checked against diffusers 0.42)."""
+    from diffusers.models.autoencoders.autoencoder_kl_temporal_decoder import TemporalDecoder
     from diffusers.models.autoencoders.vae import Decoder, Encoder
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     from diffusers.models.unets.unet_3d_condition import UNet3DConditionModel
+    from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemporalConditionModel
 
-    return (Encoder, Decoder, UNet2DConditionModel, UNet3DConditionModel)
+    return (Encoder, Decoder, TemporalDecoder, UNet2DConditionModel, UNet3DConditionModel,
+            UNetSpatioTemporalConditionModel)
 
 
 def apply_group_norm(model: nn.Module, patches: Patches | None = None, recompute_conv: bool = False) -> Patches:
@@ -157,7 +197,8 @@ def apply_group_norm(model: nn.Module, patches: Patches | None = None, recompute
     patches = Patches() if patches is None else patches
     try:
         from diffusers.models.attention_processor import Attention
-        from diffusers.models.resnet import ResnetBlock2D, TemporalConvLayer
+        from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXSpatialNorm3D
+        from diffusers.models.resnet import ResnetBlock2D, TemporalConvLayer, TemporalResnetBlock
     except ImportError:  # no diffusers: nothing of ours to patch
         return patches
     conv_out_owners = _conv_out_owner_types()
@@ -165,6 +206,10 @@ def apply_group_norm(model: nn.Module, patches: Patches | None = None, recompute
     for module in list(model.modules()):
         if isinstance(module, ResnetBlock2D):
             _patch_resnet_block(patches, module, recompute_conv)
+        elif isinstance(module, TemporalResnetBlock):
+            _patch_temporal_resnet_block(patches, module)
+        elif isinstance(module, CogVideoXSpatialNorm3D):  # its norm is modulated by the latents, then SiLU'd
+            _swap_norm(patches, module, "norm_layer")
         elif isinstance(module, TemporalConvLayer):
             for name in ("conv1", "conv2", "conv3", "conv4"):
                 seq = getattr(module, name, None)

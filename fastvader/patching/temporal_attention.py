@@ -3,11 +3,12 @@
 
 Which modules: every diffusers ``Attention`` inside a ``TransformerTemporalModel``
 (UNet3DConditionModel: its ``transformer_in`` and the ``temp_attentions`` of its blocks) or an
-``AnimateDiffTransformer3D`` (UNetMotionModel's motion modules). They are found by type, not by
-name. Inside those transformers both ``attn1`` and ``attn2`` of each ``BasicTransformerBlock``
-attend over frames (``double_self_attention``): hidden states arrive as
+``AnimateDiffTransformer3D`` (UNetMotionModel's motion modules), and the ``attn1`` of each
+``TemporalBasicTransformerBlock`` (SVD's UNetSpatioTemporalConditionModel). They are found by
+type, not by name. Inside the first two, both ``attn1`` and ``attn2`` of each
+``BasicTransformerBlock`` attend over frames (``double_self_attention``): hidden states arrive as
 (batch x height x width, frames, channels), with the motion modules' sinusoidal positional
-embedding already added by the block.
+embedding already added by the block. SVD's temporal block reshapes to the same layout itself.
 
 The processor calls the module's own ``to_q`` / ``to_k`` / ``to_v`` / ``to_out`` (so LoRA-wrapped
 peft layers keep working and keep training), then the fused kernel in place of SDPA. Calls it
@@ -52,21 +53,37 @@ def _attention_type() -> type:
     return Attention
 
 
+def _temporal_block_type() -> type | None:
+    """SVD's ``TemporalBasicTransformerBlock``: its ``attn1`` attends over frames; its ``attn2`` is
+    cross-attention to the image embedding, and the spatial blocks beside it attend over pixels."""
+    try:
+        from diffusers.models.attention import TemporalBasicTransformerBlock
+    except ImportError:  # pragma: no cover
+        return None
+    return TemporalBasicTransformerBlock
+
+
 def temporal_attention_modules(model: nn.Module) -> list[nn.Module]:
     """The diffusers ``Attention`` modules of ``model`` that attend over frames, in module order,
     each once (``model`` itself may be a temporal transformer)."""
     temporal_types = _temporal_transformer_types()
-    if not temporal_types:
+    block_type = _temporal_block_type()
+    if not temporal_types and block_type is None:
         return []
     attention_type = _attention_type()
     found: list[nn.Module] = []
     seen: set[int] = set()
     for module in model.modules():
-        if isinstance(module, temporal_types):
-            for sub in module.modules():
-                if isinstance(sub, attention_type) and id(sub) not in seen:
-                    seen.add(id(sub))
-                    found.append(sub)
+        if temporal_types and isinstance(module, temporal_types):
+            candidates = list(module.modules())
+        elif block_type is not None and isinstance(module, block_type):
+            candidates = [module.attn1]
+        else:
+            continue
+        for sub in candidates:
+            if isinstance(sub, attention_type) and id(sub) not in seen:
+                seen.add(id(sub))
+                found.append(sub)
     return found
 
 

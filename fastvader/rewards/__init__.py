@@ -19,6 +19,7 @@ _BUILTIN_MODULES = [
     "fastvader.rewards.action",
     "fastvader.rewards.objectness",
     "fastvader.rewards.vjepa",
+    "fastvader.rewards.image_consistency",
 ]
 
 # Named combinations usable as reward.name in a config.

@@ -16,7 +16,7 @@ from fastvader.memory.offload import FrozenPlacement
 from fastvader.rewards import Reward
 from fastvader.training.draws import BatchDraws
 from fastvader.training.frames import FrameSelector
-from fastvader.training.prompts import PromptCache
+from fastvader.training.prompts import PromptCache, prompt_label
 from fastvader.training.sampling import Sampler, StepWrapper, TruncationPolicy
 
 
@@ -60,16 +60,17 @@ class Rollout:
                     weight_dtype: torch.dtype, autocast: Callable[[], ContextManager],
                     grad_step_wrapper: StepWrapper | None = None) -> "Rollout":
         """The pieces a config names around models already on ``device``."""
-        s = cfg.sampler
+        s, v = cfg.sampler, cfg.video
         return cls(backbone=backbone,
                    sampler=Sampler(backbone, s.name, s.steps, s.guidance_scale, s.eta, grad_step_wrapper),
-                   prompt_cache=PromptCache(backbone, device, weight_dtype),
+                   prompt_cache=PromptCache(backbone, device, weight_dtype, (v.frames, v.height, v.width)),
                    frozen=FrozenPlacement([backbone.vae, reward], device, cfg.memory.frozen_placement),
                    autocast=autocast,
-                   latent_shape=backbone.latent_shape(cfg.video.frames, cfg.video.height, cfg.video.width),
+                   latent_shape=backbone.latent_shape(v.frames, v.height, v.width),
                    truncation=TruncationPolicy.parse(s.truncation, s.steps),
-                   frames=FrameSelector(cfg.frames.reward, cfg.frames.grad, cfg.video.frames),
-                   reward=reward, decode_chunk=cfg.memory.decode_chunk, progress=cfg.train.progress)
+                   frames=FrameSelector(cfg.frames.reward, cfg.frames.grad, v.frames),
+                   reward=reward, decode_chunk=cfg.memory.decode_chunk,
+                   progress=cfg.train.progress)
 
     @property
     def device(self) -> torch.device:
@@ -132,5 +133,6 @@ class Rollout:
             videos.append(video.cpu())
         self.frozen.park()
         per_prompt = torch.stack(scores).mean(0)
-        return ({"reward": float(per_prompt.mean()), "per_prompt": {p: float(s) for p, s in zip(prompts, per_prompt)}},
+        labelled = {prompt_label(p): float(s) for p, s in zip(prompts, per_prompt)}
+        return ({"reward": float(per_prompt.mean()), "per_prompt": labelled},
                 videos)

@@ -20,6 +20,7 @@ from fastvader.config import parse_truncation
 _SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}),
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "euler": ("EulerDiscreteScheduler", {}),
     "euler_flow": ("FlowMatchEulerDiscreteScheduler", {}),
 }
 
@@ -61,17 +62,21 @@ class TruncationPolicy:
 
 
 def classifier_free_guidance(backbone: Backbone, latents: torch.Tensor, t, embeds: PromptEmbeddings,
-                             guidance_scale: float, denoise: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+                             guidance_scale: float | torch.Tensor,
+                             denoise: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """One guided prediction: uncond + g * (cond - uncond), batched into a single call of
-    ``denoise`` (default ``backbone.denoise``)."""
+    ``denoise`` (default ``backbone.denoise``). ``g`` is a number or a tensor that broadcasts over
+    the latents (a per-frame ramp)."""
     denoise = denoise or backbone.denoise
     timestep = torch.as_tensor(t, device=latents.device)
-    if guidance_scale <= 1.0 or embeds.uncond is None:
+    if float(torch.as_tensor(guidance_scale).max()) <= 1.0 or embeds.uncond is None:
         return denoise(latents, timestep.expand(latents.shape[0]), embeds.cond, **embeds.extra)
     context = torch.cat([embeds.uncond, embeds.cond])
-    extra = {k: torch.cat([v, v]) for k, v in embeds.extra.items()}
-    out = denoise(torch.cat([latents, latents]), timestep.expand(2 * latents.shape[0]), context, **extra)
+    out = denoise(torch.cat([latents, latents]), timestep.expand(2 * latents.shape[0]), context,
+                  **embeds.guided_extra())
     uncond, cond = out.chunk(2)
+    if isinstance(guidance_scale, torch.Tensor):
+        guidance_scale = guidance_scale.to(cond.device, cond.dtype)
     return uncond + guidance_scale * (cond - uncond)
 
 
@@ -103,6 +108,8 @@ class Sampler:
                       device, dtype=torch.float32) -> torch.Tensor:
         """Noise drawn on the CPU generator, so runs are reproducible across devices."""
         noise = torch.randn((batch, *shape), generator=generator, dtype=torch.float32)
+        # the schedule first: Euler's initial sigma (SVD's 700) comes from it, not from the training betas
+        self.scheduler.set_timesteps(self.steps)
         # flow-matching schedulers start from unit noise and have no init_noise_sigma
         sigma = getattr(self.scheduler, "init_noise_sigma", 1.0)
         return (noise * sigma).to(device=device, dtype=dtype)
@@ -118,11 +125,12 @@ class Sampler:
         step_kwargs = {"generator": generator}
         if self.name == "ddim":
             step_kwargs["eta"] = self.eta
+        guidance = self.backbone.guidance_scales(self.guidance_scale, latents.shape[2])
 
         def denoise_step(x: torch.Tensor, t, denoise=None) -> torch.Tensor:
             scale = getattr(self.scheduler, "scale_model_input", None)  # absent on flow schedulers
             x_in = scale(x, t) if scale is not None else x
-            return classifier_free_guidance(self.backbone, x_in, t, embeds, self.guidance_scale, denoise)
+            return classifier_free_guidance(self.backbone, x_in, t, embeds, guidance, denoise)
 
         grad_step = self.grad_step_wrapper(denoise_step) if self.grad_step_wrapper else denoise_step
         for i, t in enumerate(timesteps):

@@ -19,6 +19,7 @@ from fastvader.backbones import available_backbones, backbone_class, build_backb
 from fastvader.backbones.diffusers_common import CheckpointMismatchError, MissingWeightsError
 from fastvader.config import BackboneConfig, ConfigError, load_config
 from fastvader.errors import HubUnreachableError
+from tests.helpers.backbone_targets import check_strict_round_trip
 
 
 FAMILIES = ["modelscope", "animatediff", "wan"]  # zeroscope shares modelscope's classes
@@ -319,30 +320,7 @@ def test_training_step_through_the_real_loop(name, tmp_path):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", FAMILIES)
 def test_pretrained_folder_round_trip_and_errors(name, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    bb = tiny(name)
-    bb.save_pretrained(tmp_path)
-    loaded = build_backbone(BackboneConfig(name=name, pretrained=str(tmp_path), dtype="fp32"))
-    for a, b in ((bb.denoiser, loaded.denoiser), (bb.vae, loaded.vae), (bb.text_encoder, loaded.text_encoder)):
-        sa, sb = a.state_dict(), b.state_dict()
-        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    torch.testing.assert_close(loaded.encode_prompts(["a cat"]).cond, bb.encode_prompts(["a cat"]).cond)
-
-    # a checkpoint with a key missing: strict, names the key
-    weights = tmp_path / bb.denoiser_subfolder / "diffusion_pytorch_model.safetensors"
-    state = load_file(str(weights))
-    dropped = sorted(state)[0]
-    save_file({k: v for k, v in state.items() if k != dropped}, str(weights))
-    with pytest.raises(CheckpointMismatchError, match="missing") as err:
-        build_backbone(BackboneConfig(name=name, pretrained=str(tmp_path), dtype="fp32"))
-    assert dropped in str(err.value)
-
-    # weights gone: say which files were expected and where
-    weights.unlink()
-    with pytest.raises(MissingWeightsError, match="diffusion_pytorch_model.safetensors") as err:
-        build_backbone(BackboneConfig(name=name, pretrained=str(tmp_path), dtype="fp32"))
-    assert str(tmp_path / bb.denoiser_subfolder) in str(err.value)
+    check_strict_round_trip(tiny(name), name, tmp_path, lambda bb: (bb.encode_prompts(["a cat"]).cond,))
 
 
 def test_checkpoint_of_another_shape_names_the_key(tmp_path):

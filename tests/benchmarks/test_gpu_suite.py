@@ -65,3 +65,26 @@ def test_section_records_errors_and_continues():
 def test_refuses_to_run_without_a_gpu_unless_dry():
     with pytest.raises(SystemExit):
         _suite().parse_args([])
+
+
+@pytest.mark.slow
+def test_family_rows_dry_run(tmp_path):
+    """`python -m benchmarks.gpu_families --dry-run` (the rows `gpu_suite --families` adds): both paths of
+    a tiny image-to-video row, the planner's prediction beside fastvader's, the JSON record."""
+    import subprocess
+
+    out = tmp_path / "families.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_families", "--dry-run", "--only", "svd",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = json.loads(out.read_text())
+    assert {"torch", "date_utc", "diffusers"} <= set(saved["environment"])
+    runs = saved["family_runs"]
+    assert [(r["config"], r["path"]) for r in runs] == [("tiny svd 3x32x32 K=1", "baseline"),
+                                                       ("tiny svd 3x32x32 K=1", "fastvader")]
+    for r in runs:
+        assert "error" not in r, r
+        assert r["peak_bytes"] is None and r["grad_steps"] == 1 and r["step_s"] > 0
+        assert r["full_step_s"] == pytest.approx(r["step_s"] + (25 - 4) * r["nograd_call_s"])
+    assert runs[1]["plan_peak_gib"] > 0 and "fastvader | speedup" not in proc.stdout
+    assert "tiny svd 3x32x32 K=1 | - | fastvader" in proc.stdout  # the table
