@@ -185,8 +185,7 @@ def test_saved_pipeline_folder_loads_back_strictly(name, tmp_path):
 
 def test_decode_path_gradients_equal_a_plain_decode():
     bb = tiny_backbone("cogvideox")
-    latents = torch.randn(1, *bb.latent_shape(5, 32, 32), generator=torch.Generator().manual_seed(0))
-    check_decode_gradients(bb, latents, frames=[0, 2, 4], grad_frames=[2, 4], chunk=1)
+    check_decode_gradients(bb, 5, frames=[0, 2, 4], grad_frames=[2, 4], chunk=1)
 
 
 @pytest.mark.usefixtures("pytorch_kernel_paths")
