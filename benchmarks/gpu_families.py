@@ -33,13 +33,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.gpu_suite import GradStepTimer, ROOT, _cap, environment, section
+from benchmarks.gpu_suite import GradStepTimer, ROOT, _cap, environment, section, timed_results
 
 GiB = 2 ** 30
 IMAGES = ROOT / "configs" / "images"
@@ -241,17 +240,8 @@ def write(results: dict, path: str | Path) -> Path:
 
 
 def main(argv=None) -> dict[str, Any]:
-    import tempfile
-
     args = parse_args(argv)
-    if args.dry_run:
-        torch.set_num_threads(1)
-    start = time.perf_counter()
-    results: dict[str, Any] = {"environment": environment(), "dry_run": args.dry_run}
-    with tempfile.TemporaryDirectory() as tmp:
-        args.out_dir = args.out_dir or tmp
-        measure(results, args)
-    results["total_s"] = round(time.perf_counter() - start, 1)
+    results = timed_results(args, lambda results: measure(results, args))
     print(f"[gpu_families] wrote {write(results, args.json)} ({results['total_s']} s)")
     print(table(results["family_runs"]))
     return results

@@ -442,25 +442,36 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> dict[str, Any]:
+def timed_results(args, measure: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """The results ``measure`` fills in, runs in ``args.out_dir`` (a temporary folder by default),
+    with the environment and the total time (one thread on a dry run: tiny models, shared CPUs)."""
     import tempfile
 
-    args = parse_args(argv)
     if args.dry_run:
         torch.set_num_threads(1)
     start = time.perf_counter()
     results: dict[str, Any] = {"environment": environment(), "dry_run": args.dry_run}
     with tempfile.TemporaryDirectory() as tmp:
         args.out_dir = args.out_dir or tmp
-        section(results, "end_to_end", lambda: end_to_end(results, args))
-        if args.families:
-            section(results, "families", lambda: families(results, args))
-        if not args.skip_kernels and not args.dry_run:
-            section(results, "kernel_benchmarks", lambda: kernel_benchmarks(results, args))
-            section(results, "kernel_tests", lambda: kernel_tests(results, args))
-        if not args.skip_big_models and not args.dry_run:
-            section(results, "big_models", lambda: big_models(results, args))
+        measure(results)
     results["total_s"] = round(time.perf_counter() - start, 1)
+    return results
+
+
+def measure_suite(results: dict[str, Any], args) -> None:
+    section(results, "end_to_end", lambda: end_to_end(results, args))
+    if args.families:
+        section(results, "families", lambda: families(results, args))
+    if not args.skip_kernels and not args.dry_run:
+        section(results, "kernel_benchmarks", lambda: kernel_benchmarks(results, args))
+        section(results, "kernel_tests", lambda: kernel_tests(results, args))
+    if not args.skip_big_models and not args.dry_run:
+        section(results, "big_models", lambda: big_models(results, args))
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = parse_args(argv)
+    results = timed_results(args, lambda results: measure_suite(results, args))
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1, default=str))

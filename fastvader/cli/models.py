@@ -58,14 +58,19 @@ def run(args) -> int:
     return 0
 
 
-def _format_entry(entry: dict[str, Any]) -> str:
-    params = entry.get("params")
+def _format_params(params: Any) -> str:
     if isinstance(params, dict):
-        params = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in params.items())
-    elif isinstance(params, int):
-        params = f"{params:,}"
+        return ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in params.items())
+    return f"{params:,}" if isinstance(params, int) else str(params)
+
+
+def _format_entry(entry: dict[str, Any]) -> str:
     kind = entry.get("kind") or entry.get("prediction_type") or ""
-    lines = [f"  {entry['name']:<20} {kind:<10} params: {params}"]
+    lines = [f"  {entry['name']:<20} {kind:<10} params: {_format_params(entry.get('params'))}"]
+    variants = entry.get("params_by_variant") or {}
+    for variant, params in variants.items() if len(variants) > 1 else ():  # e.g. CogVideoX 2b / 5b
+        default = " (default)" if variant == entry.get("variant") else ""
+        lines.append(f"  {'':<20} options.variant {variant}{default}: {_format_params(params)}")
     if entry.get("weights"):
         lines.append(f"  {'':<20} weights: {entry['weights']}")
     if entry.get("defaults"):

@@ -118,10 +118,11 @@ def check_strict_round_trip(backbone, name: str, tmp_path: Path, encode: Callabl
     assert str(tmp_path / backbone.denoiser_subfolder) in str(err.value)
 
 
-def check_decode_gradients(backbone, latents: torch.Tensor, frames: list[int], grad_frames: list[int],
-                           chunk: int) -> None:
-    """The loop's decode (chunked, checkpointed; frames outside grad_frames without gradients)
-    against the plain decode of every frame: same pixels, same gradients through the grad frames."""
+def check_decode_gradients(backbone, num_frames: int, frames: list[int], grad_frames: list[int], chunk: int) -> None:
+    """The loop's decode (chunked, checkpointed; frames outside grad_frames without gradients) of
+    random latents of a 32x32 video of ``num_frames`` frames against the plain decode of every
+    frame: same pixels, same gradients through the grad frames."""
+    latents = torch.randn(1, *backbone.latent_shape(num_frames, 32, 32), generator=torch.Generator().manual_seed(0))
     x = latents.clone().requires_grad_(True)
     ours = backbone.decode_frames(x, frames, grad_frames, chunk=chunk)
     weights = torch.rand(ours.shape, generator=torch.Generator().manual_seed(1))
