@@ -69,6 +69,10 @@ class Autotuner:
         self._timings.setdefault(key, {}).update({cfg.describe(): ms for cfg, ms in timings.items()})
         return best
 
+    def chosen(self, key: Hashable) -> LaunchConfig | None:
+        """The measured choice for ``key`` (None when it was not tuned)."""
+        return self._chosen.get(key)
+
     def report(self) -> list[dict]:
         """One entry per tuned key: the key, the chosen configuration and every candidate's
         time in ms (or its error)."""

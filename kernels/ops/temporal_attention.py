@@ -231,17 +231,19 @@ def _next_pow2(x: int) -> int:
 
 _CHUNKS = (16, 32, 64, 128)  # tl.dot needs every dimension >= 16
 _TILE_ROWS = (32, 64, 128)
-# Under the interpreter every program costs ~2 ms of Python: tiles of up to 256 rows.
-_INTERPRETER_MAX_ROWS = 256
+# Under the interpreter every program costs ~2 ms of Python per nested call: tiles of up to 128
+# rows (larger ones cost more per row in numpy).
+_INTERPRETER_MAX_ROWS = 128
 
 
-def _chunk_choices(head_dim: int) -> list[int]:
-    """head_dim chunks worth trying: the one whole (power-of-two) chunk when it is at most 128,
-    and the widest chunk that pads head_dim least (40 -> 16: 48; 80 -> 16: 80; 160 -> 32: 160)."""
-    whole = max(16, _next_pow2(head_dim))
-    padded = {c: -(-head_dim // c) * c for c in _CHUNKS if c <= whole}
-    tight = max((c for c in padded if padded[c] == min(padded.values())))
-    return sorted({c for c in (whole, tight) if c <= 128}, reverse=True) or [tight]
+def _chunk_choices(head_dim: int) -> tuple[int, int]:
+    """(narrow, wide) head_dim chunks that pad head_dim least (40 -> 16; 80 -> 16; 160 -> 16 or
+    32; 64 -> 16 or 64). Narrow chunks keep few registers live (compiled for sm_90, backward,
+    64-row tiles: ~128 registers in chunks of 16 against 255 and spills for one chunk of 128 at
+    head_dim 80); wide ones take fewer, larger dots."""
+    padded = {c: -(-head_dim // c) * c for c in _CHUNKS}
+    least = [c for c in _CHUNKS if padded[c] == min(padded.values())]
+    return least[0], least[-1]
 
 
 def _rows_choices(frames: int) -> list[int]:
@@ -252,22 +254,27 @@ def _rows_choices(frames: int) -> list[int]:
     return good or fits[-1:]
 
 
-def _candidates(frames: int, head_dim: int, n: int, interpreted: bool) -> list[LaunchConfig]:
-    """Launch configurations for one (F, head_dim); the first is the heuristic choice."""
+def _candidates(frames: int, head_dim: int, n: int, interpreted: bool, backward: bool = False) -> list[LaunchConfig]:
+    """Launch configurations for one (F, head_dim) and direction; the first is the heuristic
+    choice. At most four, so autotuning a key costs a few seconds of compiling. Rows per tile
+    trade the block-diagonal waste (R x R products for R/F clips of F x F) against the
+    programs' count; every live R x R or R x chunk tile costs registers (sm_90 figures in
+    docs/temporal_attention.md)."""
     if interpreted:  # few, large programs; one configuration
         rows = max(16, _next_pow2(frames), min(_INTERPRETER_MAX_ROWS, _next_pow2(n * frames)))
         return [launch_config(4, BLOCK_R=rows, D_CHUNK=max(16, _next_pow2(head_dim)))]
-    chunks = _chunk_choices(head_dim)
-    rows_choices = _rows_choices(frames)
-    # heuristic: 64-row tiles when a clip fits (8 warps for 128), the whole chunk up to 64
-    default_rows = 64 if 64 in rows_choices else rows_choices[-1]
-    default_chunk = chunks[0] if chunks[0] <= 64 else chunks[-1]
-    configs = []
-    for rows in [default_rows] + [r for r in rows_choices if r != default_rows]:
-        for chunk in [default_chunk] + [c for c in chunks if c != default_chunk]:
-            stages = 1 if chunk >= head_dim else 2  # a pipelined loop only when there are chunks
-            configs.append(launch_config(8 if rows >= 128 else 4, stages, BLOCK_R=rows, D_CHUNK=chunk))
-    return configs
+    narrow, wide = _chunk_choices(head_dim)
+    rows = _rows_choices(frames)
+    default_rows = 64 if 64 in rows else rows[-1]
+
+    def config(r: int, chunk: int) -> LaunchConfig:
+        warps = 4 if r == 32 or (r == 64 and not backward) else 8
+        stages = 1 if chunk >= head_dim else 2  # a pipelined loop only when there are chunks
+        return launch_config(warps, stages, BLOCK_R=r, D_CHUNK=chunk)
+
+    wide_rows = 32 if backward and 32 in rows else default_rows
+    picks = [(default_rows, narrow)] + [(r, narrow) for r in rows if r != default_rows] + [(wide_rows, wide)]
+    return list(dict.fromkeys(config(r, c) for r, c in picks))[:4]
 
 
 def _pick(tuner: Autotuner, key, candidates: list[LaunchConfig], launch) -> LaunchConfig:
@@ -319,7 +326,8 @@ def _launch_forward(q, k, v, bias4, heads, scale, store_lse=True, config: Launch
             CLIPS=cfg["BLOCK_R"] // f, STORE_LSE=store_lse, **cfg.launch_kwargs(), **constexprs)
 
     key = (f, c // heads, q.dtype, constexprs["HAS_BIAS"])
-    cfg = config or _pick(FORWARD_TUNER, key, _candidates(f, c // heads, n, constexprs["INTERPRETED"]), launch)
+    candidates = _candidates(f, c // heads, n, constexprs["INTERPRETED"])
+    cfg = config or _pick(FORWARD_TUNER, key, candidates, launch)
     launch(cfg)
     return out, lse
 
@@ -355,7 +363,8 @@ def _launch_backward(q, k, v, bias4, out, lse, dout, heads, scale, bias_needs_gr
         return dbias
 
     key = (f, c // heads, q.dtype, constexprs["HAS_BIAS"], mode)
-    cfg = config or _pick(BACKWARD_TUNER, key, _candidates(f, c // heads, n, constexprs["INTERPRETED"]), launch)
+    candidates = _candidates(f, c // heads, n, constexprs["INTERPRETED"], backward=True)
+    cfg = config or _pick(BACKWARD_TUNER, key, candidates, launch)
     dbias = launch(cfg)
     if mode == _NO_BIAS_GRAD:
         return dq, dk, dv, dbias.new_empty(0)
