@@ -41,14 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_bench import (  # noqa: E402
-    copy_bandwidth,
-    floor_pct,
-    kernel_generation,
-    markdown_table,
-    time_ms,
-    write_results,
-)
+from kernel_bench import copy_bandwidth, floor_pct, kernel_generation, markdown_table, time_ms, write_results  # noqa: E402,E501
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ("modelscope", "animatediff", "videocrafter2")

@@ -37,14 +37,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_bench import (  # noqa: E402
-    copy_bandwidth,
-    floor_pct,
-    kernel_generation,
-    markdown_table,
-    time_ms,
-    write_results,
-)
+from kernel_bench import copy_bandwidth, floor_pct, kernel_generation, markdown_table, time_ms, write_results  # noqa: E402,E501
 
 GRID_FRAMES = (7, 8, 12, 16, 20, 24, 33, 51, 64)
 GRID_HEAD_DIMS = (40, 64, 80, 128, 160)

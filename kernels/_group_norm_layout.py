@@ -7,12 +7,7 @@ import math
 
 import torch
 
-try:  # importing fastvader.kernels must not require triton
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
+from fastvader.kernels._triton import tl, triton
 
 
 class Layout:

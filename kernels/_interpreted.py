@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import torch
 
-try:  # importing fastvader.kernels must not require triton
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
+from fastvader.kernels._triton import tl, triton
 
 
 def interpreter_view(t: torch.Tensor | None, interpreted: bool) -> torch.Tensor | None:

@@ -50,15 +50,7 @@ from fastvader.kernels._checks import check_group_norm
 from fastvader.kernels._group_norm_layout import Layout, kernel_strides, with_strides
 from fastvader.kernels.ops import group_norm_v1
 
-try:  # importing fastvader.kernels must not require triton
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except Exception:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
-    _HAS_TRITON = False
+from fastvader.kernels._triton import HAS_TRITON as _HAS_TRITON, tl, triton
 
 __all__ = ["group_norm", "group_norm_triton", "group_norm_backend", "RESIDENT_MAX_ELEMS"]
 

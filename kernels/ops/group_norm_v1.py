@@ -17,15 +17,7 @@ from fastvader.kernels._group_norm_layout import Layout as _Layout
 from fastvader.kernels._group_norm_layout import kernel_strides as _kernel_strides
 from fastvader.kernels._group_norm_layout import with_strides as _with_strides
 
-try:  # importing fastvader.kernels must not require triton
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except Exception:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
-    _HAS_TRITON = False
+from fastvader.kernels._triton import HAS_TRITON as _HAS_TRITON, tl, triton
 
 __all__ = ["forward_launch", "backward_launch"]
 

@@ -48,15 +48,7 @@ from fastvader.kernels._checks import (
 from fastvader.kernels._interpreted import interpreter_view
 from fastvader.kernels.ops import temporal_attention_v1
 
-try:  # Triton is optional: without it every call takes the PyTorch path.
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except Exception:  # pragma: no cover - exercised only on machines without triton
-    triton = None
-    tl = None
-    _HAS_TRITON = False
+from fastvader.kernels._triton import HAS_TRITON as _HAS_TRITON, tl, triton
 
 __all__ = ["temporal_attention", "temporal_attention_supports", "MAX_FRAMES", "MAX_HEAD_DIM", "KERNEL_DTYPES"]
 

@@ -17,15 +17,7 @@ from fastvader.kernels._backend import interpreter_enabled
 from fastvader.kernels._checks import bias_grad_shape, bias_view
 from fastvader.kernels._interpreted import interpreter_view
 
-try:  # Triton is optional: without it every call takes the PyTorch path.
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except Exception:  # pragma: no cover - exercised only on machines without triton
-    triton = None
-    tl = None
-    _HAS_TRITON = False
+from fastvader.kernels._triton import HAS_TRITON as _HAS_TRITON, tl, triton
 
 __all__ = ["launch_forward", "launch_backward"]
 
