@@ -427,7 +427,7 @@ def parse_args(argv=None):
                    help="temporal-attention shapes: a cross-section (default) or the issue's whole F x head_dim grid")
     p.add_argument("--results-dir", default=None,
                    help="where kernel benchmarks write their JSON (default benchmarks/results/; a dry run: a temporary folder)")
-    p.add_argument("--kernel-test-timeout", type=int, default=240)
+    p.add_argument("--kernel-test-timeout", type=int, default=480)
     p.add_argument("--out-dir", default=None, help="scratch run directory (default: a temporary folder)")
     args = p.parse_args(argv)
     if args.steps is None:

@@ -504,14 +504,11 @@ def _split_backward(plan, x, dy, dy_strides, dx, w_arg, b_arg, mean, rstd, num_g
 def _backward_launch(x, dy, mean, rstd, num_groups, weight, bias, activation, param_grads,
                      tile=None, split=None):
     """(dx, dweight, dbias): dx like y; the parameter gradients as fp32 (C,) sums when
-    ``param_grads``, else empty. dy is read through its own strides."""
+    ``param_grads``, else None. dy is read through its own strides."""
     x = with_strides(x, kernel_strides(x))
     dx = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
-    # (distinct tensors: a custom op's outputs may not alias one another)
-    no_grads = (x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32))
     if x.numel() == 0:
-        zeros = tuple(x.new_zeros(x.shape[1], dtype=torch.float32) for _ in range(2))
-        return (dx, *zeros) if param_grads else (dx, *no_grads)
+        return (dx, *(x.new_zeros(x.shape[1], dtype=torch.float32) for _ in range(2))) if param_grads else (dx, None, None)
     plan = _plan(x, num_groups, tile, split)
     dy_strides = plan.layout.strides_of(dy)
     if dy_strides is None:  # dy's dims do not chain where x's do (rare): one copy
@@ -524,10 +521,10 @@ def _backward_launch(x, dy, mean, rstd, num_groups, weight, bias, activation, pa
             x, dy, dx, w_arg, b_arg, mean, rstd, num_groups, *plan.layout.strides(), *dy_strides,
             DY_CONTIGUOUS=_group_contiguous(plan, dy_strides),
             **_resident_constexprs(plan, _group_contiguous(plan, plan.layout.strides())), **flags)
-        return dx, *no_grads
+        return dx, None, None
     part = _split_backward(plan, x, dy, dy_strides, dx, w_arg, b_arg, mean, rstd, num_groups, flags)
     if not param_grads:
-        return dx, *no_grads
+        return dx, None, None
     # summed over samples and slices; two reductions, so the outputs share no storage
     return dx, part[..., 1].sum(dim=0), part[..., 0].sum(dim=0)
 
@@ -581,25 +578,42 @@ def _group_norm_infer_fake(x, weight, bias, num_groups, eps, activation, tile, s
 @torch.library.custom_op("fastvader::group_norm_bwd", mutates_args=())
 def _group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                     weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], num_groups: int,
-                    activation: Optional[str], param_grads: bool, tile: Optional[int],
+                    activation: Optional[str], tile: Optional[int],
                     split: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dweight, dbias): dx like y; the parameter gradients as fp32 (C,) sums, or empty
-    when ``param_grads`` is False."""
+    """(dx, dweight, dbias): dx like y, the parameter gradients as fp32 (C,) sums."""
     if group_norm_backend(x.device) == "reference":
         dx, dweight, dbias = reference.group_norm_backward(dy, x, mean, rstd, num_groups, weight, bias, activation)
-        dx = with_strides(dx, kernel_strides(x))
-    elif kernel_impl() == "v1":
-        dx, dweight, dbias = group_norm_v1.backward_launch(x, dy, mean, rstd, num_groups, weight, bias, activation,
-                                                           tile, split)
-    else:
-        return _backward_launch(x, dy, mean, rstd, num_groups, weight, bias, activation, param_grads, tile, split)
-    return (dx, dweight, dbias) if param_grads else (dx, dweight.new_empty(0), dbias.new_empty(0))
+        return with_strides(dx, kernel_strides(x)), dweight, dbias
+    if kernel_impl() == "v1":
+        return group_norm_v1.backward_launch(x, dy, mean, rstd, num_groups, weight, bias, activation, tile, split)
+    return _backward_launch(x, dy, mean, rstd, num_groups, weight, bias, activation, True, tile, split)
 
 
 @_group_norm_bwd.register_fake
-def _group_norm_bwd_fake(dy, x, mean, rstd, weight, bias, num_groups, activation, param_grads, tile, split):
-    param_grad = x.new_empty(x.shape[1] if param_grads else 0, dtype=torch.float32)
+def _group_norm_bwd_fake(dy, x, mean, rstd, weight, bias, num_groups, activation, tile, split):
+    param_grad = x.new_empty(x.shape[1], dtype=torch.float32)
     return x.new_empty_strided(x.shape, kernel_strides(x)), param_grad, torch.empty_like(param_grad)
+
+
+# A separate op rather than a flag on group_norm_bwd: compiled graphs cached by torch.compile
+# call ops by their schema, which must not change under them.
+@torch.library.custom_op("fastvader::group_norm_bwd_input", mutates_args=())
+def _group_norm_bwd_input(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                          weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], num_groups: int,
+                          activation: Optional[str], tile: Optional[int], split: Optional[int]) -> torch.Tensor:
+    """dx alone, when neither weight nor bias needs a gradient (v2: the resident backward where
+    groups fit on chip)."""
+    if group_norm_backend(x.device) == "reference":
+        dx = reference.group_norm_backward(dy, x, mean, rstd, num_groups, weight, bias, activation)[0]
+        return with_strides(dx, kernel_strides(x))
+    if kernel_impl() == "v1":
+        return group_norm_v1.backward_launch(x, dy, mean, rstd, num_groups, weight, bias, activation, tile, split)[0]
+    return _backward_launch(x, dy, mean, rstd, num_groups, weight, bias, activation, False, tile, split)[0]
+
+
+@_group_norm_bwd_input.register_fake
+def _group_norm_bwd_input_fake(dy, x, mean, rstd, weight, bias, num_groups, activation, tile, split):
+    return x.new_empty_strided(x.shape, kernel_strides(x))
 
 
 def _setup_context(ctx, inputs, output):
@@ -617,8 +631,10 @@ def _backward(ctx, dy, _dmean, _drstd):
     x, mean, rstd, weight, bias = ctx.saved_tensors
     num_groups, activation, tile, split = ctx.config
     need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-    dx, dweight, dbias = _group_norm_bwd(dy, x, mean, rstd, weight, bias, num_groups, activation,
-                                         need_weight or need_bias, tile, split)
+    if not (need_weight or need_bias):
+        dx = _group_norm_bwd_input(dy, x, mean, rstd, weight, bias, num_groups, activation, tile, split)
+        return dx, None, None, None, None, None, None, None
+    dx, dweight, dbias = _group_norm_bwd(dy, x, mean, rstd, weight, bias, num_groups, activation, tile, split)
     return (dx if need_x else None,
             dweight.to(weight.dtype) if need_weight else None,
             dbias.to(ctx.bias_dtype) if need_bias else None,

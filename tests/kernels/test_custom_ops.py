@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastvader.kernels import active_backend
-from fastvader.kernels.ops.group_norm import _group_norm_bwd, _group_norm_fwd, _group_norm_infer
+from fastvader.kernels.ops.group_norm import _group_norm_bwd, _group_norm_bwd_input, _group_norm_fwd, _group_norm_infer
 from fastvader.kernels.ops.temporal_attention import _attention_bwd, _attention_fwd, _attention_infer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -50,13 +50,12 @@ def test_group_norm_opcheck(case, path):
     weight = _randn(c, generator=g) if affine else None
     bias = _randn(c, grad=False, generator=g) if affine else None
     torch.library.opcheck(_group_norm_fwd, (x, weight, bias, groups, 1e-5, activation, None, None))
-    # the backward op on its own, fed what the forward saves, with and without parameter gradients
+    # the backward ops on their own (with parameter gradients, and dx alone), fed what the forward saves
     _, mean, rstd = _group_norm_fwd(x, weight, bias, groups, 1e-5, activation, None, None)
     dy = torch.randn(x.shape, generator=g).to(DEVICE)
     x, weight, bias = (None if t is None else t.detach() for t in (x, weight, bias))
-    for param_grads in (True, False):
-        torch.library.opcheck(_group_norm_bwd, (dy, x, mean, rstd, weight, bias, groups, activation, param_grads,
-                                                None, None))
+    for backward in (_group_norm_bwd, _group_norm_bwd_input):
+        torch.library.opcheck(backward, (dy, x, mean, rstd, weight, bias, groups, activation, None, None))
     torch.library.opcheck(_group_norm_infer, (x, weight, bias, groups, 1e-5, activation, None, None))
 
 
