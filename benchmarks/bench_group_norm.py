@@ -2,7 +2,7 @@
 
 CPU cases compare the PyTorch reference path (what `group_norm` runs on CPU) with eager
 GroupNorm+SiLU at small shapes. Triton cases need CUDA and run the issue's shapes; the full GPU
-table (bandwidth-floor shares, saved bytes, decode memory) is `benchmarks/gpu_group_norm.py`.
+table (bandwidth-floor shares, saved bytes, decode memory) is `python -m benchmarks.gpu_group_norm`.
 """
 import pytest
 import torch

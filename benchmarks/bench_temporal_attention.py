@@ -4,8 +4,8 @@
 
 On CPU this times the plain-PyTorch reference and SDPA at small shapes (the Triton cases skip
 without CUDA; the interpreter is a correctness tool, not something to time). On a GPU it also
-times the Triton kernel, forward and forward + backward, at the issue's shapes. The full GPU
-comparison with bandwidth-floor shares is ``python benchmarks/gpu_temporal_attention.py``.
+times the Triton kernel, forward and forward + backward, at the suite's shapes. The full GPU
+comparison with bandwidth-floor shares is ``python -m benchmarks.gpu_temporal_attention``.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_temporal_attention import SHAPES, attention_eager, attention_sdpa  # noqa: E402
+from gpu_temporal_attention import attention_eager, attention_sdpa, grid_shapes  # noqa: E402
 
 from fastvader.kernels import active_backend, temporal_attention, temporal_attention_reference  # noqa: E402
 
@@ -25,7 +25,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 # CPU shapes stay small: a busy 2-core machine.
 CPU_SHAPES = [(256, 16, 320, 5), (64, 16, 640, 10), (256, 16, 320, 8)]
-BENCH_SHAPES = [s[:4] for s in SHAPES] if CUDA else CPU_SHAPES
+BENCH_SHAPES = grid_shapes("suite") if CUDA else CPU_SHAPES
 
 
 def _sync():

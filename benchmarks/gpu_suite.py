@@ -3,6 +3,7 @@
     python -m benchmarks.gpu_suite                 # everything, JSON to benchmarks/gpu_suite.json
     python -m benchmarks.gpu_suite --families      # and the CogVideoX / image-to-video rows (gpu_families.py)
     python -m benchmarks.gpu_suite --dry-run       # CPU, toy backbone, tiny sizes: checks the wiring
+    python -m benchmarks.gpu_suite --kernels-only  # the kernel benchmarks and kernel tests alone
 
 It builds ModelScope T2V 1.7B from the packaged model configs with random weights (the registered
 ``modelscope`` backbone when present, else fastvader.memory.reference_models' ``modelscope_arch``)
@@ -18,12 +19,15 @@ for each config (384x384x16 K=1 one frame; all 16 frames; K=10; 320x512x16 all f
 again under a hard 24 GiB cap (torch.cuda.set_per_process_memory_fraction). Per run: peak
 allocated memory, step time and its split (no-grad sampling, grad steps, decode, reward,
 backward), and per config the cosine between the two paths' LoRA gradients (same seed, same
-LoRA weights). Then the kernel benchmarks (benchmarks/gpu_temporal_attention.py,
-benchmarks/gpu_group_norm.py, when present), the kernel tests compiled on the GPU (pytest
-with TRITON_INTERPRET unset) and the big-model rows (benchmarks/gpu_big_models.py: Wan 2.1 14B
-and Open-Sora 1.2 360p under a 24 GiB cap, block swap cost, fp8 fidelity; its own JSON under
-benchmarks/results/). Each section runs in its own try/except: a failure is recorded and the
-rest still runs. The table prints last.
+LoRA weights). Then the kernel benchmarks (benchmarks/gpu_temporal_attention.py: fastvader v2
+and v1 against SDPA's best backend, FlexAttention and eager; benchmarks/gpu_group_norm.py: v2,
+v1 and eager at every GroupNorm shape of three video models; each also writes its JSON under
+benchmarks/results/), the kernel tests compiled on the GPU (pytest with TRITON_INTERPRET unset)
+and the big-model rows (benchmarks/gpu_big_models.py: Wan 2.1 14B and Open-Sora 1.2 360p under a
+24 GiB cap, block swap cost, fp8 fidelity; its own JSON under benchmarks/results/). Each section
+runs in its own try/except: a failure is recorded and the rest still runs. The table prints
+last. A dry run measures the kernel sections at tiny shapes on the CPU (the Triton interpreter
+when TRITON_INTERPRET=1) and writes their JSON to a temporary folder.
 """
 from __future__ import annotations
 
@@ -31,7 +35,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import importlib
 import json
 import os
 import platform
@@ -50,6 +53,8 @@ GiB = 2 ** 30
 # answers transformers' probe for Hugging Face's `kernels` package and breaks its imports.
 # fastvader is installed and `benchmarks` is already imported, so the root can go.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+# The kernel benchmarks import their shared helpers (kernel_bench) from this folder.
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 @dataclasses.dataclass
@@ -328,17 +333,25 @@ def families(results: dict, args) -> None:
 
 
 def kernel_benchmarks(results: dict, args) -> None:
+    """Temporal attention (fastvader v2 and v1, SDPA's best backend, FlexAttention, eager) and
+    GroupNorm+SiLU (v2, v1, eager) at the grid ``--kernel-grid``, each written as JSON under
+    ``--results-dir``; on a GPU also checkpointed decoding's peak memory. In a dry run: tiny
+    shapes on the CPU (wiring only, no figure)."""
+    import gpu_group_norm
+    import gpu_temporal_attention
+    from kernel_bench import write_results
+
     out = results.setdefault("kernel_benchmarks", {})
-    for module, fns in (("benchmarks.gpu_temporal_attention", ["measure"]),
-                        ("benchmarks.gpu_group_norm", ["measure", "measure_decode"])):
-        try:
-            mod = importlib.import_module(module)
-        except ImportError as err:
-            out[module] = f"not present ({err})"
-            continue
-        for fn in fns:
-            if hasattr(mod, fn):
-                out[f"{module}.{fn}"] = section(results, f"{module}.{fn}", getattr(mod, fn))
+    device = "cpu" if args.dry_run else "cuda"
+    for name, module, kwargs in (("temporal_attention", gpu_temporal_attention, {"grid": args.kernel_grid}),
+                                 ("group_norm", gpu_group_norm, {})):
+        def run(module=module, kwargs=kwargs, name=name):
+            rows, meta = module.measure(device, dry=args.dry_run, **kwargs)
+            return {"json": str(write_results(name, rows, meta, args.results_dir)), "rows": rows,
+                    **{k: v for k, v in meta.items() if k != "rows"}}
+        out[name] = section(results, f"kernel benchmark {name}", run)
+    if not args.dry_run:
+        out["decode"] = section(results, "kernel benchmark decode", gpu_group_norm.measure_decode)
 
 
 def kernel_tests(results: dict, args) -> None:
@@ -347,7 +360,9 @@ def kernel_tests(results: dict, args) -> None:
         results["kernel_tests"] = "no kernel test files present"
         return
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ""
+    # the heuristic launch configurations: measuring candidates per test shape would cost minutes
+    # (tests/kernels/test_temporal_attention.py runs every candidate on purpose)
+    env.update(PYTHONPATH="", FASTVADER_AUTOTUNE="0")
     proc = subprocess.run([sys.executable, "-P", "-m", "pytest", *files, "-q", "-p", "no:cacheprovider"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.kernel_test_timeout)
     tail = (proc.stdout + proc.stderr).strip().splitlines()
@@ -430,9 +445,14 @@ def parse_args(argv=None):
                    help="also the CogVideoX-5b, SVD-xt and CogVideoX-5b-I2V rows (benchmarks/gpu_families.py)")
     p.add_argument("--family-steps", type=int, default=4, help="sampler steps of the family rows")
     p.add_argument("--families-json", default=str(ROOT / "benchmarks" / "results" / "gpu_families.json"))
-    p.add_argument("--kernel-test-timeout", type=int, default=240)
     p.add_argument("--skip-big-models", action="store_true", help="skip the Wan 14B / Open-Sora 360p rows")
     p.add_argument("--big-model-steps", type=int, default=8, help="sampler steps of the big-model rows")
+    p.add_argument("--kernels-only", action="store_true", help="only the kernel benchmarks and kernel tests")
+    p.add_argument("--kernel-grid", choices=["suite", "full"], default="suite",
+                   help="temporal-attention shapes: a cross-section (default) or the issue's whole F x head_dim grid")
+    p.add_argument("--results-dir", default=None,
+                   help="where kernel benchmarks write their JSON (default benchmarks/results/; a dry run: a temporary folder)")
+    p.add_argument("--kernel-test-timeout", type=int, default=480)
     p.add_argument("--out-dir", default=None, help="scratch run directory (default: a temporary folder)")
     args = p.parse_args(argv)
     if args.steps is None:
@@ -453,19 +473,23 @@ def timed_results(args, measure: Callable[[dict[str, Any]], None]) -> dict[str, 
     results: dict[str, Any] = {"environment": environment(), "dry_run": args.dry_run}
     with tempfile.TemporaryDirectory() as tmp:
         args.out_dir = args.out_dir or tmp
+        if args.dry_run and args.results_dir is None:  # a dry run writes no results into the repository
+            args.results_dir = os.path.join(tmp, "results")
         measure(results)
     results["total_s"] = round(time.perf_counter() - start, 1)
     return results
 
 
 def measure_suite(results: dict[str, Any], args) -> None:
-    section(results, "end_to_end", lambda: end_to_end(results, args))
-    if args.families:
-        section(results, "families", lambda: families(results, args))
-    if not args.skip_kernels and not args.dry_run:
+    if not args.kernels_only:
+        section(results, "end_to_end", lambda: end_to_end(results, args))
+        if args.families:
+            section(results, "families", lambda: families(results, args))
+    if not args.skip_kernels:
         section(results, "kernel_benchmarks", lambda: kernel_benchmarks(results, args))
-        section(results, "kernel_tests", lambda: kernel_tests(results, args))
-    if not args.skip_big_models and not args.dry_run:
+        if not args.dry_run:
+            section(results, "kernel_tests", lambda: kernel_tests(results, args))
+    if not (args.kernels_only or args.skip_big_models or args.dry_run):
         section(results, "big_models", lambda: big_models(results, args))
 
 

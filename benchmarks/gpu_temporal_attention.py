@@ -1,51 +1,65 @@
-"""GPU benchmark of fused temporal attention against SDPA and eager attention, in one run.
+"""GPU benchmark of temporal attention: fastvader's kernels (v2 autotuned, and v1) against SDPA's
+best backend, FlexAttention and eager attention, on the same inputs, in one command.
 
-    python benchmarks/gpu_temporal_attention.py            # prints the table
-    python benchmarks/gpu_temporal_attention.py --markdown # a table for benchmarks/RESULTS.md
-    python benchmarks/gpu_temporal_attention.py --tests    # the unit tests, compiled on this GPU
+    python -m benchmarks.gpu_temporal_attention                # the suite's grid: table + JSON in benchmarks/results/
+    python -m benchmarks.gpu_temporal_attention --grid full    # F {7,...,64} x head_dim {40,...,160}, and N up to 1e5
+    python -m benchmarks.gpu_temporal_attention --dry-run      # CPU, tiny shapes: checks the wiring, no figure
+    python -m benchmarks.gpu_temporal_attention --tests        # tests/kernels/test_temporal_attention.py on this GPU
 
-The one-command GPU suite calls :func:`measure` (rows as dicts) and :func:`run_gpu_tests`.
+Per shape (N, F, C = heads x head_dim), bf16, q, k, v and the output gradient as separate
+(N, F, C) tensors, and per implementation:
 
-Per shape (N, F, C, heads), bf16, q/k/v read as views of one packed (N, F, 3C) tensor (what a
-fused qkv projection gives), for each implementation:
+* ``fwd_ms``: median GPU time per call of the forward with gradients off (fastvader's inference
+  op: no log-sum-exp) and ``fwd_bwd_ms``: the training forward plus the backward
+  (``torch.autograd.grad`` to q, k, v); CUDA-graph replays of many calls (kernel_bench.time_ms);
+* ``fwd_floor_pct`` / ``fwd_bwd_floor_pct``: the memory-bandwidth floor of the op's own traffic
+  over the measured time, with copy bandwidth measured in the same run. Forward: read q, k, v,
+  write out (4 tiles); forward + backward: 4 tiles + the fp32 log-sum-exp, then read q, k, v,
+  out, dout, lse and write dq, dk, dv (8 tiles + lse). Every implementation gets the same floor;
+* ``saved_bytes`` (what autograd keeps for backward) and ``max_err`` (largest absolute
+  difference of the bf16 output from an fp32 reference on the same inputs).
 
-* ``fwd_ms`` / ``fwd_bwd_ms``: median CUDA-event time of the forward, and of forward + backward;
-* ``fwd_floor_pct`` / ``fwd_bwd_floor_pct``: the memory-bandwidth floor (bytes the op must move,
-  divided by the device-to-device copy bandwidth measured in the same run) as a share of the time;
-  the floor is the fused op's minimal traffic: forward reads q, k, v and writes out (+ fp32 lse);
-  backward reads q, k, v, out, dout, lse and writes dq, dk, dv;
-* ``saved_bytes``: what the autograd graph keeps for backward (sum of saved tensors);
-* ``max_err``: the largest absolute difference from an fp32 reference on the same inputs.
-
-Implementations: ``fastvader`` (this repo's Triton kernel), ``sdpa``
-(``torch.nn.functional.scaled_dot_product_attention`` on the head-split views, output transposed
-back to (N, F, C) as diffusers does) and ``eager`` (matmul, softmax, matmul in bf16, as
-diffusers' classic ``AttnProcessor``). A failing implementation (SDPA's memory-efficient kernel
-refuses N > 65,535 on some builds) gets its error in ``error`` instead of numbers.
+Implementations: ``fastvader`` (v2, the configurations its autotuner chose are printed and kept
+in the JSON), ``fastvader-v1`` (FASTVADER_KERNEL_IMPL=v1), ``sdpa`` (each available backend of
+``scaled_dot_product_attention`` on the head-split views, as diffusers calls it; the row keeps
+the fastest, forward and forward+backward separately, and names them), ``flex`` (FlexAttention,
+compiled, one block-diagonal mask over the flattened (N*F) sequence: the same formulation as
+fastvader v2; where torch has it; in the suite's grid at F = 16 only, as it compiles per shape)
+and ``eager`` (matmul, softmax, matmul). A failing
+implementation gets its error in ``error`` instead of numbers.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-# (N, F, C, heads, what it is). N = batch x latent height x width.
-SHAPES = [
-    (4608, 16, 320, 5, "UNet3D 384x384 CFG, level 1 (48x48 latents x 2)"),
-    (1152, 16, 640, 10, "UNet3D level 2"),
-    (288, 16, 1280, 20, "UNet3D level 3"),
-    (5120, 16, 320, 5, "UNet3D 320x512 CFG, level 1"),
-    (4096, 16, 320, 8, "AnimateDiff motion module, 8 heads of 40"),
-    (4608, 12, 320, 5, "F = 12"),
-    (4608, 24, 320, 5, "F = 24"),
-    (4608, 51, 320, 5, "F = 51"),
-]
-IMPLS = ("fastvader", "sdpa", "eager")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_bench import copy_bandwidth, floor_pct, kernel_generation, markdown_table, time_ms, write_results  # noqa: E402,E501
+
+GRID_FRAMES = (7, 8, 12, 16, 20, 24, 33, 51, 64)
+GRID_HEAD_DIMS = (40, 64, 80, 128, 160)
+# heads per head_dim as in the video UNets (AnimateDiff 8 x 40 / 80 / 160, ModelScope 5 x 64)
+HEADS = {40: 8, 64: 5, 80: 8, 128: 5, 160: 8}
+ROWS = 4608  # N of ModelScope's first level at 384x384 with CFG (2 x 48 x 48)
+N_SWEEP = (288, 4608, 36_864, 100_000)  # at F = 16, head_dim = 64
+SUITE_FRAMES, SUITE_HEAD_DIMS = (8, 16, 24, 51), (40, 64, 160)
+DRY_SHAPES = [(6, 5, 16, 2)]
+IMPLS = ("fastvader", "fastvader-v1", "sdpa", "flex", "eager")
+
+
+def grid_shapes(grid: str) -> list[tuple[int, int, int, int]]:
+    """(N, F, C, heads) of a grid: 'suite' (a cross-section for the one-command suite), 'full'
+    (the issue's grid) or 'dry' (tiny CPU shapes)."""
+    if grid == "dry":
+        return list(DRY_SHAPES)
+    frames, dims = (GRID_FRAMES, GRID_HEAD_DIMS) if grid == "full" else (SUITE_FRAMES, SUITE_HEAD_DIMS)
+    shapes = [(ROWS, f, HEADS[d] * d, HEADS[d]) for f in frames for d in dims]
+    sweep = N_SWEEP if grid == "full" else N_SWEEP[::3]
+    return shapes + [(n, 16, 320, 5) for n in sweep if (n, 16, 320, 5) not in shapes]
 
 
 def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -75,41 +89,28 @@ def _attention_fastvader(q, k, v, heads):
     return temporal_attention(q, k, v, heads)
 
 
-def _impl(name):
-    return {"fastvader": _attention_fastvader, "sdpa": attention_sdpa, "eager": attention_eager}[name]
+def _flex_attention(n: int, f: int, c: int, heads: int, device: torch.device):
+    """FlexAttention over the flattened (1, heads, N*F, head_dim) sequence with a block-diagonal
+    mask (query and key in the same clip): the block mask lets it skip other clips' blocks."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if device.type != "cuda":
+        raise RuntimeError("FlexAttention is benchmarked on CUDA only")
+    mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx // f == kv_idx // f, None, None, n * f, n * f,
+                             device=device)
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def run(q, k, v, heads_):
+        flat = [t.view(1, n * f, heads, c // heads).transpose(1, 2) for t in (q, k, v)]
+        return compiled(*flat, block_mask=mask).transpose(1, 2).reshape(n, f, c)
+    return run
 
 
-def _cuda_time_ms(fn, warmup: int = 3, reps: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def _sdpa_backends() -> list:
+    from torch.nn.attention import SDPBackend
 
-
-def copy_bandwidth(device="cuda", nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = _cuda_time_ms(lambda: dst.copy_(src), warmup=3, reps=10)
-    del src, dst
-    return 2 * nbytes / (ms / 1e3)
-
-
-def floor_bytes(n, f, c, heads, itemsize=2) -> tuple[int, int]:
-    """(forward, forward + backward) bytes the fused op must move."""
-    tile = n * f * c * itemsize
-    lse = n * heads * f * 4
-    fwd = 4 * tile + lse  # read q, k, v; write out (+ lse)
-    bwd = 8 * tile + lse  # read q, k, v, out, dout (+ lse); write dq, dk, dv
-    return fwd, fwd + bwd
+    names = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+    return [getattr(SDPBackend, name) for name in names if hasattr(SDPBackend, name)]
 
 
 def _saved_bytes(fn) -> int:
@@ -125,83 +126,135 @@ def _saved_bytes(fn) -> int:
     return total
 
 
-def measure(device: str = "cuda", shapes=None, dtype: torch.dtype = torch.bfloat16,
-            impls=IMPLS, reps: int = 20) -> list[dict]:
-    """One row per (shape, implementation); see the module docstring for the fields."""
-    if not torch.cuda.is_available() or torch.device(device).type != "cuda":
-        raise RuntimeError("measure() needs a CUDA device")
-    bandwidth = copy_bandwidth(device)
-    gpu = torch.cuda.get_device_name(torch.device(device))
-    rows = []
-    for n, f, c, heads, what in (shapes or SHAPES):
-        gen = torch.Generator(device=device).manual_seed(0)
-        qkv = torch.randn(n, f, 3 * c, device=device, dtype=dtype, generator=gen).requires_grad_()
-        q, k, v = qkv.split(c, dim=-1)
-        grad_out = torch.randn(n, f, c, device=device, dtype=dtype, generator=gen)
+def _time_impl(fn, q, k, v, dout, heads, device, reps) -> dict:
+    """fwd (no grad) and fwd+bwd times, saved bytes and the output (for the error); ``reps``
+    calls per timing (a dry run times one call once)."""
+    def forward():
         with torch.no_grad():
-            want = attention_sdpa(q.float(), k.float(), v.float(), heads)
-        fwd_floor, fwd_bwd_floor = floor_bytes(n, f, c, heads, qkv.element_size())
-        for name in impls:
-            fn = _impl(name)
-            row = {"gpu": gpu, "impl": name, "N": n, "F": f, "C": c, "heads": heads,
-                   "head_dim": c // heads, "what": what, "copy_GBps": bandwidth / 1e9}
-            try:
-                with torch.no_grad():
-                    err = (fn(q, k, v, heads).float() - want).abs().max().item()
+            return fn(q, k, v, heads)
 
-                def fwd():
-                    with torch.no_grad():
-                        fn(q, k, v, heads)
+    def forward_backward():
+        return torch.autograd.grad(fn(q, k, v, heads), (q, k, v), dout)
 
-                def fwd_bwd():
-                    qkv.grad = None
-                    fn(q, k, v, heads).backward(grad_out)
+    out = forward()
+    replays = 5 if device.type == "cuda" else 1
+    fwd_ms, method = time_ms(forward, device, reps, replays)
+    fwd_bwd_ms, _ = time_ms(forward_backward, device, reps, replays)
+    return dict(fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms, saved_bytes=_saved_bytes(lambda: fn(q, k, v, heads)),
+                timing=method, out=out)
 
-                fwd_ms = _cuda_time_ms(fwd, reps=reps)
-                fwd_bwd_ms = _cuda_time_ms(fwd_bwd, reps=reps)
-                saved = _saved_bytes(lambda: fn(q, k, v, heads))
-                row.update(
-                    fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms,
-                    fwd_floor_pct=100 * (fwd_floor / bandwidth * 1e3) / fwd_ms,
-                    fwd_bwd_floor_pct=100 * (fwd_bwd_floor / bandwidth * 1e3) / fwd_bwd_ms,
-                    saved_bytes=saved, max_err=err, error=None)
-            except Exception as exc:  # e.g. SDPA's efficient kernel beyond 65,535 rows
-                row.update(fwd_ms=None, fwd_bwd_ms=None, fwd_floor_pct=None, fwd_bwd_floor_pct=None,
-                           saved_bytes=None, max_err=None, error=f"{type(exc).__name__}: {exc}"[:200])
-            rows.append(row)
-            torch.cuda.empty_cache()
-        del qkv, q, k, v, grad_out, want
+
+def _sdpa_best(q, k, v, dout, heads, device, reps) -> dict:
+    """The fastest SDPA backend, forward and forward+backward chosen separately."""
+    if device.type != "cuda":
+        return _time_impl(attention_sdpa, q, k, v, dout, heads, device, reps) | {"backend": "cpu"}
+    from torch.nn.attention import sdpa_kernel
+
+    results, errors = {}, []
+    for backend in _sdpa_backends():
+        try:
+            with sdpa_kernel([backend]):
+                results[backend.name] = _time_impl(attention_sdpa, q, k, v, dout, heads, device, reps)
+        except Exception as err:  # noqa: BLE001  (a backend that refuses the shape)
+            errors.append(f"{backend.name}: {type(err).__name__}")
+    if not results:
+        raise RuntimeError("no SDPA backend ran: " + "; ".join(errors))
+    fwd = min(results, key=lambda b: results[b]["fwd_ms"])
+    fwd_bwd = min(results, key=lambda b: results[b]["fwd_bwd_ms"])
+    return {**results[fwd_bwd], "fwd_ms": results[fwd]["fwd_ms"], "out": results[fwd]["out"],
+            "backend": f"fwd {fwd}, fwd+bwd {fwd_bwd}"}
+
+
+def _configs_chosen(f: int, head_dim: int, dtype: torch.dtype) -> str | None:
+    from fastvader.kernels.ops import temporal_attention as ta
+
+    fwd = ta.FORWARD_TUNER.chosen((f, head_dim, dtype, False))
+    bwd = ta.BACKWARD_TUNER.chosen((f, head_dim, dtype, False, 0))
+    if fwd is None and bwd is None:
+        return None
+    return f"fwd {fwd.describe() if fwd else 'heuristic'}; bwd {bwd.describe() if bwd else 'heuristic'}"
+
+
+def _measure_shape(shape, impls, device, dtype, bandwidth, reps) -> list[dict]:
+    n, f, c, heads = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(n, f, c, device=device, dtype=dtype, generator=gen).requires_grad_() for _ in range(3))
+    dout = torch.randn(n, f, c, device=device, dtype=dtype, generator=gen)
+    with torch.no_grad():
+        want = attention_sdpa(q.float(), k.float(), v.float(), heads)
+    tile = n * f * c * q.element_size()
+    lse = n * heads * f * 4
+    fwd_bytes, fwd_bwd_bytes = 4 * tile, 12 * tile + 2 * lse
+    rows = []
+    for impl in impls:
+        row = {"impl": impl, "N": n, "F": f, "C": c, "heads": heads, "head_dim": c // heads,
+               "fwd_bytes": fwd_bytes, "fwd_bwd_bytes": fwd_bwd_bytes, "error": None}
+        try:
+            if impl == "sdpa":
+                result = _sdpa_best(q, k, v, dout, heads, device, reps)
+            elif impl in ("fastvader", "fastvader-v1"):
+                with kernel_generation("v1" if impl == "fastvader-v1" else "v2"):
+                    result = _time_impl(_attention_fastvader, q, k, v, dout, heads, device, reps)
+                if impl == "fastvader":
+                    result["config"] = _configs_chosen(f, c // heads, dtype)
+            else:
+                fn = attention_eager if impl == "eager" else _flex_attention(n, f, c, heads, device)
+                result = _time_impl(fn, q, k, v, dout, heads, device, reps)
+            out = result.pop("out")
+            row.update(result, max_err=(out.float() - want).abs().max().item(),
+                       fwd_floor_pct=floor_pct(fwd_bytes, bandwidth, result["fwd_ms"]),
+                       fwd_bwd_floor_pct=floor_pct(fwd_bwd_bytes, bandwidth, result["fwd_bwd_ms"]))
+        except Exception as err:  # noqa: BLE001  (recorded; the other implementations still run)
+            row["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+        rows.append(row)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 
-def format_table(rows: list[dict], markdown: bool = False) -> str:
-    head = ["shape (N, F, C, heads)", "impl", "fwd ms", "fwd+bwd ms", "fwd % floor",
-            "fwd+bwd % floor", "saved MiB", "max err"]
-    lines = []
-    if markdown:
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    else:
-        lines.append("  ".join(f"{h:>14}" for h in head))
+def measure(device: str = "cuda", grid: str = "suite", impls=IMPLS, reps: int = 50, dry: bool = False,
+            log=print) -> tuple[list[dict], dict]:
+    """(rows, meta): one row per (shape, implementation); meta holds the copy bandwidth and the
+    autotuner's choices with every candidate's time."""
+    from fastvader.kernels.ops import temporal_attention as ta
 
-    def fmt(x, spec):
-        return "-" if x is None else format(x, spec)
+    dev = torch.device(device)
+    if dev.type != "cuda" and not dry:
+        raise RuntimeError("measure() needs a CUDA device (dry=True checks the wiring on a CPU)")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    bandwidth = copy_bandwidth(dev)
+    rows = []
+    for shape in grid_shapes("dry" if dry else grid):
+        # FlexAttention compiles per shape (tens of seconds): the suite's grid takes it at F = 16
+        shape_impls = [i for i in impls if i != "flex" or grid == "full" or dry or shape[1] == 16]
+        rows += _measure_shape(shape, shape_impls, dev, dtype, bandwidth, reps if not dry else 1)
+        log(format_table(rows[-len(shape_impls):], header=len(rows) == len(shape_impls)))
+    meta = {"grid": "dry" if dry else grid, "dtype": str(dtype).replace("torch.", ""),
+            "copy_GBps": bandwidth / 1e9,
+            "autotuned": ta.FORWARD_TUNER.report() + ta.BACKWARD_TUNER.report()}
+    for entry in meta["autotuned"]:
+        log(f"autotuned {entry['kernel']} {entry['key']}: {entry['chosen']}  (candidates ms: {entry['candidates_ms']})")
+    return rows, meta
 
-    for r in rows:
-        shape = f"({r['N']}, {r['F']}, {r['C']}, {r['heads']})"
-        cells = [shape, r["impl"], fmt(r["fwd_ms"], ".3f"), fmt(r["fwd_bwd_ms"], ".3f"),
-                 fmt(r["fwd_floor_pct"], ".1f"), fmt(r["fwd_bwd_floor_pct"], ".1f"),
-                 fmt(None if r["saved_bytes"] is None else r["saved_bytes"] / 2**20, ".1f"),
-                 fmt(r["max_err"], ".2e") if r["error"] is None else r["error"][:40]]
-        lines.append("| " + " | ".join(cells) + " |" if markdown else "  ".join(f"{c:>14}" for c in cells))
-    if rows:
-        lines.append(f"\n{rows[0]['gpu']}, copy bandwidth {rows[0]['copy_GBps']:.0f} GB/s, bf16")
-    return "\n".join(lines)
+
+COLUMNS = [("N", "N", ""), ("F", "F", ""), ("C", "C", ""), ("heads", "heads", ""), ("impl", "impl", ""),
+           ("fwd ms", "fwd_ms", ".3f"), ("fwd+bwd ms", "fwd_bwd_ms", ".3f"), ("fwd % floor", "fwd_floor_pct", ".1f"),
+           ("fwd+bwd % floor", "fwd_bwd_floor_pct", ".1f"), ("saved MiB", "saved_MiB", ".1f"),
+           ("max err", "max_err", ".2e"), ("backend / config", "detail", ""), ("error", "error", "")]
+
+
+def format_table(rows: list[dict], header: bool = True) -> str:
+    shown = [{**r, "saved_MiB": None if r.get("saved_bytes") is None else r["saved_bytes"] / 2 ** 20,
+              "detail": r.get("backend") or r.get("config")} for r in rows]
+    table = markdown_table(shown, COLUMNS)
+    return table if header else "\n".join(table.splitlines()[2:])
 
 
 def run_gpu_tests(extra_args: list[str] | None = None) -> int:
-    """Run tests/kernels/test_temporal_attention.py compiled on this GPU (TRITON_INTERPRET unset);
-    returns pytest's exit code."""
+    """tests/kernels/test_temporal_attention.py compiled on this GPU (TRITON_INTERPRET unset);
+    pytest's exit code."""
     import os
+    import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
@@ -212,12 +265,20 @@ def run_gpu_tests(extra_args: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument("--grid", choices=["suite", "full"], default="suite")
+    parser.add_argument("--impls", nargs="*", default=list(IMPLS), choices=IMPLS)
+    parser.add_argument("--reps", type=int, default=50, help="calls per timed CUDA graph")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: the wiring only")
+    parser.add_argument("--results-dir", default=None, help="where the JSON goes (default benchmarks/results/)")
     parser.add_argument("--tests", action="store_true", help="run the unit tests on the GPU instead")
     args = parser.parse_args(argv)
     if args.tests:
         return run_gpu_tests()
-    print(format_table(measure(), markdown=args.markdown))
+    device = "cpu" if args.dry_run else "cuda"
+    if not args.dry_run and not torch.cuda.is_available():
+        parser.error("no CUDA device (use --dry-run to check the wiring on a CPU)")
+    rows, meta = measure(device, args.grid, args.impls, args.reps, dry=args.dry_run)
+    print(f"wrote {write_results('temporal_attention', rows, meta, args.results_dir)}")
     return 0
 
 

@@ -6,11 +6,14 @@ The ops are plain functions::
     y = group_norm(x, num_groups, weight, bias, eps, activation="silu")
     out = temporal_attention(q, k, v, heads, scale=None)
 
-Each is a torch custom op (``torch.ops.fastvader.*``, with fake implementations and autograd),
-so ``torch.compile(fullgraph=True)`` sees it as one node. It runs Triton on CUDA (and on the CPU
-under ``TRITON_INTERPRET=1``) and plain PyTorch elsewhere; ``active_backend(device)`` says which.
+Each is a torch custom op (``torch.ops.fastvader.*``, with fake implementations and autograd,
+and an inference op taken when nothing needs gradients), so ``torch.compile(fullgraph=True)``
+sees it as one node. It runs Triton on CUDA (and on the CPU under ``TRITON_INTERPRET=1``) and
+plain PyTorch elsewhere; ``active_backend(device)`` says which, and ``kernel_impl()`` which
+kernel generation the Triton path runs (``FASTVADER_KERNEL_IMPL``: v2, or the H200-measured v1).
 
-Layout: ``ops/<op>.py`` (the ``@triton.jit`` kernels, launcher, op registration and entry),
+Layout: ``ops/<op>.py`` (the ``@triton.jit`` kernels, launcher, op registration and entry;
+``ops/<op>_v1.py`` the previous generation's kernels and launchers),
 ``reference.py`` (plain PyTorch: the float64 test oracles and the no-Triton path),
 ``modules.py`` (``FusedGroupNormAct``). Names load on first use, so that importing this package
 does not import triton.
@@ -26,7 +29,7 @@ if __name__ != "fastvader.kernels":
     __file__ = None  # noqa: F811
     __path__ = []
 else:
-    from fastvader.kernels._backend import active_backend, triton_available
+    from fastvader.kernels._backend import active_backend, kernel_impl, triton_available
 
     _LAZY = {
         "group_norm": "fastvader.kernels.ops.group_norm",
@@ -38,7 +41,7 @@ else:
         "FusedGroupNormAct": "fastvader.kernels.modules",
     }
 
-    __all__ = ["active_backend", "triton_available", *_LAZY]
+    __all__ = ["active_backend", "kernel_impl", "triton_available", *_LAZY]
 
     def __getattr__(name: str):
         if name in _LAZY:

@@ -1,6 +1,11 @@
 """Which implementation a kernel call takes: ``triton`` on CUDA tensors, ``interpreter`` on CPU
 tensors when TRITON_INTERPRET=1 was set before triton was imported, else ``reference`` (the
-plain-PyTorch path of :mod:`fastvader.kernels.reference`)."""
+plain-PyTorch path of :mod:`fastvader.kernels.reference`).
+
+On the Triton paths, ``FASTVADER_KERNEL_IMPL`` picks the kernel generation: ``v2`` (default) or
+``v1``, the kernels measured on an H200 before issue 15 (``ops/*_v1.py``), kept reachable until
+the GPU suite has confirmed v2. ``FASTVADER_AUTOTUNE=0`` makes v2 take its heuristic launch
+configuration instead of measuring candidates on first use of each shape key."""
 from __future__ import annotations
 
 import importlib.util
@@ -33,3 +38,21 @@ def active_backend(device: torch.device | str | None = None) -> str:
     if interpreter_enabled():
         return "interpreter"
     return "reference"
+
+
+KERNEL_IMPLS = ("v2", "v1")
+
+
+def kernel_impl() -> str:
+    """The Triton kernel generation for this call: $FASTVADER_KERNEL_IMPL, default 'v2'. Read at
+    every call, so a benchmark can switch between generations in one process."""
+    impl = os.environ.get("FASTVADER_KERNEL_IMPL", "v2").strip().lower() or "v2"
+    if impl not in KERNEL_IMPLS:
+        raise ValueError(f"fastvader: FASTVADER_KERNEL_IMPL={impl!r} is invalid: choose one of {list(KERNEL_IMPLS)}")
+    return impl
+
+
+def autotune_enabled() -> bool:
+    """Whether v2 launchers measure their candidate configurations ($FASTVADER_AUTOTUNE, default
+    on); never under the interpreter, where one configuration is used."""
+    return os.environ.get("FASTVADER_AUTOTUNE", "1").strip() != "0" and not interpreter_enabled()

@@ -1,5 +1,6 @@
-"""Argument checks shared by the ops and their plain-PyTorch references: a caller's mistake
-gets one line naming the argument, its value and what it must be."""
+"""Argument checks shared by the ops and their plain-PyTorch references (a caller's mistake
+gets one line naming the argument, its value and what it must be), and the attention bias's
+shape helpers shared by the launchers."""
 from __future__ import annotations
 
 import torch
@@ -67,3 +68,18 @@ def attention_bias(bias: torch.Tensor | None, q: torch.Tensor, heads: int) -> to
 
 def attention_scale(q: torch.Tensor, heads: int, scale: float | None) -> float:
     return float(scale) if scale is not None else (q.shape[-1] // heads) ** -0.5
+
+
+def bias_view(bias4: torch.Tensor | None, n: int, heads: int, f: int):
+    """(bias expanded to (N, heads, F, F), its four strides): zero strides for broadcast dims."""
+    if bias4 is None:
+        return None, (0, 0, 0, 0)
+    expanded = bias4.expand(n, heads, f, f)
+    return expanded, tuple(expanded.stride())
+
+
+def bias_grad_shape(bias4: torch.Tensor, n: int, heads: int, f: int) -> tuple[int, int, int, int]:
+    """The fp32 bias gradient the backward op returns: summed over the rows and heads the bias
+    broadcasts over by shape (a bias that is itself an expanded view still gets a per-element
+    gradient, as autograd expects)."""
+    return (n if bias4.shape[0] != 1 else 1, heads if bias4.shape[1] != 1 else 1, f, f)

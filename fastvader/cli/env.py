@@ -20,7 +20,7 @@ def environment_report() -> dict[str, str]:
     import torch
 
     from fastvader import __version__
-    from fastvader.kernels import active_backend
+    from fastvader.kernels import active_backend, kernel_impl
     from fastvader.patching.core import PATCHES, available_patches
 
     report = {"fastvader": __version__, "python": platform.python_version(), "platform": platform.platform(),
@@ -31,6 +31,7 @@ def environment_report() -> dict[str, str]:
     report["gpu"] = (", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
                      if torch.cuda.is_available() else "none")
     report["kernel path (default device)"] = active_backend()
+    report["kernel generation (FASTVADER_KERNEL_IMPL)"] = kernel_impl()
     for name in available_patches():
         report[f"patch {name}"] = f"{PATCHES[name].backend_fn()} ({PATCHES[name].description})"
     return report

@@ -1,25 +1,33 @@
 """Fused temporal attention: softmax(q k^T * scale + bias) v over the frame axis, as the torch
-ops ``fastvader::temporal_attention_fwd`` / ``fastvader::temporal_attention_bwd``.
+ops ``fastvader::temporal_attention_fwd`` / ``_bwd`` (training) and ``_infer`` (no gradients).
 
 Video UNets attend over frames at every pixel: q, k, v are (N, F, C) with N = batch x height x
-width (thousands to >65k), F = frames (<= 128, usually 16) and C = heads x head_dim. Each
-(row, head) pair is a tiny F x F attention problem, so PyTorch's SDPA spends its time in launch
-and layout overhead. Here one Triton program takes a block of BLOCK_N rows for one head, loads
-the whole (BLOCK_N, F, head_dim) tiles once, and does everything in registers:
+width (thousands to >100k), F = frames (<= 128, usually 16) and C = heads x head_dim. Each
+(row, head) pair is a tiny F x F attention problem.
 
-* forward keeps only the output and the per-row log-sum-exp (fp32, (N, heads, F));
-* backward recomputes the probabilities from q, k and the log-sum-exp and writes dq, dk, dv
-  (and d(bias) when the bias requires grad) in one pass; nothing of size N x heads x F x F is
-  ever kept.
+Kernel generation v2 (this file) sees one head as block-diagonal attention over the flattened
+(N*F, head_dim) matrix: a program takes a tile of BLOCK_R consecutive rows holding CLIPS whole
+clips (BLOCK_R // F; e.g. 128 rows = 8 clips at F = 16) and does one masked 2-D ``tl.dot`` per
+product (tensor cores; entries between different clips are masked to -inf, so their
+probabilities are exactly 0):
 
-This file: the ``@triton.jit`` kernels, the launchers (shapes, strides, block sizes), the two
-custom ops (their fake implementations for torch.compile, and the autograd formula linking
-them) and the public entry :func:`temporal_attention`. Where Triton cannot run (CPU without
-TRITON_INTERPRET=1, or no triton), the ops run the plain-PyTorch forward and backward of
-:mod:`fastvader.kernels.reference`, which keep the same tensors.
+* forward: S = Q K^T over head_dim in chunks of D_CHUNK (no power-of-two padding of head_dim
+  beyond the chunk), an exact row softmax (every key of a row is in the tile), O = P V chunk by
+  chunk; it keeps the output and, when gradients are needed, the fp32 log2-sum-exp per row;
+* backward: S and dP = dO V^T and Delta = rowsum(dO * O) over head_dim, then dV = P^T dO,
+  dQ = dS K, dK = dS^T Q per chunk: plain 2-D dots, and since a tile owns its clips whole, every
+  gradient row is written once, without atomics. The bias gradient too: per clip straight from
+  dS, or, for a bias broadcast over clips, one (F, F) sum per tile (two one-hot dots) that the
+  host adds up;
+* heads are the fastest grid axis (neighbouring programs read neighbouring channels of the
+  same rows); the launch configuration (rows per tile, head_dim chunk, warps, pipeline stages)
+  is measured per (F, head_dim, dtype, bias) on first use and cached (``_autotune``).
 
-The diffusers attention processor that routes video models through this op, and its
-``fastvader.apply`` patch, live in :mod:`fastvader.patching.temporal_attention`.
+Generation v1 (``temporal_attention_v1.py``, measured on an H200) stays reachable with
+``FASTVADER_KERNEL_IMPL=v1``. Where Triton cannot run (CPU without TRITON_INTERPRET=1, or no
+triton) the ops run the plain-PyTorch forward and backward of :mod:`fastvader.kernels.reference`,
+which keep the same tensors. The diffusers processor that routes video models through this op
+lives in :mod:`fastvader.patching.temporal_attention`.
 """
 from __future__ import annotations
 
@@ -28,18 +36,19 @@ from typing import Optional
 import torch
 
 from fastvader.kernels import reference
-from fastvader.kernels._backend import active_backend, interpreter_enabled
-from fastvader.kernels._checks import attention_bias, attention_scale, check_attention
+from fastvader.kernels._autotune import Autotuner, LaunchConfig, launch_config
+from fastvader.kernels._backend import active_backend, autotune_enabled, interpreter_enabled, kernel_impl
+from fastvader.kernels._checks import (
+    attention_bias,
+    attention_scale,
+    bias_grad_shape,
+    bias_view,
+    check_attention,
+)
+from fastvader.kernels._interpreted import interpreter_view
+from fastvader.kernels.ops import temporal_attention_v1
 
-try:  # Triton is optional: without it every call takes the PyTorch path.
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except Exception:  # pragma: no cover - exercised only on machines without triton
-    triton = None
-    tl = None
-    _HAS_TRITON = False
+from fastvader.kernels._triton import HAS_TRITON as _HAS_TRITON, tl, triton
 
 __all__ = ["temporal_attention", "temporal_attention_supports", "MAX_FRAMES", "MAX_HEAD_DIM", "KERNEL_DTYPES"]
 
@@ -47,253 +56,312 @@ MAX_FRAMES = 128
 MAX_HEAD_DIM = 256
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Register budget on a real GPU, in elements per thread of the tiles a program keeps live. Both
-# kernels keep k and v whole (the backward also dk and dv: F x head_dim each, per row) and walk
-# the query frames in blocks of Q_BLOCK, holding per block q and out (backward: also dout, dq)
-# at Q_BLOCK x head_dim and scores and probabilities (backward: also dP, dS) at Q_BLOCK x F.
-# Calibrated on sm_90 cubins (cuobjdump resource usage, bf16, with bias, see
-# benchmarks/compile_temporal_attention.py).
-_FWD_ELEMS_PER_THREAD = 144
-_BWD_ELEMS_PER_THREAD = 160
-# Query frames per step. Up to 32 padded frames one step is best (the unrolled loop keeps extra
-# copies of k and v live: F = 24 spilled 272 bytes in blocks of 16 against 64 in one step);
-# from 64 padded frames, blocks of 16 cut the backward's spills from ~14 KB to ~5 KB.
-_Q_BLOCK = 16  # tl.dot needs >= 16
-_BLOCKED_FROM_F_PAD = 64
-_MAX_WARPS = 8
-# Under the interpreter every program costs ~2 ms of Python, whatever its size: take many rows
-# (the interpreter refuses tensors of more than 2^20 elements).
-_INTERPRETER_TILE_ELEMS = 1 << 20
+# Bias-gradient modes of the backward kernel.
+_NO_BIAS_GRAD, _BIAS_GRAD_PER_CLIP, _BIAS_GRAD_PER_TILE = 0, 1, 2
+
+# Measured launch configurations (a cache; results never depend on it).
+FORWARD_TUNER = Autotuner("temporal_attention_fwd")
+BACKWARD_TUNER = Autotuner("temporal_attention_bwd")
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernels
-#
-# INTERPRETED is the one switch for what only the Triton interpreter needs: it multiplies raw
-# bits for bf16 dots (so dot operands are upcast to fp32 there), and its float conversions are
-# slow Python loops (so bf16 tensors come in as int16 bit patterns and are widened by moving
-# bits). Compiled kernels take INTERPRETED=False, and none of that code exists in them.
+# Triton kernels (INTERPRETED: the one switch for interpreter-only code, fastvader.kernels._interpreted)
 # ----------------------------------------------------------------------------------------------
 if _HAS_TRITON:
+    from fastvader.kernels._interpreted import dot_operand, for_store, probs_operand, to_fp32
 
     @triton.jit
-    def _to_fp32(x, INTERPRETED: tl.constexpr):
-        """fp32 copy of a loaded tile; interpreted, int16 tiles hold bf16 bit patterns."""
-        if INTERPRETED:
-            if x.dtype == tl.int16:
-                return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-        return x.to(tl.float32)
+    def _tile_rows(N, HEADS, F: tl.constexpr, CLIPS: tl.constexpr, BLOCK_R: tl.constexpr):
+        """This program's head and tile, and for each of the tile's rows of the flattened (N*F)
+        matrix: its clip within the tile, its clip index n and frame f (int64: N x the row stride
+        can pass 2^31), and whether it exists (CLIPS * F <= BLOCK_R; the last tile may be short)."""
+        pid = tl.program_id(0)  # axis 0 allows 2^31 - 1 programs: any N
+        head = pid % HEADS
+        tile = pid // HEADS
+        i = tl.arange(0, BLOCK_R)
+        clip = i // F
+        n = tile.to(tl.int64) * CLIPS + clip
+        f = (i - clip * F).to(tl.int64)
+        return head, tile, clip, n, f, (clip < CLIPS) & (n < N)
 
     @triton.jit
-    def _dot_operand(x, INTERPRETED: tl.constexpr):
-        """A loaded tile as a tl.dot operand: as loaded when compiled, fp32 when interpreted."""
-        if INTERPRETED:
-            return _to_fp32(x, INTERPRETED)
-        return x
+    def _load_cols(Ptr, rows, valid, col0, head, stride_c, HEAD_DIM: tl.constexpr,
+                   D_CHUNK: tl.constexpr, INTERPRETED: tl.constexpr):
+        """The (rows, D_CHUNK) tile of one head's channels col0.. of an (N, F, C) tensor, as a dot
+        operand; zeros past head_dim and on missing rows."""
+        d = col0 + tl.arange(0, D_CHUNK)
+        ptrs = Ptr + rows[:, None] + ((head * HEAD_DIM + d) * stride_c)[None, :]
+        return dot_operand(tl.load(ptrs, mask=valid[:, None] & (d < HEAD_DIM)[None, :], other=0.0), INTERPRETED)
 
     @triton.jit
-    def _for_store(x, Ptr, INTERPRETED: tl.constexpr):
-        """``x`` in the element type of ``Ptr``; interpreted, an int16 ``Ptr`` takes bf16 bit
-        patterns, rounded to nearest even."""
-        if INTERPRETED:
-            if Ptr.dtype.element_ty == tl.int16:
-                bits = x.to(tl.uint32, bitcast=True)
-                bits = bits + (((bits >> 16) & 1) + 0x7FFF)
-                return (bits >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
-        return x.to(Ptr.dtype.element_ty)
+    def _store_cols(Ptr, rows, valid, col0, head, x, HEAD_DIM: tl.constexpr, D_CHUNK: tl.constexpr,
+                    INTERPRETED: tl.constexpr):
+        """Store a (rows, D_CHUNK) tile into one head's channels col0.. of a contiguous (N, F, C)."""
+        d = col0 + tl.arange(0, D_CHUNK)
+        tl.store(Ptr + rows[:, None] + (head * HEAD_DIM + d)[None, :], for_store(x, Ptr, INTERPRETED),
+                 mask=valid[:, None] & (d < HEAD_DIM)[None, :])
 
     @triton.jit
-    def _row_block(N, F, HEAD_DIM, BLOCK_N: tl.constexpr, F_PAD: tl.constexpr, D_PAD: tl.constexpr):
-        """Index tiles of this program's rows, as int64 (N x row-stride can pass 2^31): rows
-        (BLOCK_N, 1) and (BLOCK_N, 1, 1), frames (1, F_PAD, 1), dims (1, 1, D_PAD), and the
-        (rows, frames, dims) mask."""
-        rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        r3 = rows[:, None, None]
-        f3 = tl.arange(0, F_PAD)[None, :, None]
-        d3 = tl.arange(0, D_PAD)[None, None, :]
-        return rows[:, None], r3, f3, d3, (r3 < N) & (f3 < F) & (d3 < HEAD_DIM)
-
-    @triton.jit
-    def _scores_log2(q, k, Bias, r3, qi, fj, head, N, F, sbn, sbh, sbi, sbj, qk_scale_log2,
+    def _scores_log2(Q, K, Bias, q_rows, k_rows, clip, n, f, valid, head, sqc, skc, sbn, sbh, sbi, sbj,
+                     qk_scale_log2, HEAD_DIM: tl.constexpr, D_CHUNK: tl.constexpr, BLOCK_R: tl.constexpr,
                      HAS_BIAS: tl.constexpr, INTERPRETED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-        """Scores of a block of query frames against every key frame, in log2 units
-        ((q k^T * scale + bias) * log2(e), so softmax takes exp2); padded key frames get -inf."""
-        s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=INPUT_PRECISION) * qk_scale_log2
-        if HAS_BIAS:
-            b_mask = (r3 < N) & (qi < F) & (fj < F)
-            b = tl.load(Bias + r3 * sbn + head * sbh + qi * sbi + fj * sbj, mask=b_mask, other=0.0)
-            s = s + _to_fp32(b, INTERPRETED) * 1.4426950408889634
-        return tl.where(fj < F, s, float("-inf"))
+        """The tile's (BLOCK_R, BLOCK_R) scores in log2 units ((q k^T * scale + bias) * log2(e), so
+        softmax takes exp2), -inf between different clips and on missing keys."""
+        s = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
+        for col0 in range(0, HEAD_DIM, D_CHUNK):
+            q = _load_cols(Q, q_rows, valid, col0, head, sqc, HEAD_DIM, D_CHUNK, INTERPRETED)
+            k = _load_cols(K, k_rows, valid, col0, head, skc, HEAD_DIM, D_CHUNK, INTERPRETED)
+            s = tl.dot(q, tl.trans(k), s, input_precision=INPUT_PRECISION)
+        s = s * qk_scale_log2
+        same_clip = (clip[:, None] == clip[None, :]) & valid[None, :]
+        if HAS_BIAS:  # entries of one clip: key j's frame against query i's, at query i's row
+            b_ptrs = Bias + n[:, None] * sbn + head * sbh + f[:, None] * sbi + f[None, :] * sbj
+            b = tl.load(b_ptrs, mask=same_clip & valid[:, None], other=0.0)
+            s += to_fp32(b, INTERPRETED) * 1.4426950408889634
+        return tl.where(same_clip, s, float("-inf"))
 
     @triton.jit
-    def _temporal_attn_fwd_kernel(
-        Q, K, V, Bias, Out, Lse,
-        N, F, HEADS, HEAD_DIM,
-        sqn, sqf, sqc,
-        skn, skf, skc,
-        svn, svf, svc,
-        sbn, sbh, sbi, sbj,
-        son, sof,
+    def _attn_fwd_kernel(
+        Q, K, V, Bias, Out, Lse, N, HEADS,
+        sqn, sqf, sqc, skn, skf, skc, svn, svf, svc, sbn, sbh, sbi, sbj,
         qk_scale_log2,
-        HAS_BIAS: tl.constexpr,
-        INTERPRETED: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        F_PAD: tl.constexpr,
-        D_PAD: tl.constexpr,
-        Q_BLOCK: tl.constexpr,
+        F: tl.constexpr, HEAD_DIM: tl.constexpr, CLIPS: tl.constexpr, BLOCK_R: tl.constexpr,
+        D_CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_LSE: tl.constexpr,
+        INTERPRETED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ):
-        # grid: (row blocks, heads); axis 0 allows 2^31 - 1 programs, so any N works
-        head = tl.program_id(1)
-        r2, r3, f3, d3, tile_mask = _row_block(N, F, HEAD_DIM, BLOCK_N, F_PAD, D_PAD)
-        chan = head * HEAD_DIM + d3
-        fj = tl.arange(0, F_PAD)[None, None, :]  # key frames
-        k = _dot_operand(tl.load(K + r3 * skn + f3 * skf + chan * skc, mask=tile_mask, other=0.0), INTERPRETED)
-        v = _dot_operand(tl.load(V + r3 * svn + f3 * svf + chan * svc, mask=tile_mask, other=0.0), INTERPRETED)
-
-        # Every key frame is in registers, so each block of Q_BLOCK query frames takes an exact
-        # softmax (no running maximum); blocks keep the Q_BLOCK x F tiles small for long clips.
-        for q_start in tl.static_range(0, F_PAD, Q_BLOCK):
-            qf = q_start + tl.arange(0, Q_BLOCK)
-            qi = qf[None, :, None]
-            q_mask = (r3 < N) & (qi < F) & (d3 < HEAD_DIM)
-            q = _dot_operand(tl.load(Q + r3 * sqn + qi * sqf + chan * sqc, mask=q_mask, other=0.0), INTERPRETED)
-            s = _scores_log2(q, k, Bias, r3, qi, fj, head, N, F, sbn, sbh, sbi, sbj, qk_scale_log2,
-                             HAS_BIAS, INTERPRETED, INPUT_PRECISION)
-            m = tl.max(s, axis=2)
-            m_safe = tl.where(m == float("-inf"), 0.0, m)  # a fully masked row: avoid inf - inf
-            p = tl.exp2(s - m_safe[:, :, None])
-            l = tl.sum(p, axis=2)
-            l_safe = tl.where(l == 0.0, 1.0, l)
-            o = tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION) / l_safe[:, :, None]
-            tl.store(Out + r3 * son + qi * sof + chan, _for_store(o, Out, INTERPRETED), mask=q_mask)
-
+        head, _, clip, n, f, valid = _tile_rows(N, HEADS, F, CLIPS, BLOCK_R)
+        s = _scores_log2(Q, K, Bias, n * sqn + f * sqf, n * skn + f * skf, clip, n, f, valid, head,
+                         sqc, skc, sbn, sbh, sbi, sbj, qk_scale_log2, HEAD_DIM, D_CHUNK, BLOCK_R,
+                         HAS_BIAS, INTERPRETED, INPUT_PRECISION)
+        # Every key of a row is in the tile: an exact softmax, no running maximum.
+        m = tl.max(s, axis=1)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)  # a fully masked row: avoid inf - inf
+        p = tl.exp2(s - m_safe[:, None])
+        l = tl.sum(p, axis=1)
+        l_safe = tl.where(l == 0.0, 1.0, l)
+        inv_l = 1.0 / l_safe
+        p_op = probs_operand(p, V, INTERPRETED)
+        out_rows = (n * F + f) * (HEADS * HEAD_DIM)  # out is a fresh contiguous (N, F, C)
+        for col0 in range(0, HEAD_DIM, D_CHUNK):
+            v = _load_cols(V, n * svn + f * svf, valid, col0, head, svc, HEAD_DIM, D_CHUNK, INTERPRETED)
+            o = tl.dot(p_op, v, input_precision=INPUT_PRECISION) * inv_l[:, None]
+            _store_cols(Out, out_rows, valid, col0, head, o, HEAD_DIM, D_CHUNK, INTERPRETED)
+        if STORE_LSE:
             # Fully masked rows store lse = +inf: the backward's exp2(s - lse) gives p = 0 there.
             lse = tl.where(l == 0.0, float("inf"), m_safe + tl.log2(l_safe))
-            q2 = qf[None, :]
-            tl.store(Lse + (r2 * HEADS + head) * F + q2, lse, mask=(r2 < N) & (q2 < F))
+            tl.store(Lse + (n * HEADS + head) * F + f, lse, mask=valid)
 
     @triton.jit
-    def _add_bias_grad(DBias, ds, r3, qf, N, F, head, sdbn, sdbh,
-                       F_PAD: tl.constexpr, PER_ROW: tl.constexpr):
-        """Add d(scores) of a block of query frames into the fp32 (Nb, Hb, F, F) bias gradient,
-        Nb in {1, N} and Hb in {1, HEADS}: a zero stride folds a broadcast dim, and atomics add
-        the contributions that share a slot."""
-        frames = tl.arange(0, F_PAD)
-        if PER_ROW:
-            qi = qf[None, :, None]
-            fj = frames[None, None, :]
-            tl.atomic_add(DBias + r3 * sdbn + head * sdbh + qi * F + fj, ds,
-                          mask=(r3 < N) & (qi < F) & (fj < F))
+    def _store_bias_grad(DBias, ds, clip, n, f, valid, head, tile, HEADS, F: tl.constexpr,
+                         F_PAD: tl.constexpr, MODE: tl.constexpr):
+        """Write d(scores) as the bias gradient into an fp32 buffer of (slots, HEADS, F, F): per
+        clip (slots = N), or summed over the tile's clips (slots = tiles) with two one-hot dots,
+        E dS E^T with E[a, i] = (frame of row i == a): dS is zero between different clips."""
+        if MODE == 1:
+            same_clip = (clip[:, None] == clip[None, :]) & valid[:, None] & valid[None, :]
+            slot = ((n * HEADS + head) * F + f) * F
+            tl.store(DBias + slot[:, None] + f[None, :], ds, mask=same_clip)
         else:
-            qi2 = qf[:, None]
-            fj2 = frames[None, :]
-            # padded rows have p = 0, hence ds = 0: summing over the row axis is safe
-            tl.atomic_add(DBias + head * sdbh + qi2 * F + fj2, tl.sum(ds, axis=0),
-                          mask=(qi2 < F) & (fj2 < F))
+            a = tl.arange(0, F_PAD)
+            onehot = ((a[:, None] == f[None, :]) & valid[None, :]).to(tl.float32)  # (F_PAD, BLOCK_R)
+            per_frames = tl.dot(tl.dot(onehot, ds, input_precision="ieee"), tl.trans(onehot),
+                                input_precision="ieee")
+            base = DBias + (tile.to(tl.int64) * HEADS + head) * F * F
+            tl.store(base + a[:, None] * F + a[None, :], per_frames, mask=(a[:, None] < F) & (a[None, :] < F))
 
     @triton.jit
-    def _temporal_attn_bwd_kernel(
-        Q, K, V, Bias, Out, DOut, Lse, DQ, DK, DV, DBias,
-        N, F, HEADS, HEAD_DIM,
-        sqn, sqf, sqc,
-        skn, skf, skc,
-        svn, svf, svc,
-        sbn, sbh, sbi, sbj,
-        son, sof,
-        sdon, sdof, sdoc,
-        sdbn, sdbh,
+    def _attn_bwd_kernel(
+        Q, K, V, Bias, Out, DOut, Lse, DQ, DK, DV, DBias, N, HEADS,
+        sqn, sqf, sqc, skn, skf, skc, svn, svf, svc, sbn, sbh, sbi, sbj, sdon, sdof, sdoc,
         qk_scale_log2, scale,
-        HAS_BIAS: tl.constexpr,
-        BIAS_GRAD: tl.constexpr,
-        BIAS_GRAD_PER_ROW: tl.constexpr,
-        INTERPRETED: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        F_PAD: tl.constexpr,
-        D_PAD: tl.constexpr,
-        Q_BLOCK: tl.constexpr,
+        F: tl.constexpr, HEAD_DIM: tl.constexpr, CLIPS: tl.constexpr, BLOCK_R: tl.constexpr,
+        D_CHUNK: tl.constexpr, F_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+        INTERPRETED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ):
-        head = tl.program_id(1)
-        r2, r3, f3, d3, tile_mask = _row_block(N, F, HEAD_DIM, BLOCK_N, F_PAD, D_PAD)
-        chan = head * HEAD_DIM + d3
-        fj = tl.arange(0, F_PAD)[None, None, :]  # key frames
-        # dq/dk/dv are fresh contiguous (N, F, C) tensors: strides F*C, C, 1.
-        g_row = r3 * F * (HEADS * HEAD_DIM)
-        k = _dot_operand(tl.load(K + r3 * skn + f3 * skf + chan * skc, mask=tile_mask, other=0.0), INTERPRETED)
-        v = _dot_operand(tl.load(V + r3 * svn + f3 * svf + chan * svc, mask=tile_mask, other=0.0), INTERPRETED)
-        dk = tl.zeros((BLOCK_N, F_PAD, D_PAD), dtype=tl.float32)
-        dv = tl.zeros((BLOCK_N, F_PAD, D_PAD), dtype=tl.float32)
-
-        # Query frames in blocks of Q_BLOCK: k, v, dk, dv stay whole, the F x F tiles shrink to
-        # Q_BLOCK x F (long clips would not fit in registers otherwise).
-        for q_start in tl.static_range(0, F_PAD, Q_BLOCK):
-            qf = q_start + tl.arange(0, Q_BLOCK)
-            qi = qf[None, :, None]
-            q_mask = (r3 < N) & (qi < F) & (d3 < HEAD_DIM)
-            q = _dot_operand(tl.load(Q + r3 * sqn + qi * sqf + chan * sqc, mask=q_mask, other=0.0), INTERPRETED)
-            o = _dot_operand(tl.load(Out + r3 * son + qi * sof + chan, mask=q_mask, other=0.0), INTERPRETED)
-            do = _dot_operand(tl.load(DOut + r3 * sdon + qi * sdof + chan * sdoc, mask=q_mask, other=0.0),
-                              INTERPRETED)
-            q2 = qf[None, :]
-            # Padded rows and frames read lse = +inf, so their probabilities come out 0.
-            lse = tl.load(Lse + (r2 * HEADS + head) * F + q2, mask=(r2 < N) & (q2 < F), other=float("inf"))
-            # The probabilities exactly as the forward computed them.
-            p = tl.exp2(_scores_log2(q, k, Bias, r3, qi, fj, head, N, F, sbn, sbh, sbi, sbj, qk_scale_log2,
-                                     HAS_BIAS, INTERPRETED, INPUT_PRECISION) - lse[:, :, None])
-
-            # dV += P^T dO ; dP = dO V^T ; dS = P * (dP - rowsum(dO * O)) ; dQ = dS K ; dK += dS^T Q
-            dv += tl.dot(tl.permute(p.to(do.dtype), (0, 2, 1)), do, input_precision=INPUT_PRECISION)
-            dp = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=INPUT_PRECISION)
-            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=2)
-            ds = p * (dp - delta[:, :, None])  # gradient w.r.t. the natural-unit score (and the bias)
-            ds_op = ds.to(q.dtype)
+        head, tile, clip, n, f, valid = _tile_rows(N, HEADS, F, CLIPS, BLOCK_R)
+        q_rows, k_rows = n * sqn + f * sqf, n * skn + f * skf
+        v_rows, do_rows = n * svn + f * svf, n * sdon + f * sdof
+        out_rows = (n * F + f) * (HEADS * HEAD_DIM)  # out, dq, dk, dv: contiguous (N, F, C)
+        s = _scores_log2(Q, K, Bias, q_rows, k_rows, clip, n, f, valid, head, sqc, skc, sbn, sbh, sbi, sbj,
+                         qk_scale_log2, HEAD_DIM, D_CHUNK, BLOCK_R, HAS_BIAS, INTERPRETED, INPUT_PRECISION)
+        # dP = dO V^T and Delta = rowsum(dO * O), reduced over head_dim like the scores.
+        dp = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
+        delta = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for col0 in range(0, HEAD_DIM, D_CHUNK):
+            do = _load_cols(DOut, do_rows, valid, col0, head, sdoc, HEAD_DIM, D_CHUNK, INTERPRETED)
+            v = _load_cols(V, v_rows, valid, col0, head, svc, HEAD_DIM, D_CHUNK, INTERPRETED)
+            o = _load_cols(Out, out_rows, valid, col0, head, 1, HEAD_DIM, D_CHUNK, INTERPRETED)
+            dp = tl.dot(do, tl.trans(v), dp, input_precision=INPUT_PRECISION)
+            delta += tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        # The probabilities exactly as the forward computed them; missing rows read lse = +inf,
+        # so theirs are 0.
+        lse = tl.load(Lse + (n * HEADS + head) * F + f, mask=valid, other=float("inf"))
+        p = tl.exp2(s - lse[:, None])
+        ds = p * (dp - delta[:, None])  # d(loss)/d(natural-unit score), = d(loss)/d(bias)
+        if BIAS_GRAD != 0:
+            _store_bias_grad(DBias, ds, clip, n, f, valid, head, tile, HEADS, F, F_PAD, BIAS_GRAD)
+        p_op = probs_operand(p, Q, INTERPRETED)
+        ds_op = probs_operand(ds, Q, INTERPRETED)
+        for col0 in range(0, HEAD_DIM, D_CHUNK):
+            do = _load_cols(DOut, do_rows, valid, col0, head, sdoc, HEAD_DIM, D_CHUNK, INTERPRETED)
+            dv = tl.dot(tl.trans(p_op), do, input_precision=INPUT_PRECISION)
+            _store_cols(DV, out_rows, valid, col0, head, dv, HEAD_DIM, D_CHUNK, INTERPRETED)
+            k = _load_cols(K, k_rows, valid, col0, head, skc, HEAD_DIM, D_CHUNK, INTERPRETED)
             dq = tl.dot(ds_op, k, input_precision=INPUT_PRECISION) * scale
-            dk += tl.dot(tl.permute(ds_op, (0, 2, 1)), q, input_precision=INPUT_PRECISION)
-            tl.store(DQ + g_row + qi * (HEADS * HEAD_DIM) + chan, _for_store(dq, DQ, INTERPRETED), mask=q_mask)
-            if BIAS_GRAD:
-                _add_bias_grad(DBias, ds, r3, qf, N, F, head, sdbn, sdbh, F_PAD, BIAS_GRAD_PER_ROW)
-
-        g_off = g_row + f3 * (HEADS * HEAD_DIM) + chan
-        tl.store(DK + g_off, _for_store(dk * scale, DK, INTERPRETED), mask=tile_mask)
-        tl.store(DV + g_off, _for_store(dv, DV, INTERPRETED), mask=tile_mask)
+            _store_cols(DQ, out_rows, valid, col0, head, dq, HEAD_DIM, D_CHUNK, INTERPRETED)
+            q = _load_cols(Q, q_rows, valid, col0, head, sqc, HEAD_DIM, D_CHUNK, INTERPRETED)
+            dk = tl.dot(tl.trans(ds_op), q, input_precision=INPUT_PRECISION) * scale
+            _store_cols(DK, out_rows, valid, col0, head, dk, HEAD_DIM, D_CHUNK, INTERPRETED)
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers
+# Launch configurations
 # ----------------------------------------------------------------------------------------------
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def _padded_dims(frames: int, head_dim: int) -> tuple[int, int]:
-    # tl.dot needs every dimension >= 16.
-    return max(16, _next_pow2(frames)), max(16, _next_pow2(head_dim))
+_CHUNKS = (16, 32, 64, 128)  # tl.dot needs every dimension >= 16
+_TILE_ROWS = (32, 64, 128)
+# Under the interpreter every program costs ~2 ms of Python per nested call: tiles of up to 128
+# rows (larger ones cost more per row in numpy).
+_INTERPRETER_MAX_ROWS = 128
 
 
-def _q_block(f_pad: int) -> int:
-    return f_pad if f_pad < _BLOCKED_FROM_F_PAD else min(_Q_BLOCK, f_pad)
+def _chunk_choices(head_dim: int) -> tuple[int, int]:
+    """(narrow, wide) head_dim chunks that pad head_dim least (40 -> 16; 80 -> 16; 160 -> 16 or
+    32; 64 -> 16 or 64). Narrow chunks keep few registers live (compiled for sm_90, backward,
+    64-row tiles: ~128 registers in chunks of 16 against 255 and spills for one chunk of 128 at
+    head_dim 80); wide ones take fewer, larger dots."""
+    padded = {c: -(-head_dim // c) * c for c in _CHUNKS}
+    least = [c for c in _CHUNKS if padded[c] == min(padded.values())]
+    return least[0], least[-1]
 
 
-def _row_elems(f_pad: int, d_pad: int, backward: bool) -> int:
-    """Live tile elements per row of a program (see the register budget above)."""
-    q_block = _q_block(f_pad)
-    tiles = 4 if backward else 2  # (k, v[, dk, dv]), (q, out[, dout, dq]), (s, p[, dP, dS])
-    return tiles * (f_pad * d_pad + q_block * d_pad + q_block * f_pad)
+def _rows_choices(frames: int) -> list[int]:
+    """Rows per tile worth trying: powers of two holding at least one clip, each filled to at
+    least half with whole clips (F = 33: 128 rows hold 3 clips, 64 only one)."""
+    fits = [r for r in _TILE_ROWS if r >= frames]
+    good = [r for r in fits if (r // frames) * frames * 2 >= r]
+    return good or fits[-1:]
 
 
-def _pick_block_rows(n_rows: int, f_pad: int, d_pad: int, backward: bool, interpret: bool) -> tuple[int, int]:
-    """Rows per program (a power of two) and warps per program."""
-    row_elems = _row_elems(f_pad, d_pad, backward)
-    per_thread = _BWD_ELEMS_PER_THREAD if backward else _FWD_ELEMS_PER_THREAD
-    if interpret:
-        bn = max(1, _INTERPRETER_TILE_ELEMS // (f_pad * max(d_pad, f_pad)))
-    else:
-        bn = max(1, per_thread * 32 * _MAX_WARPS // row_elems)
-    bn = min(1 << (bn.bit_length() - 1), _next_pow2(n_rows))  # a power of two, no more than needed
-    warps_needed = -(-bn * row_elems // (32 * per_thread))
-    warps = min(_MAX_WARPS, max(4, _next_pow2(warps_needed)))
-    return bn, warps
+def _candidates(frames: int, head_dim: int, n: int, interpreted: bool, backward: bool = False) -> list[LaunchConfig]:
+    """Launch configurations for one (F, head_dim) and direction; the first is the heuristic
+    choice. At most four, so autotuning a key costs a few seconds of compiling. Rows per tile
+    trade the block-diagonal waste (R x R products for R/F clips of F x F) against the
+    programs' count; every live R x R or R x chunk tile costs registers (sm_90 figures in
+    docs/temporal_attention.md)."""
+    if interpreted:  # few, large programs; one configuration
+        rows = max(16, _next_pow2(frames), min(_INTERPRETER_MAX_ROWS, _next_pow2(n * frames)))
+        return [launch_config(4, BLOCK_R=rows, D_CHUNK=max(16, _next_pow2(head_dim)))]
+    narrow, wide = _chunk_choices(head_dim)
+    rows = _rows_choices(frames)
+    default_rows = 64 if 64 in rows else rows[-1]
+
+    def config(r: int, chunk: int) -> LaunchConfig:
+        warps = 4 if r == 32 or (r == 64 and not backward) else 8
+        stages = 1 if chunk >= head_dim else 2  # a pipelined loop only when there are chunks
+        return launch_config(warps, stages, BLOCK_R=r, D_CHUNK=chunk)
+
+    wide_rows = 32 if backward and 32 in rows else default_rows
+    picks = [(default_rows, narrow)] + [(r, narrow) for r in rows if r != default_rows] + [(wide_rows, wide)]
+    return list(dict.fromkeys(config(r, c) for r, c in picks))[:4]
+
+
+def _pick(tuner: Autotuner, key, candidates: list[LaunchConfig], launch) -> LaunchConfig:
+    """The tuned configuration for ``key``; measuring launches ``launch(cfg)`` repeatedly (the
+    kernels only write their outputs, so repeats are harmless). Never measures while a CUDA graph
+    is being captured: the heuristic choice then."""
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+    def measure(cfg: LaunchConfig) -> float:
+        return triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=25)
+
+    return tuner.pick(key, candidates, measure, tune=autotune_enabled() and not capturing)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def _common_args(q, k, v, bias4, heads):
+    """Inputs as the kernels take them (interpreted bf16 as int16 bits), their strides, and the
+    constexprs every launch shares."""
+    n, f, c = q.shape
+    interpreted = interpreter_enabled()
+    bias_t, bias_strides = bias_view(bias4, n, heads, f)
+    tensors = [interpreter_view(t, interpreted) for t in (q, k, v)]
+    tensors.append(interpreter_view(bias_t, interpreted) if bias_t is not None else tensors[0])
+    strides = (*q.stride(), *k.stride(), *v.stride(), *bias_strides)
+    constexprs = dict(F=f, HEAD_DIM=c // heads, HAS_BIAS=bias_t is not None, INTERPRETED=interpreted,
+                      INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    return tensors, strides, constexprs
+
+
+def _grid(n: int, frames: int, heads: int, cfg: LaunchConfig) -> tuple[int]:
+    return (triton.cdiv(n, cfg["BLOCK_R"] // frames) * heads,)
+
+
+def _launch_forward(q, k, v, bias4, heads, scale, store_lse=True, config: LaunchConfig | None = None):
+    """(out, lse): lse is empty when ``store_lse`` is False (nothing will need gradients)."""
+    n, f, c = q.shape
+    out = torch.empty((n, f, c), dtype=q.dtype, device=q.device)
+    lse = torch.empty((n, heads, f) if store_lse else (0,), dtype=torch.float32, device=q.device)
+    if n == 0:
+        return out, lse
+    (q_, k_, v_, bias_), strides, constexprs = _common_args(q, k, v, bias4, heads)
+    out_ = interpreter_view(out, constexprs["INTERPRETED"])
+
+    def launch(cfg: LaunchConfig):
+        _attn_fwd_kernel[_grid(n, f, heads, cfg)](
+            q_, k_, v_, bias_, out_, lse, n, heads, *strides, scale * reference.LOG2E,
+            CLIPS=cfg["BLOCK_R"] // f, STORE_LSE=store_lse, **cfg.launch_kwargs(), **constexprs)
+
+    key = (f, c // heads, q.dtype, constexprs["HAS_BIAS"])
+    candidates = _candidates(f, c // heads, n, constexprs["INTERPRETED"])
+    cfg = config or _pick(FORWARD_TUNER, key, candidates, launch)
+    launch(cfg)
+    return out, lse
+
+
+def _bias_grad_mode(bias4, bias_needs_grad: bool) -> int:
+    if not bias_needs_grad:
+        return _NO_BIAS_GRAD
+    return _BIAS_GRAD_PER_CLIP if bias4.shape[0] != 1 else _BIAS_GRAD_PER_TILE
+
+
+def _launch_backward(q, k, v, bias4, out, lse, dout, heads, scale, bias_needs_grad,
+                     config: LaunchConfig | None = None):
+    """(dq, dk, dv, dbias), dbias summed to ``bias_grad_shape`` (empty without a bias gradient)."""
+    n, f, c = q.shape
+    dq, dk, dv = (torch.empty((n, f, c), dtype=q.dtype, device=q.device) for _ in range(3))
+    mode = _bias_grad_mode(bias4, bias_needs_grad)
+    if n == 0:
+        shape = bias_grad_shape(bias4, n, heads, f) if mode else (0,)
+        return dq, dk, dv, torch.zeros(shape, dtype=torch.float32, device=q.device)
+    (q_, k_, v_, bias_), strides, constexprs = _common_args(q, k, v, bias4, heads)
+    dout = dout.to(q.dtype)
+    out_, dout_, dq_, dk_, dv_ = (interpreter_view(t, constexprs["INTERPRETED"]) for t in (out, dout, dq, dk, dv))
+
+    def launch(cfg: LaunchConfig) -> torch.Tensor:
+        tiles = triton.cdiv(n, cfg["BLOCK_R"] // f)
+        slots = {_NO_BIAS_GRAD: 0, _BIAS_GRAD_PER_CLIP: n, _BIAS_GRAD_PER_TILE: tiles}[mode]
+        dbias = torch.empty((slots, heads, f, f), dtype=torch.float32, device=q.device)
+        _attn_bwd_kernel[_grid(n, f, heads, cfg)](
+            q_, k_, v_, bias_, out_, dout_, lse, dq_, dk_, dv_, dbias, n, heads, *strides, *dout.stride(),
+            scale * reference.LOG2E, scale,
+            CLIPS=cfg["BLOCK_R"] // f, BIAS_GRAD=mode, F_PAD=max(16, _next_pow2(f)), **cfg.launch_kwargs(),
+            **constexprs)
+        return dbias
+
+    key = (f, c // heads, q.dtype, constexprs["HAS_BIAS"], mode)
+    candidates = _candidates(f, c // heads, n, constexprs["INTERPRETED"], backward=True)
+    cfg = config or _pick(BACKWARD_TUNER, key, candidates, launch)
+    dbias = launch(cfg)
+    if mode == _NO_BIAS_GRAD:
+        return dq, dk, dv, dbias.new_empty(0)
+    # rows and heads the bias broadcasts over: summed here, deterministically
+    return dq, dk, dv, dbias.sum_to_size(bias_grad_shape(bias4, n, heads, f))
 
 
 def temporal_attention_supports(q: torch.Tensor, heads: int) -> str | None:
@@ -312,89 +380,8 @@ def temporal_attention_supports(q: torch.Tensor, heads: int) -> str | None:
     return None
 
 
-def _interpreter_view(t: torch.Tensor | None, interpreted: bool) -> torch.Tensor | None:
-    """Interpreted, a bf16 tensor goes in as an int16 view of the same memory (no copy); the
-    kernel moves the bits itself (see ``_to_fp32``)."""
-    if t is None or not interpreted or t.dtype != torch.bfloat16:
-        return t
-    return t.view(torch.int16)
-
-
-def _bias_view(bias4: torch.Tensor | None, n: int, heads: int, f: int):
-    """(bias expanded to (N, heads, F, F), its four strides): zero strides for broadcast dims."""
-    if bias4 is None:
-        return None, (0, 0, 0, 0)
-    expanded = bias4.expand(n, heads, f, f)
-    return expanded, tuple(expanded.stride())
-
-
-def _bias_grad_shape(bias4: torch.Tensor, n: int, heads: int, f: int) -> tuple[int, int, int, int]:
-    """The fp32 buffer the bias gradient is summed into: one slot per row and head the bias has
-    by shape (a bias that is itself an expanded view still gets a per-element gradient, as
-    autograd expects)."""
-    return (n if bias4.shape[0] != 1 else 1, heads if bias4.shape[1] != 1 else 1, f, f)
-
-
-def _launch_config(q, heads, backward: bool):
-    n, f, c = q.shape
-    f_pad, d_pad = _padded_dims(f, c // heads)
-    interpreted = interpreter_enabled()
-    bn, warps = _pick_block_rows(n, f_pad, d_pad, backward=backward, interpret=interpreted)
-    return dict(grid=(triton.cdiv(n, bn), heads), interpreted=interpreted,
-                constexprs=dict(INTERPRETED=interpreted,
-                                INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                                BLOCK_N=bn, F_PAD=f_pad, D_PAD=d_pad, Q_BLOCK=_q_block(f_pad),
-                                num_warps=warps, num_stages=1))
-
-
-def _launch_forward(q, k, v, bias4, heads, scale):
-    n, f, c = q.shape
-    out = torch.empty((n, f, c), dtype=q.dtype, device=q.device)
-    lse = torch.empty((n, heads, f), dtype=torch.float32, device=q.device)
-    if n == 0:
-        return out, lse
-    cfg = _launch_config(q, heads, backward=False)
-    bias_t, bias_strides = _bias_view(bias4, n, heads, f)
-    q_, k_, v_, out_, bias_ = (_interpreter_view(t, cfg["interpreted"]) for t in (q, k, v, out, bias_t))
-    _temporal_attn_fwd_kernel[cfg["grid"]](
-        q_, k_, v_, bias_ if bias_ is not None else q_, out_, lse,
-        n, f, heads, c // heads,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides, out.stride(0), out.stride(1),
-        scale * reference.LOG2E,
-        HAS_BIAS=bias_t is not None, **cfg["constexprs"],
-    )
-    return out, lse
-
-
-def _launch_backward(q, k, v, bias4, out, lse, dout, heads, scale, bias_needs_grad):
-    n, f, c = q.shape
-    dq, dk, dv = (torch.empty((n, f, c), dtype=q.dtype, device=q.device) for _ in range(3))
-    dbias = (torch.zeros(_bias_grad_shape(bias4, n, heads, f), dtype=torch.float32, device=q.device)
-             if bias_needs_grad else q.new_empty(0, dtype=torch.float32))
-    if n == 0:
-        return dq, dk, dv, dbias
-    cfg = _launch_config(q, heads, backward=True)
-    bias_t, bias_strides = _bias_view(bias4, n, heads, f)
-    dout = dout.to(q.dtype)
-    q_, k_, v_, bias_, out_, dout_, dq_, dk_, dv_ = (
-        _interpreter_view(t, cfg["interpreted"]) for t in (q, k, v, bias_t, out, dout, dq, dk, dv))
-    per_row = bias_needs_grad and dbias.shape[0] != 1
-    per_head = bias_needs_grad and dbias.shape[1] != 1
-    _temporal_attn_bwd_kernel[cfg["grid"]](
-        q_, k_, v_, bias_ if bias_ is not None else q_, out_, dout_, lse, dq_, dk_, dv_, dbias,
-        n, f, heads, c // heads,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides, out.stride(0), out.stride(1),
-        *dout.stride(),
-        dbias.stride(0) if per_row else 0, dbias.stride(1) if per_head else 0,
-        scale * reference.LOG2E, scale,
-        HAS_BIAS=bias_t is not None, BIAS_GRAD=bias_needs_grad, BIAS_GRAD_PER_ROW=per_row,
-        **cfg["constexprs"],
-    )
-    return dq, dk, dv, dbias
-
-
 # ----------------------------------------------------------------------------------------------
-# The torch ops: fastvader::temporal_attention_fwd, fastvader::temporal_attention_bwd
+# The torch ops: fastvader::temporal_attention_fwd, _bwd (training) and _infer (no gradients)
 # ----------------------------------------------------------------------------------------------
 def _runs_triton(device: torch.device) -> bool:
     return _HAS_TRITON and active_backend(device) != "reference"
@@ -405,9 +392,11 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opti
                    heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse): out (N, F, C) contiguous, lse (N, heads, F) fp32 in log2 units. ``bias`` is
     four-dimensional, broadcasting to (N, heads, F, F)."""
-    if _runs_triton(q.device):
-        return _launch_forward(q, k, v, bias, heads, scale)
-    return reference.temporal_attention_forward(q, k, v, bias, heads, scale)
+    if not _runs_triton(q.device):
+        return reference.temporal_attention_forward(q, k, v, bias, heads, scale)
+    if kernel_impl() == "v1":
+        return temporal_attention_v1.launch_forward(q, k, v, bias, heads, scale)
+    return _launch_forward(q, k, v, bias, heads, scale)
 
 
 @_attention_fwd.register_fake
@@ -416,26 +405,44 @@ def _attention_fwd_fake(q, k, v, bias, heads, scale):
     return q.new_empty((n, f, c)), q.new_empty((n, heads, f), dtype=torch.float32)
 
 
+@torch.library.custom_op("fastvader::temporal_attention_infer", mutates_args=())
+def _attention_infer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                     heads: int, scale: float) -> torch.Tensor:
+    """The forward when nothing needs gradients: the output only, no log-sum-exp stored."""
+    if not _runs_triton(q.device):
+        return reference.temporal_attention_forward(q, k, v, bias, heads, scale)[0]
+    if kernel_impl() == "v1":
+        return temporal_attention_v1.launch_forward(q, k, v, bias, heads, scale)[0]
+    return _launch_forward(q, k, v, bias, heads, scale, store_lse=False)[0]
+
+
+@_attention_infer.register_fake
+def _attention_infer_fake(q, k, v, bias, heads, scale):
+    return q.new_empty(q.shape)
+
+
 @torch.library.custom_op("fastvader::temporal_attention_bwd", mutates_args=())
 def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    bias: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, heads: int,
                    scale: float, bias_needs_grad: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias): dbias is the fp32 gradient summed over the rows and heads the bias
-    broadcasts over (see ``_bias_grad_shape``), or empty when ``bias_needs_grad`` is False."""
+    broadcasts over (see ``bias_grad_shape``), or empty when ``bias_needs_grad`` is False."""
     if _runs_triton(q.device):
+        if kernel_impl() == "v1":
+            return temporal_attention_v1.launch_backward(q, k, v, bias, out, lse, dout, heads, scale, bias_needs_grad)
         return _launch_backward(q, k, v, bias, out, lse, dout, heads, scale, bias_needs_grad)
     dq, dk, dv, dscores = reference.temporal_attention_backward(dout, q, k, v, bias, out, lse, heads, scale)
     if not bias_needs_grad:
         return dq, dk, dv, dscores.new_empty(0)
     n, f, _ = q.shape
-    return dq, dk, dv, dscores.sum_to_size(_bias_grad_shape(bias, n, heads, f))
+    return dq, dk, dv, dscores.sum_to_size(bias_grad_shape(bias, n, heads, f))
 
 
 @_attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, bias, out, lse, heads, scale, bias_needs_grad):
     n, f, _ = q.shape
-    dbias_shape = _bias_grad_shape(bias, n, heads, f) if bias_needs_grad else (0,)
+    dbias_shape = bias_grad_shape(bias, n, heads, f) if bias_needs_grad else (0,)
     return (*(q.new_empty(q.shape) for _ in range(3)), q.new_empty(dbias_shape, dtype=torch.float32))
 
 
@@ -478,9 +485,10 @@ def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
         (N, F, C) contiguous output in the dtype of q.
 
     Runs the Triton kernel on CUDA tensors (and under the Triton interpreter on CPU when
-    TRITON_INTERPRET=1); otherwise the same op in plain PyTorch. On the Triton path, inputs the
-    kernel cannot take (F > 128, head_dim > 256, float64) raise ValueError: call
-    :func:`fastvader.kernels.temporal_attention_reference` for those.
+    TRITON_INTERPRET=1); otherwise the same op in plain PyTorch. When nothing needs gradients
+    (grad mode off, or no input requiring grad) it takes the inference op, which stores no
+    log-sum-exp. On the Triton path, inputs the kernel cannot take (F > 128, head_dim > 256,
+    float64) raise ValueError: call :func:`fastvader.kernels.temporal_attention_reference` for those.
     """
     check_attention(q, k, v, heads)
     bias4 = attention_bias(bias, q, heads)
@@ -489,4 +497,7 @@ def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
         if why_not is not None:
             raise ValueError(f"temporal_attention ({active_backend(q.device)} path): {why_not}; "
                              "use temporal_attention_reference for such inputs")
-    return _attention_fwd(q, k, v, bias4, heads, attention_scale(q, heads, scale))[0]
+    scale = attention_scale(q, heads, scale)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias4)):
+        return _attention_fwd(q, k, v, bias4, heads, scale)[0]
+    return _attention_infer(q, k, v, bias4, heads, scale)

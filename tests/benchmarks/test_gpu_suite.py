@@ -26,7 +26,7 @@ def _suite():
 def test_dry_run_measures_both_paths(tmp_path):
     suite = _suite()
     out = tmp_path / "suite.json"
-    results = suite.main(["--dry-run", "--only", "K=1 one frame", "--json", str(out)])
+    results = suite.main(["--dry-run", "--only", "K=1 one frame", "--skip-kernels", "--json", str(out)])
     saved = json.loads(out.read_text())
     runs = saved["runs"]
     assert [r["path"] for r in runs] == ["baseline", "fastvader"]

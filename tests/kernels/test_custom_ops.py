@@ -1,14 +1,15 @@
 """The ops as torch custom ops: ``torch.library.opcheck`` (schema, autograd registration, fake
 implementation against the real one, and AOT-autograd tracing with dynamic shapes) on odd
-shapes, for the Triton path (the interpreter on CPU) and the plain-PyTorch path."""
+shapes, for the Triton path (the interpreter on CPU) and the plain-PyTorch path: the training ops
+(forward, backward) and the inference ops (no statistics, no log-sum-exp)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from fastvader.kernels import active_backend
-from fastvader.kernels.ops.group_norm import _group_norm_bwd, _group_norm_fwd
-from fastvader.kernels.ops.temporal_attention import _attention_bwd, _attention_fwd
+from fastvader.kernels.ops.group_norm import _group_norm_bwd, _group_norm_bwd_input, _group_norm_fwd, _group_norm_infer
+from fastvader.kernels.ops.temporal_attention import _attention_bwd, _attention_fwd, _attention_infer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -49,11 +50,13 @@ def test_group_norm_opcheck(case, path):
     weight = _randn(c, generator=g) if affine else None
     bias = _randn(c, grad=False, generator=g) if affine else None
     torch.library.opcheck(_group_norm_fwd, (x, weight, bias, groups, 1e-5, activation, None, None))
-    # the backward op on its own, fed what the forward saves
+    # the backward ops on their own (with parameter gradients, and dx alone), fed what the forward saves
     _, mean, rstd = _group_norm_fwd(x, weight, bias, groups, 1e-5, activation, None, None)
     dy = torch.randn(x.shape, generator=g).to(DEVICE)
     x, weight, bias = (None if t is None else t.detach() for t in (x, weight, bias))
-    torch.library.opcheck(_group_norm_bwd, (dy, x, mean, rstd, weight, bias, groups, activation, None, None))
+    for backward in (_group_norm_bwd, _group_norm_bwd_input):
+        torch.library.opcheck(backward, (dy, x, mean, rstd, weight, bias, groups, activation, None, None))
+    torch.library.opcheck(_group_norm_infer, (x, weight, bias, groups, 1e-5, activation, None, None))
 
 
 # (N, F, C, heads, bias shape or None, bias requires grad)
@@ -80,3 +83,4 @@ def test_temporal_attention_opcheck(case, path):
     dout = torch.randn(out.shape, generator=g).to(DEVICE)
     q, k, v, bias, out = (None if t is None else t.detach() for t in (q, k, v, bias, out))
     torch.library.opcheck(_attention_bwd, (dout, q, k, v, bias, out, lse, heads, 0.4, bias_grad))
+    torch.library.opcheck(_attention_infer, (q, k, v, bias, heads, 0.4))

@@ -1,10 +1,12 @@
 """Fused GroupNorm(+SiLU): the Triton kernels (under TRITON_INTERPRET=1 without a GPU) against
-a float64 reference, what forward keeps for backward, and the diffusers drop-in."""
+a float64 reference on both paths (resident groups, split slices), what forward keeps for
+backward, the inference op, the v1 kernels, and the diffusers drop-in."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastvader.kernels._group_norm_layout import Layout
 from fastvader.kernels.modules import FusedGroupNormAct
 from fastvader.kernels.ops import group_norm as gn_mod
 from fastvader.kernels.ops.group_norm import group_norm, group_norm_triton
@@ -15,18 +17,21 @@ needs_kernel = pytest.mark.skipif(gn_mod.group_norm_backend("cpu") == "reference
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Pairwise cover of N {1,2} x C {32,96,128} x groups {8,32} x spatial {7x5, 16x16, 3x9x11} x
-# {fp32, bf16} x {contiguous, channels_last}: every value of every axis, most pairs, few programs.
+# {fp32, bf16} x {contiguous, channels_last} x {with, without parameter gradients}: every value
+# of every axis, most pairs, few programs. Contiguous inputs take the resident path (its backward
+# when no parameter needs a gradient), channels-last ones the split path.
 CASES = [
-    (1, 32, 8, (7, 5), torch.float32, False, "silu"),
-    (2, 32, 8, (16, 16), torch.bfloat16, True, "silu"),
-    (2, 96, 8, (3, 9, 11), torch.float32, True, "silu"),
-    (1, 96, 32, (7, 5), torch.bfloat16, False, None),
-    (2, 128, 8, (16, 16), torch.float32, False, "silu"),
-    (1, 128, 32, (3, 9, 11), torch.bfloat16, False, "silu"),
-    (1, 96, 32, (16, 16), torch.float32, True, None),
-    (1, 128, 8, (7, 5), torch.bfloat16, True, "silu"),
-    (1, 32, 8, (3, 9, 11), torch.float32, False, None),
+    (1, 32, 8, (7, 5), torch.float32, False, "silu", False),
+    (2, 32, 8, (16, 16), torch.bfloat16, True, "silu", True),
+    (2, 96, 8, (3, 9, 11), torch.float32, True, "silu", False),
+    (1, 96, 32, (7, 5), torch.bfloat16, False, None, True),
+    (2, 128, 8, (16, 16), torch.float32, False, "silu", True),
+    (1, 128, 32, (3, 9, 11), torch.bfloat16, False, "silu", False),
+    (1, 96, 32, (16, 16), torch.float32, True, None, True),
+    (1, 128, 8, (7, 5), torch.bfloat16, True, "silu", False),
+    (1, 32, 8, (3, 9, 11), torch.float32, False, None, False),
 ]
+CASE_NAMES = "N,C,G,spatial,dtype,channels_last,act,param_grads"
 
 
 def _inputs(N, C, spatial, dtype, channels_last, seed=0):
@@ -39,40 +44,136 @@ def _inputs(N, C, spatial, dtype, channels_last, seed=0):
     return x.to(DEVICE), w.to(DEVICE), b.to(DEVICE)
 
 
-def _against_float64(x, w, b, G, act, fn, tol):
+def _against_float64(x, w, b, G, act, fn, tol, param_grads=True, dy=None):
+    """y and the gradients of ``fn`` against the float64 oracle; the weight and bias require
+    grad only with ``param_grads``. ``dy`` defaults to a contiguous random tensor."""
     x = x.clone().requires_grad_(True)
-    w = w.clone().requires_grad_(True)
-    b = b.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(param_grads)
+    b = b.clone().requires_grad_(param_grads)
     y = fn(x, G, w, b, 1e-5, act)
     assert y.dtype == x.dtype and y.shape == x.shape
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y)
-    gx, gw, gb = torch.autograd.grad(y, (x, w, b), dy)
+    if dy is None:
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y)
+    inputs = (x, w, b) if param_grads else (x,)
+    grads = torch.autograd.grad(y, inputs, dy)
     x64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (x, w, b))
     y64 = group_norm_reference(x64, G, w64, b64, 1e-5, act)
-    rx, rw, rb = torch.autograd.grad(y64, (x64, w64, b64), dy.double())
-    for name, got, ref in (("y", y, y64), ("dx", gx, rx), ("dweight", gw, rw), ("dbias", gb, rb)):
+    want = torch.autograd.grad(y64, (x64, w64, b64), dy.double())
+    for name, got, ref in zip(("y", "dx", "dweight", "dbias"), (y, *grads), (y64, *want)):
         err = (got.double() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
         assert err < tol, f"{name}: max error {err:.2e} relative to max |ref| (tolerance {tol:.0e})"
-    return y, gx
+    return y, grads[0]
 
 
 @needs_kernel
-@pytest.mark.parametrize("N,C,G,spatial,dtype,channels_last,act", CASES)
-def test_kernel_matches_float64_reference(N, C, G, spatial, dtype, channels_last, act):
+@pytest.mark.parametrize(CASE_NAMES, CASES)
+def test_kernel_matches_float64_reference(N, C, G, spatial, dtype, channels_last, act, param_grads):
     x, w, b = _inputs(N, C, spatial, dtype, channels_last)
     tol = 2e-5 if dtype == torch.float32 else 2e-2
-    y, gx = _against_float64(x, w, b, G, act, group_norm_triton, tol)
+    y, gx = _against_float64(x, w, b, G, act, group_norm_triton, tol, param_grads)
     assert y.stride() == x.stride() and gx.stride() == x.stride()  # memory format kept, no copy
 
 
 @needs_kernel
-@pytest.mark.parametrize("tile,split,C,G", [(128, 3, 32, 8), (64, 1, 128, 1)])
-def test_looped_and_split_groups(tile, split, C, G):
-    """Groups bigger than one tile: loops over channel and spatial blocks, and groups cut into
-    slices whose partial sums are combined (the GPU path's configuration, at small scale)."""
-    x, w, b = _inputs(1, C, (7, 5) if G == 1 else (16, 16), torch.float32, False)
-    _against_float64(x, w, b, G, "silu",
-                     lambda *a: group_norm_triton(*a, tile=tile, split=split), 2e-5)
+@pytest.mark.parametrize("shape,G,tile,split,channels_last", [
+    ((1, 8, 16, 16), 2, 64, 2, False),  # spatial tiles looped within each of 2 slices
+    ((2, 128, 7, 5), 1, 1024, 1, False),  # a 128-channel group: the merge loops over channel chunks
+    ((1, 32, 5, 3), 16, 256, 1, False),  # one tile spans 8 groups of 2 channels
+    ((1, 32, 16, 16), 8, 128, 3, True),  # channels-last tiles across groups, looped, 3 slices
+], ids=["looped-slices", "wide-group", "tile-spans-groups", "channels-last"])
+@pytest.mark.parametrize("param_grads", [True, False], ids=["param-grads", "no-param-grads"])
+def test_split_path(shape, G, tile, split, channels_last, param_grads):
+    """The split path at small scale (forced, with small tiles): per-channel partials merged
+    across tiles, slices and channels (the GPU path for VAE-size groups)."""
+    x, w, b = _inputs(shape[0], shape[1], shape[2:], torch.float32, channels_last)
+    _against_float64(x, w, b, G, "silu", lambda *a: group_norm_triton(*a, tile=tile, split=split), 2e-5,
+                     param_grads)
+
+
+def test_plans_pick_resident_groups_for_the_unet_and_split_for_the_vae():
+    """UNet-size groups (up to 10 channels x 48 x 48 on a GPU) stay on chip; VAE decoder groups and
+    channels-last inputs take the split path; plans are cached."""
+    def plan(shape, memory_format=torch.contiguous_format, sms=132):
+        x = torch.empty(shape, device="meta").to(memory_format=memory_format)
+        return gn_mod._cached_plan(tuple(x.shape), tuple(x.stride()), 32, sms, None, None)
+
+    assert plan((32, 320, 48, 48)).resident_block == 32768  # 10 x 2304 = 23,040 elements
+    assert plan((32, 1280, 6, 6)).resident_block == 2048
+    assert plan((2, 320, 16, 48, 48)).resident_block == 0  # the 3-D temporal norm's group: 368,640
+    vae = plan((16, 512, 48, 48))
+    assert vae.resident_block == 0 and vae.split >= 1 and not vae.layout.c_fast
+    cl = plan((32, 320, 48, 48), torch.channels_last)
+    assert cl.resident_block == 0 and cl.layout.c_fast and cl.block_c == 64
+    assert plan((16, 512, 48, 48)) is vae  # cached
+
+
+def _formatted(shape, fmt, generator):
+    """A random tensor of ``shape`` in memory format ``fmt``."""
+    if fmt == "frame_major":  # a (B, C, F, H, W) view of (B, F, C, H, W) memory (TemporalConvLayer)
+        b, c, f, h, w = shape
+        return torch.randn(b, f, c, h, w, generator=generator).to(DEVICE).permute(0, 2, 1, 3, 4)
+    if fmt == "transposed":  # the last two dims swapped in memory: they do not chain
+        return torch.randn(*shape[:-2], shape[-1], shape[-2], generator=generator).to(DEVICE).transpose(-1, -2)
+    t = torch.randn(shape, generator=generator).to(DEVICE)
+    return t.to(memory_format=torch.channels_last) if fmt == "channels_last" else t
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape,x_format,dy_format,read_in_place", [
+    ((2, 16, 5, 4), "channels_last", "contiguous", True),
+    ((1, 16, 3, 5, 4), "frame_major", "contiguous", True),
+    ((2, 16, 5, 4), "contiguous", "channels_last", True),
+    ((2, 16, 5, 4), "contiguous", "transposed", False),
+])
+def test_dy_with_other_strides(shape, x_format, dy_format, read_in_place):
+    """dy whose strides differ from x's is read through its own strides (the layout addresses
+    it: no copy); only a dy the layout cannot address is made contiguous first. Both backward
+    paths (resident, split) give the float64 reference's gradients either way."""
+    g = torch.Generator().manual_seed(4)
+    x, dy = _formatted(shape, x_format, g), _formatted(shape, dy_format, g)
+    assert dy.stride() != x.stride()
+    layout = Layout(x)
+    assert (layout.strides_of(dy) is not None) == read_in_place
+    w, b = torch.randn(16).to(DEVICE), torch.randn(16).to(DEVICE)
+    for param_grads in (False, True):
+        _against_float64(x, w, b, 4, "silu", group_norm_triton, 2e-5, param_grads, dy=dy)
+
+
+@needs_kernel
+def test_inference_op_stores_no_statistics(monkeypatch):
+    """With nothing requiring grad (or under no_grad) the inference op runs: the same output,
+    no statistics written."""
+    calls = []
+    launch = gn_mod._forward_launch
+    monkeypatch.setattr(gn_mod, "_forward_launch", lambda *a, **k: calls.append(k.get("store_stats", True)) or launch(*a, **k))
+    for split in (None, 2):  # resident and split paths
+        x, w, b = _inputs(2, 32, (7, 5), torch.float32, False)
+        want = group_norm_reference(x.double(), 8, w.double(), b.double(), 1e-5, "silu")
+        y = group_norm_triton(x, 8, w, b, 1e-5, "silu", split=split)
+        with torch.no_grad():
+            y_no_grad = group_norm_triton(x.requires_grad_(), 8, w, b, 1e-5, "silu", split=split)
+        for got in (y, y_no_grad):
+            assert (got.double() - want).abs().max() < 1e-5
+    assert calls == [False, False, False, False]
+    group_norm_triton(x, 8, w, b, 1e-5, "silu")  # x requires grad: the training op, statistics kept
+    assert calls[-1] is True
+
+
+@needs_kernel
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_v1_kernels_stay_reachable(channels_last, monkeypatch):
+    """FASTVADER_KERNEL_IMPL=v1 runs the H200-validated kernels (the v2 launchers are not reached)."""
+    monkeypatch.setenv("FASTVADER_KERNEL_IMPL", "v1")
+    monkeypatch.setattr(gn_mod, "_forward_launch", None)
+    monkeypatch.setattr(gn_mod, "_backward_launch", None)
+    x, w, b = _inputs(2, 32, (6, 5), torch.float32, channels_last)
+    for param_grads in (True, False):
+        _against_float64(x, w, b, 8, "silu", group_norm_triton, 2e-5, param_grads)
+    with torch.no_grad():
+        group_norm_triton(x, 8, w, b, 1e-5, "silu")
+    monkeypatch.setenv("FASTVADER_KERNEL_IMPL", "v3")
+    with pytest.raises(ValueError, match="FASTVADER_KERNEL_IMPL='v3' is invalid"):
+        group_norm_triton(x, 8, w, b, 1e-5, "silu")
 
 
 @needs_kernel
@@ -138,14 +239,15 @@ def test_saved_for_backward_is_input_plus_stats(dtype):
     assert eager_bytes >= 2 * x_bytes + w_bytes  # on CUDA the stats may be kept in the input dtype
 
 
-@pytest.mark.parametrize("N,C,G,spatial,dtype,channels_last,act", CASES)
-def test_pytorch_path_matches_float64_reference(N, C, G, spatial, dtype, channels_last, act, monkeypatch):
+@pytest.mark.parametrize(CASE_NAMES, CASES)
+def test_pytorch_path_matches_float64_reference(N, C, G, spatial, dtype, channels_last, act, param_grads,
+                                                monkeypatch):
     """Without Triton the op runs reference.group_norm_forward / group_norm_backward: the same
     outputs, strides and gradients (its backward is written out, not autograd's)."""
     monkeypatch.setattr(gn_mod, "group_norm_backend", lambda device: "reference")
     x, w, b = _inputs(N, C, spatial, dtype, channels_last)
     tol = 2e-5 if dtype == torch.float32 else 2e-2
-    y, gx = _against_float64(x, w, b, G, act, group_norm, tol)
+    y, gx = _against_float64(x, w, b, G, act, group_norm, tol, param_grads)
     assert y.stride() == x.stride() and gx.stride() == x.stride()
 
 

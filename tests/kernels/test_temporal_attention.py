@@ -1,6 +1,7 @@
 """Fused temporal attention: the kernel (under the Triton interpreter on CPU, compiled on a GPU)
-against a float64 reference, the diffusers processor against the stock one, apply/revert, and
-what the autograd graph keeps for backward.
+against a float64 reference (with every launch configuration the autotuner may pick, the
+inference op, and the v1 kernels), the diffusers processor against the stock one, apply/revert,
+and what the autograd graph keeps for backward.
 
 On a GPU machine run the same file compiled: ``python -m pytest tests/test_temporal_attention.py``
 with TRITON_INTERPRET unset (tests/conftest.py only sets it when there is no GPU); the tensors
@@ -17,6 +18,7 @@ import torch
 
 from fastvader.kernels import _backend
 from fastvader.kernels.ops import temporal_attention as ta
+from fastvader.kernels.ops import temporal_attention_v1 as ta_v1
 from fastvader.kernels.ops.temporal_attention import temporal_attention, temporal_attention_supports
 from fastvader.kernels.reference import temporal_attention_reference
 
@@ -75,17 +77,18 @@ def _check_against_float64(n, f, head_dim, heads, dtype, with_bias):
         assert _rel_err(bias.grad, bias64.grad) < 2 * tol, "dbias"
 
 
-# Every value of N {1, 7, 300}, F {1, 3, 12, 16, 24}, head_dim {8, 40, 64} and heads {1, 5}
+# Every value of N {1, 7, 40}, F {1, 3, 12, 16, 24}, head_dim {8, 40, 64} and heads {1, 5}
 # appears; every shape runs in fp32 and bf16, and each dtype meets the bias and no-bias paths on
-# shapes of every N (four shapes each), which keeps the interpreter's bill small.
+# shapes of every N (four shapes each), which keeps the interpreter's bill small. N = 40 takes
+# several row tiles with a short last one (the interpreter's tiles hold up to 128 rows).
 ODD_SHAPES = [  # (N, F, head_dim, heads, with_bias)
     (1, 1, 8, 1, False),
     (7, 3, 40, 5, True),
     (7, 12, 64, 1, False),
-    (300, 16, 8, 5, True),
-    (300, 24, 40, 1, False),
+    (40, 16, 8, 5, True),
+    (40, 24, 40, 1, False),
     (1, 24, 64, 5, True),
-    (300, 3, 64, 1, True),
+    (40, 3, 64, 1, True),
     (7, 16, 40, 5, False),
 ]
 
@@ -102,28 +105,93 @@ def test_forward_and_grads_match_float64(shape, dtype):
 @pytest.mark.slow
 def test_largest_odd_shape():
     # every largest value at once; bf16, the dtype of training (fp32 runs on the shapes above)
-    _check_against_float64(300, 24, 64, 5, torch.bfloat16, with_bias=True)
+    _check_against_float64(40, 24, 64, 5, torch.bfloat16, with_bias=True)
 
 
-@needs_kernel
-@pytest.mark.parametrize("bias_shape", [(24, 24), (7, 1, 24, 24)], ids=["frame-bias", "per-row-bias"])
-def test_query_frame_blocks(monkeypatch, bias_shape):
-    # Long clips walk the query frames in blocks of 16 (from 64 padded frames on); force the
-    # blocked path on F = 24 (padded to 32: two blocks, the second one ragged).
-    monkeypatch.setattr(ta, "_BLOCKED_FROM_F_PAD", 32)
-    assert ta._q_block(32) == 16
-    n, f, heads, hd = 7, 24, 2, 40
+def _against_float64_with_bias(n, f, heads, hd, bias_shape, run=temporal_attention, tol=2e-5):
+    """fp32 output and q/k/v/bias gradients of ``run`` against the float64 reference."""
     qkv, (q, k, v) = _packed_qkv(n, f, heads, hd, torch.float32)
     bias = torch.randn(bias_shape, device=DEVICE).requires_grad_()
-    out = temporal_attention(q, k, v, heads, bias=bias)
+    out = run(q, k, v, heads, bias)
     out.square().sum().backward()
     qkv64 = qkv.detach().double().requires_grad_()
     bias64 = bias.detach().double().requires_grad_()
     want = temporal_attention_reference(*qkv64.split(heads * hd, -1), heads, bias=bias64)
     want.square().sum().backward()
-    assert _rel_err(out, want) < 2e-5
-    assert _rel_err(qkv.grad, qkv64.grad) < 5e-5
-    assert _rel_err(bias.grad, bias64.grad) < 5e-5
+    assert _rel_err(out, want) < tol
+    assert _rel_err(qkv.grad, qkv64.grad) < 2.5 * tol
+    assert _rel_err(bias.grad, bias64.grad) < 2.5 * tol
+
+
+@needs_kernel
+@pytest.mark.parametrize("f, hd", [(12, 40), (51, 160)], ids=["F12-d40", "F51-d160"])
+def test_every_launch_configuration_the_autotuner_may_pick(f, hd):
+    """Each compiled-path candidate (rows per tile, head_dim chunk) gives the reference's results,
+    with several row tiles (a short last one), a per-clip bias gradient and one summed per tile."""
+    heads, n = 2, 5
+    candidates = ta._candidates(f, hd, n, interpreted=False)
+    assert len({(c["BLOCK_R"], c["D_CHUNK"]) for c in candidates}) == len(candidates) >= 2
+
+    def forced(cfg):
+        def run(q, k, v, heads, bias):
+            bias4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+            return _ForcedConfig.apply(q, k, v, bias4, heads, cfg)
+        return run
+
+    for cfg in candidates:
+        for bias_shape in ((f, f), (n, 1, f, f)):
+            _against_float64_with_bias(n, f, heads, hd, bias_shape, run=forced(cfg))
+
+
+class _ForcedConfig(torch.autograd.Function):
+    """The v2 launchers with one given launch configuration (what the autotuner would run)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias4, heads, cfg):
+        scale = (q.shape[-1] // heads) ** -0.5
+        out, lse = ta._launch_forward(q, k, v, bias4, heads, scale, config=cfg)
+        ctx.save_for_backward(q, k, v, bias4, out, lse)
+        ctx.heads, ctx.scale, ctx.cfg = heads, scale, cfg
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, bias4, out, lse = ctx.saved_tensors
+        dq, dk, dv, dbias = ta._launch_backward(q, k, v, bias4, out, lse, dout, ctx.heads, ctx.scale, True,
+                                                config=ctx.cfg)
+        return dq, dk, dv, dbias.sum_to_size(bias4.shape), None, None
+
+
+@needs_kernel
+def test_inference_op_stores_no_log_sum_exp(monkeypatch):
+    """With nothing requiring grad (or under no_grad) the inference op runs: the same output,
+    no log-sum-exp written."""
+    calls = []
+    launch = ta._launch_forward
+    monkeypatch.setattr(ta, "_launch_forward", lambda *a, **k: calls.append(k.get("store_lse", True)) or launch(*a, **k))
+    qkv, (q, k, v) = _packed_qkv(7, 12, 2, 40, torch.float32)
+    want = temporal_attention_reference(q.double(), k.double(), v.double(), 2)
+    with torch.no_grad():
+        assert _rel_err(temporal_attention(q, k, v, 2), want) < 2e-5
+    assert _rel_err(temporal_attention(q.detach(), k.detach(), v.detach(), 2), want) < 2e-5
+    assert calls == [False, False]
+    assert "fastvader_temporal_attention_fwd" in temporal_attention(q, k, v, 2).grad_fn.name()
+    assert calls[-1] is True
+
+
+@needs_kernel
+@pytest.mark.parametrize("bias_shape", [(24, 24), (7, 1, 24, 24)], ids=["frame-bias", "per-row-bias"])
+def test_v1_kernels_stay_reachable(monkeypatch, bias_shape):
+    """FASTVADER_KERNEL_IMPL=v1 runs the H200-validated kernels (the v2 launchers are not
+    reached), here on their blocked path: long clips walk the query frames in blocks of 16 (from
+    64 padded frames on), forced on F = 24 (padded to 32: two blocks, the second one ragged)."""
+    monkeypatch.setenv("FASTVADER_KERNEL_IMPL", "v1")
+    monkeypatch.setattr(ta, "_launch_forward", None)
+    monkeypatch.setattr(ta, "_launch_backward", None)
+    monkeypatch.setattr(ta_v1, "_BLOCKED_FROM_F_PAD", 32)
+    assert ta_v1._q_block(32) == 16
+    _against_float64_with_bias(7, 24, 2, 40, bias_shape, run=lambda q, k, v, heads, bias: temporal_attention(
+        q, k, v, heads, bias=bias))
 
 
 @needs_kernel
@@ -200,8 +268,9 @@ def test_arbitrary_strides_frame_major_and_channel_strided():
 @needs_kernel
 @pytest.mark.slow
 def test_more_rows_than_a_grid_dimension_allows():
-    # N > 65,535: row blocks go on grid axis 0 (limit 2^31 - 1), heads on axis 1. The
-    # interpreter checks the forward only (the backward shares the indexing) to stay quick.
+    # N > 65,535 (SDPA's efficient kernel refuses it): (row tiles x heads) programs on grid
+    # axis 0 (limit 2^31 - 1). The interpreter checks the forward only (the backward shares the
+    # indexing) to stay quick.
     n, f, heads, hd = 65_600, 2, 1, 8
     qkv, (q, k, v) = _packed_qkv(n, f, heads, hd, torch.float32)
     with_backward = KERNEL_BACKEND == "triton"
