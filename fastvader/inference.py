@@ -16,6 +16,8 @@ import torch
 from fastvader.backbones import Backbone, build_backbone
 from fastvader.config import TrainConfig
 from fastvader.lora import load_lora
+from fastvader.memory.fp8 import Fp8Storage
+from fastvader.memory.frozen_weights import FrozenWeights
 from fastvader.precision import resolve_device, resolve_dtype
 from fastvader.rewards import build_reward
 from fastvader.speed import SpeedPath
@@ -30,12 +32,19 @@ class VideoPipeline:
 
     def __init__(self, cfg: TrainConfig, *, lora: str | Path | None = None, with_reward: bool = True):
         cfg = cfg.validate()
+        if cfg.memory.block_swap == "auto":  # as training resolves it: the fewest blocks that fit
+            from fastvader.memory.planner import apply_best_plan
+
+            cfg = apply_best_plan(cfg)
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
         weight_dtype = resolve_dtype(cfg.backbone.dtype, "backbone.dtype", self.device)
         amp_dtype = resolve_dtype(cfg.train.precision, "train.precision", self.device)
         torch.manual_seed(cfg.train.seed)  # random_init models draw the weights the Trainer's drew
-        self.backbone = build_backbone(cfg.backbone, progress=cfg.train.progress).freeze()
+        self.backbone = build_backbone(cfg.backbone, Fp8Storage.from_config(cfg.memory),
+                                       progress=cfg.train.progress).freeze()
+        # fp8 storage and block swap as in training, before the move: swapped blocks never have to fit on the GPU
+        self.frozen_weights = FrozenWeights(self.backbone.denoiser, cfg.memory, self.device, passed_in=False)
         self.backbone.to(self.device, weight_dtype)
         #: the LoRA file loaded (its rank, alpha, modules, metadata), or None; fp32 adapters as trained
         self.lora = load_lora(self.backbone, lora, dtype=torch.float32).file if lora else None

@@ -140,3 +140,23 @@ def test_trainer_with_fp8_and_block_swap_matches_fp8_without_swap(tmp_path):
         trainer.close()
         assert type(backbone.denoiser.blocks[1].attn1.to_q.base_layer) is torch.nn.Linear
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_sampling_builds_fp8_and_swaps_blocks_as_training_does(tmp_path):
+    """`fastvader sample`/`eval` (VideoPipeline) honour memory.fp8_weights and block_swap: the
+    denoiser holds fp8 layers, one block waits on the host, and the videos match the resident
+    fp8 model's."""
+    from fastvader.config import load_config
+    from fastvader.inference import VideoPipeline
+    from fastvader.memory.fp8 import Fp8Linear
+
+    root = Path(__file__).resolve().parents[2]
+    videos = []
+    for swap in (0, 1):
+        cfg = load_config(root / "configs" / "tiny_wan.yaml", [
+            f"train.output_dir={tmp_path}", "memory.fp8_weights=true", f"memory.block_swap={swap}"])
+        pipe = VideoPipeline(cfg, with_reward=False)
+        assert isinstance(pipe.backbone.denoiser.blocks[1].attn1.to_q, Fp8Linear)
+        assert (pipe.frozen_weights.block_swap is not None) == bool(swap)
+        videos.append(pipe.sample(["a red ball"], seed=0))
+    torch.testing.assert_close(videos[1], videos[0], rtol=1e-5, atol=1e-5)
