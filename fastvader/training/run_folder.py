@@ -44,8 +44,8 @@ FIXED_ON_RESUME = ("backbone.name", "backbone.pretrained", "backbone.random_init
                    "video.height", "video.width", "memory.zero_stage")
 #: settings that say where the run is or how progress shows, not how it trains
 IGNORED_ON_RESUME = ("train.output_dir", "train.run_name", "train.progress")
-#: what resuming is usually for: recorded, not warned about
-EXPECTED_ON_RESUME = ("train.steps",)
+#: what resuming is usually for, and how often it saves: recorded, not warned about
+EXPECTED_ON_RESUME = ("train.steps", "train.checkpoint_every", "train.checkpoint_minutes", "train.keep_checkpoints")
 
 
 class RunFolderError(ConfigError):
