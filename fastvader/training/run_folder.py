@@ -44,8 +44,8 @@ FIXED_ON_RESUME = ("backbone.name", "backbone.pretrained", "backbone.random_init
                    "video.height", "video.width", "memory.zero_stage")
 #: settings that say where the run is or how progress shows, not how it trains
 IGNORED_ON_RESUME = ("train.output_dir", "train.run_name", "train.progress")
-#: what resuming is usually for: recorded, not warned about
-EXPECTED_ON_RESUME = ("train.steps",)
+#: what resuming is usually for, and how often it saves: recorded, not warned about
+EXPECTED_ON_RESUME = ("train.steps", "train.checkpoint_every", "train.checkpoint_minutes", "train.keep_checkpoints")
 
 
 class RunFolderError(ConfigError):
@@ -106,21 +106,21 @@ class RunFolder:
         config pointed at it (a resumed run stays in the folder it was resumed from)."""
         if resume is not None and overwrite:
             raise RunFolderError("--resume continues a run and --overwrite deletes one: give only one of them")
-        if resume is None:
-            run = cls(cfg.run_dir, overwrite=overwrite)
+        point = ResumePoint.parse(resume) if resume is not None else None
+        path = point.run_dir if point is not None else cfg.run_dir
+        FolderLock(path).check_free()  # first: a run in progress may be writing what the checks read
+        check_writable(path)
+        if point is None:
+            run = cls(path, overwrite=overwrite)
             run._check_new_run()
-        else:
-            point = ResumePoint.parse(resume)
-            loaded = (verified_checkpoint(point.checkpoint) if point.checkpoint
-                      else newest_intact_checkpoint(point.run_dir))
-            run = cls(point.run_dir, resumed_from=loaded.path, resumed_step=loaded.step, checkpoint=loaded)
-            cfg = run._pointed_at(cfg)
-            run.changes = settings_changes(run._saved_config(), cfg, point.run_dir)
-            if loaded.step >= cfg.train.steps:
-                raise RunFolderError(f"{point.run_dir} is at step {loaded.step} and train.steps={cfg.train.steps}: "
-                                     f"nothing is left to train; to go on, raise it (--set train.steps=N)")
-        check_writable(run.path)
-        FolderLock(run.path).check_free()
+            return run, cfg
+        loaded = verified_checkpoint(point.checkpoint) if point.checkpoint else newest_intact_checkpoint(path)
+        run = cls(path, resumed_from=loaded.path, resumed_step=loaded.step, checkpoint=loaded)
+        cfg = run._pointed_at(cfg)
+        run.changes = settings_changes(run._saved_config(), cfg, path)
+        if loaded.step >= cfg.train.steps:
+            raise RunFolderError(f"{path} is at step {loaded.step} and train.steps={cfg.train.steps}: nothing is "
+                                 "left to train; to go on, raise it (--set train.steps=N)")
         return run, cfg
 
     def _check_new_run(self) -> None:

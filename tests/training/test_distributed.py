@@ -14,6 +14,7 @@ import subprocess  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fastvader.memory.zero import _SINGLE_PROCESS as SINGLE_PROCESS_MARK  # noqa: E402
 from fastvader.training.draws import BatchDraws  # noqa: E402
 
 WORKER = '''
@@ -41,7 +42,10 @@ torch.save({"init": init, "final": lora_state_dict(trainer.backbone.denoiser), "
 def _run(tmp_path, nproc, batch, name, **options):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    # an in-process ZeRO Trainer of an earlier test leaves its single-process marker in os.environ;
+    # inherited, it makes each rank drop the launcher's RANK/WORLD_SIZE and train as rank 0 of 1
+    env = {k: v for k, v in os.environ.items() if k != SINGLE_PROCESS_MARK}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(script), str(tmp_path), str(batch), name, json.dumps(options)]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -88,7 +92,7 @@ def test_two_ranks_under_zero2_save_resume_and_match_plain_adamw(plain, tmp_path
     zero = {"memory": {"zero_stage": 2}, "guards": {"self_check": False}}
     first = _run(tmp_path, nproc=2, batch=1, name="z", train={"steps": 2, "checkpoint_every": 2}, **zero)
     saved = tmp_path / "z" / "checkpoints" / "step_0000002"
-    assert sorted(p.name for p in saved.iterdir()) == ["lora.safetensors", "state.pt", "zero_rank0.pt",
+    assert sorted(p.name for p in saved.iterdir()) == ["config.yaml", "lora.safetensors", "state.pt", "zero_rank0.pt",
                                                        "zero_rank1.pt"]
     resumed = _run(tmp_path, nproc=2, batch=1, name="z", resume=str(tmp_path / "z"), **zero)
     assert resumed[0]["summary"]["steps"] == 3

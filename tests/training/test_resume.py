@@ -112,3 +112,14 @@ def test_a_named_damaged_checkpoint_and_a_finished_run_are_refused_untouched(run
     assert f"{run} is at step 3 and train.steps=3: nothing is left to train; to go on, raise it" in err
     assert "no such checkpoint (the run's checkpoints: ['step_0000001', 'step_0000002', 'step_0000003'])" in err
     assert folder_state(run) == before
+
+
+def test_checkpoints_by_time_as_well_as_by_steps(tmp_path):
+    """train.checkpoint_minutes: a checkpoint whenever that much time passed since the last one
+    (here a few microseconds: after every step), with checkpoint_every off."""
+    train(tiny_config(tmp_path, train={"steps": 2, "checkpoint_every": 0, "checkpoint_minutes": 1e-7,
+                                       "keep_checkpoints": 0}))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step_0000001", "step_0000002"]
+    train(tiny_config(tmp_path, name="neither", train={"steps": 2, "checkpoint_every": 0, "checkpoint_minutes": 0,
+                                                         "keep_checkpoints": 0}))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "neither")] == ["step_0000002"]  # the end's only

@@ -116,12 +116,14 @@ def test_resume_refuses_a_changed_model_or_shape_naming_the_field(run, override,
 
 
 def test_resume_allows_other_changes_with_a_warning_and_records_them(run):
-    cfg = load_config(run / "config.yaml", ["train.steps=2", "optim.lr=5e-4", "sampler.guidance_scale=2.0"])
+    cfg = load_config(run / "config.yaml", ["train.steps=2", "optim.lr=5e-4", "sampler.guidance_scale=2.0",
+                                            "train.checkpoint_every=7"])  # recorded, not warned about
     with pytest.warns(UserWarning, match=r"changed settings \(sampler.guidance_scale: 1.0 -> 2.0; optim.lr: 0.001 -> "
                                          r"0.0005\)"):
         resumed = train(cfg, resume=run)
     changes = resumed["invocations"][-1]["config_changes"]
-    assert changes == {"optim.lr": [1e-3, 5e-4], "sampler.guidance_scale": [1.0, 2.0], "train.steps": [1, 2]}
+    assert changes == {"optim.lr": [1e-3, 5e-4], "sampler.guidance_scale": [1.0, 2.0], "train.steps": [1, 2],
+                       "train.checkpoint_every": [100, 7]}
     assert "lr: 0.0005" in (run / "config.yaml").read_text()
     assert "lr: 0.001" in (run / "checkpoints" / "step_0000001" / "config.yaml").read_text()
 
