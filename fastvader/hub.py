@@ -78,7 +78,7 @@ def hub_or_cache(sources: dict[str, str | None]) -> Iterator[None]:
     try:
         with _offline_mode():
             yield
-    except (OSError, ValueError) as err:  # missing-weights errors are FileNotFoundError/ValueError subclasses
+    except OSError as err:  # a file the cache lacks (huggingface_hub's, diffusers', transformers' and ours)
         field, source = next(iter(remote.items()))
         shown = f"{field}={source!r}" if source else f"{field} (unset: the default hub id)"
         raise HubUnreachableError(

@@ -54,3 +54,21 @@ def test_local_sources_are_never_probed(monkeypatch, tmp_path):
         pass
     with hub.hub_or_cache({}):
         pass
+
+
+def test_other_mistakes_made_offline_keep_their_own_message(monkeypatch):
+    monkeypatch.setattr(hub, "unreachable_reason", lambda: "the Hub (x:443) cannot be reached (refused)")
+    with pytest.raises(ValueError, match="not an option") as err:
+        with hub.hub_or_cache({"backbone.pretrained": "org/model"}):
+            raise ValueError("reward.options.x.colour is not an option")
+    assert not isinstance(err.value, HubUnreachableError)
+
+
+def test_a_reward_with_random_weights_never_asks_the_hub(monkeypatch):
+    from fastvader.config import RewardConfig
+    from fastvader.rewards import build_reward
+    from tests.rewards.test_registry import TINY_CLIP
+
+    monkeypatch.setattr(hub, "unreachable_reason", lambda: pytest.fail("probed for random weights"))
+    options = {"clip_score": {"random_init": True, "config": TINY_CLIP}}
+    assert build_reward(RewardConfig(name="clip_score", options=options), progress=False) is not None

@@ -80,7 +80,8 @@ def build_reward(cfg, *, progress: bool = True) -> Reward:
     _load_builtins()
     terms, options = _terms(cfg), dict(getattr(cfg, "options", None) or {})
     hub = {f"reward.options.{name}.pretrained": (options.get(name) or {}).get("pretrained") or REWARDS[name].default_pretrained
-           for name in terms if issubclass(REWARDS.get(name, Reward), PretrainedReward)}
+           for name in terms if issubclass(REWARDS.get(name, Reward), PretrainedReward)
+           and not (options.get(name) or {}).get("random_init")}
     with stage(f"loading reward {'+'.join(terms)}", enabled=progress and bool(hub)), hub_or_cache(hub):
         return build_reward_from_spec(terms, options)
 

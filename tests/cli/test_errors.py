@@ -25,7 +25,6 @@ from fastvader.lora import add_lora, lora_metadata, lora_state_dict, save_lora  
 from fastvader.toy.model import ToyWorldConfig, build_toy_world  # noqa: E402
 from tests.helpers.disk import tree_state  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TINY = {"backbone": {"name": "toy", "random_init": True}, "video": {"frames": 4, "height": 16, "width": 16},
         "sampler": {"steps": 2}, "lora": {"rank": 4, "alpha": 4.0},
@@ -54,6 +53,9 @@ def world(tmp_path_factory) -> Path:
     w = tmp_path_factory.mktemp("world")
     (w / "tiny.yaml").write_text(yaml.safe_dump(TINY))
     (w / "bad.yaml").write_text("backbone:\n  name: toy\n  options: [1, 2\nvideo: {}\n")
+    # the demo's reward section (configs/demo.yaml may change; the mistake stays the same)
+    (w / "recolour.yaml").write_text(yaml.safe_dump({**TINY, "reward": {"name": "object_color", "options": {
+        "object_color": {"color": "red"}}}}))
     (w / "empty.yaml").write_text("")
     (w / "no_prompts.txt").write_text("# only a comment\n\n")
     (w / "a_file").write_text("not a folder")
@@ -102,8 +104,7 @@ TABLE = [
          r"memory.gpu_memory='0GiB' is invalid: a size above zero"),
     Case("gpu memory without a size", ["train", "--config", "tiny.yaml", "--gpu-memory", "lots"],
          r"memory.gpu_memory='lots' is invalid: a size such as 24GiB, 24G"),
-    Case("reward options of another reward", ["train", "--config", str(REPO / "configs" / "demo.yaml"), "--set",
-                                              "reward.name=brightness", "--set", "train.output_dir=runs"],
+    Case("reward options of another reward", ["train", "--config", "recolour.yaml", "--set", "reward.name=brightness"],
          r"reward.options.object_color is set, but reward.name='brightness' does not use object_color: drop"),
     Case("output_dir is a file", ["train", "--config", "tiny.yaml", "--set", "train.output_dir=a_file"],
          r"a_file/r: a_file is a file; set train.output_dir to a folder"),

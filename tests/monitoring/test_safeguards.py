@@ -67,7 +67,9 @@ def test_the_second_reward_falling_stops_the_run_early(tmp_path):
     # one grid per validation round: first, middle and last frame side by side
     for tag in ("before", "step1", "step2", "after"):
         grid = iio.imread(run / "samples" / f"{tag}_grid.png")
-        assert grid.shape[1] == 3 * grid.shape[0], tag  # one prompt x one seed = one row of 3 frames
+        # one prompt x one seed = one row of 3 frames (16 px upscaled to 96) under the frame-index
+        # header (19 px), beside the prompt-and-seed label
+        assert grid.shape[0] == 19 + 96 + 4 and grid.shape[1] - 3 * (96 + 4) > 40, (tag, grid.shape)
 
 
 def test_heldout_rounds_score_the_second_reward_on_the_validation_videos(tmp_path):
