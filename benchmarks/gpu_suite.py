@@ -1,7 +1,11 @@
-"""The end-to-end GPU suite: one command, under 8 minutes on one H100/H200.
+"""The end-to-end GPU suite: one command on one H100/H200.
 
     python -m benchmarks.gpu_suite                 # everything, JSON to benchmarks/gpu_suite.json
     python -m benchmarks.gpu_suite --dry-run       # CPU, toy backbone, tiny sizes: checks the wiring
+    python -m benchmarks.gpu_suite --only "K=1 one frame" --no-cap --skip-kernels   # a short run
+
+(The speed paths compile on their first run; their compiled artifacts are reused from
+~/.cache/fastvader/compile afterwards, so a second run of the suite is shorter.)
 
 It builds ModelScope T2V 1.7B from the packaged model configs with random weights (the registered
 ``modelscope`` backbone when present, else fastvader.memory.reference_models' ``modelscope_arch``)
@@ -15,6 +19,8 @@ with random_init when registered, else ``aesthetic_arch``), and measures in the 
 - "fastvader": kernels on, bf16 weights and autocast, the default memory settings, speed off;
 - "fastvader fast": the same with the ``speed`` defaults (regional compile, CUDA graphs,
   channels_last; under the 24 GiB cap, with the planner's choice for that budget);
+- "fast + compiled grad steps": the same with ``speed.compile_grad_steps`` (which is faster is
+  what this row measures);
 
 for each config (384x384x16 K=1 one frame; all 16 frames; K=10; 320x512x16 all frames), each
 again under a hard 24 GiB cap (torch.cuda.set_per_process_memory_fraction). Per run: peak
@@ -55,7 +61,7 @@ GiB = 2 ** 30
 #: steps before the measured one, the same on every path (so all measure the same draw): the
 #: self-check's eager step (Triton compiles), then the step that compiles blocks and records graphs
 WARMUP_STEPS = 2
-PATHS = ("baseline", "bf16 plain", "fastvader", "fastvader fast")
+PATHS = ("baseline", "bf16 plain", "fastvader", "fastvader fast", "fast + compiled grad steps")
 CAPPED_PATHS = ("baseline", "fastvader fast")
 # `python -m benchmarks.gpu_suite` puts the repository root first on sys.path, where kernels/
 # answers transformers' probe for Hugging Face's `kernels` package and breaks its imports.
@@ -143,8 +149,9 @@ def make_config(sc: SuiteConfig, path: str, backbone: dict, reward: dict, out_di
         data["kernels"] = {"enabled": "off" if dry or path == "bf16 plain" else "on"}
         data["backbone"]["dtype"] = "fp32" if dry else "bf16"
         data["train"]["precision"] = "fp32" if dry else "bf16"
-        if path == "fastvader fast":
+        if path in ("fastvader fast", "fast + compiled grad steps"):
             data["speed"] = dict(gpu_speed.DRY_SPEED) if dry else {}
+            data["speed"]["compile_grad_steps"] = path != "fastvader fast"
         if budget:
             data["memory"] = {"gpu_memory": budget}
     return TrainConfig.from_dict(data).validate()
