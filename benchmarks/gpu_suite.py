@@ -1,9 +1,12 @@
-"""The end-to-end GPU suite: one command, under 8 minutes on one H100/H200.
+"""The end-to-end GPU suite: one command on one H100/H200.
 
     python -m benchmarks.gpu_suite                 # everything, JSON to benchmarks/gpu_suite.json
     python -m benchmarks.gpu_suite --families      # and the CogVideoX / image-to-video rows (gpu_families.py)
     python -m benchmarks.gpu_suite --dry-run       # CPU, toy backbone, tiny sizes: checks the wiring
     python -m benchmarks.gpu_suite --kernels-only  # the kernel benchmarks and kernel tests alone
+
+(The speed paths compile on their first run; their compiled artifacts are reused from
+~/.cache/fastvader/compile afterwards, so a second run of the suite is shorter.)
 
 It builds ModelScope T2V 1.7B from the packaged model configs with random weights (the registered
 ``modelscope`` backbone when present, else fastvader.memory.reference_models' ``modelscope_arch``)
@@ -12,22 +15,28 @@ with random_init when registered, else ``aesthetic_arch``), and measures in the 
 
 - a VADER-style baseline path: kernels off, fp32 base weights under fp16 autocast, sub-block
   checkpointing, eager decode of the chosen frames with every decoder activation kept;
-- fastvader's default path: kernels on, bf16 weights and autocast, the default memory settings
-  (and, under the 24 GiB cap, the planner's choice for that budget);
+- "bf16 plain": bf16 weights and autocast with kernels and speed settings off (the reference of
+  the same precision for the fast path's LoRA-gradient cosine);
+- "fastvader": kernels on, bf16 weights and autocast, the default memory settings, speed off;
+- "fastvader fast": the same with the ``speed`` defaults (regional compile, CUDA graphs,
+  channels_last; under the 24 GiB cap, with the planner's choice for that budget);
+- "fast + compiled grad steps": the same with ``speed.compile_grad_steps`` (which is faster is
+  what this row measures);
 
 for each config (384x384x16 K=1 one frame; all 16 frames; K=10; 320x512x16 all frames), each
 again under a hard 24 GiB cap (torch.cuda.set_per_process_memory_fraction). Per run: peak
 allocated memory, step time and its split (no-grad sampling, grad steps, decode, reward,
-backward), and per config the cosine between the two paths' LoRA gradients (same seed, same
-LoRA weights). Then the kernel benchmarks (benchmarks/gpu_temporal_attention.py: fastvader v2
-and v1 against SDPA's best backend, FlexAttention and eager; benchmarks/gpu_group_norm.py: v2,
-v1 and eager at every GroupNorm shape of three video models; each also writes its JSON under
-benchmarks/results/), the kernel tests compiled on the GPU (pytest with TRITON_INTERPRET unset)
-and the big-model rows (benchmarks/gpu_big_models.py: Wan 2.1 14B and Open-Sora 1.2 360p under a
-24 GiB cap, block swap cost, fp8 fidelity; its own JSON under benchmarks/results/). Each section
-runs in its own try/except: a failure is recorded and the rest still runs. The table prints
-last. A dry run measures the kernel sections at tiny shapes on the CPU (the Triton interpreter
-when TRITON_INTERPRET=1) and writes their JSON to a temporary folder.
+backward), and per config the cosine of each path's LoRA gradients with the baseline's and
+with "bf16 plain"'s (same seed, same LoRA weights). Then the speed sections
+(benchmarks/gpu_speed.py: the no-grad call, the diffusers pipeline with its fidelity), the kernel
+benchmarks (benchmarks/gpu_temporal_attention.py: fastvader v2 and v1 against SDPA's best
+backend, FlexAttention and eager; benchmarks/gpu_group_norm.py: v2, v1 and eager at every
+GroupNorm shape of three video models), the kernel tests compiled on the GPU (pytest with
+TRITON_INTERPRET unset) and the big-model rows (benchmarks/gpu_big_models.py: Wan 2.1 14B and
+Open-Sora 1.2 360p under a 24 GiB cap, block swap cost, fp8 fidelity). Each section runs in its
+own try/except: a failure is recorded and the rest still runs. The table prints last; every
+table is also written as JSON under benchmarks/results/ (a dry run writes them to a temporary
+folder or next to --json instead).
 """
 from __future__ import annotations
 
@@ -37,7 +46,6 @@ import copy
 import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -48,7 +56,17 @@ from typing import Any, Callable
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # loaded from its file (the tests): its siblings import from the root
+    sys.path.insert(0, str(ROOT))
+from benchmarks import gpu_speed  # noqa: E402  (before the root leaves sys.path, below)
+from benchmarks.result_files import RESULTS_DIR, environment, write_table  # noqa: E402
+
 GiB = 2 ** 30
+#: steps before the measured one, the same on every path (so all measure the same draw): the
+#: self-check's eager step (Triton compiles), then the step that compiles blocks and records graphs
+WARMUP_STEPS = 2
+PATHS = ("baseline", "bf16 plain", "fastvader", "fastvader fast", "fast + compiled grad steps")
+CAPPED_PATHS = ("baseline", "fastvader fast")
 # `python -m benchmarks.gpu_suite` puts the repository root first on sys.path, where kernels/
 # answers transformers' probe for Hugging Face's `kernels` package and breaks its imports.
 # fastvader is installed and `benchmarks` is already imported, so the root can go.
@@ -127,15 +145,19 @@ def make_config(sc: SuiteConfig, path: str, backbone: dict, reward: dict, out_di
         "train": {"steps": 10, "batch_size": 1, "seed": 0, "output_dir": out_dir, "run_name": "suite",
                   "progress": False, "device": "cpu" if dry else "cuda"},
     }
+    data["speed"] = dict(gpu_speed.SPEED_OFF)
     if path == "baseline":
         data["kernels"] = {"enabled": "off"}
         data["backbone"]["dtype"] = "fp32"
         data["train"]["precision"] = "fp32" if dry else "fp16"  # CPU autocast has no fp16 GradScaler path
         data["memory"] = {"checkpointing": "sub_block"}
     else:
-        data["kernels"] = {"enabled": "off" if dry else "on"}
+        data["kernels"] = {"enabled": "off" if dry or path == "bf16 plain" else "on"}
         data["backbone"]["dtype"] = "fp32" if dry else "bf16"
         data["train"]["precision"] = "fp32" if dry else "bf16"
+        if path in ("fastvader fast", "fast + compiled grad steps"):
+            data["speed"] = dict(gpu_speed.DRY_SPEED) if dry else {}
+            data["speed"]["compile_grad_steps"] = path != "fastvader fast"
         if budget:
             data["memory"] = {"gpu_memory": budget}
     return TrainConfig.from_dict(data).validate()
@@ -201,7 +223,8 @@ def run_once(cfg, path: str, base_backbone, base_reward, lora_state: dict | None
         return original_clip(params, max_norm)  # a scaled fp16 gradient has the same direction
 
     trainer.accelerator.clip_grad_norm_ = capture
-    trainer._train_step()  # warm-up: Triton compiles, allocator settles
+    for _ in range(WARMUP_STEPS):
+        trainer._train_step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -218,6 +241,7 @@ def run_once(cfg, path: str, base_backbone, base_reward, lora_state: dict | None
                    "offload_activations": trainer.cfg.memory.offload_activations,
                    "frozen_placement": trainer.cfg.memory.frozen_placement, "optim": trainer.cfg.optim.name},
         "kernels": {k: str(v) for k, v in (trainer.kernel_report or {}).items()},
+        "speed": ", ".join(trainer.speed.engaged) or "-",
     }
     out["_grad"] = grads[0] if grads else None
     out["_lora"] = init_lora
@@ -269,55 +293,91 @@ def cosine(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
 # ---------------------------------------------------------------------------------------------
 # the sections
 # ---------------------------------------------------------------------------------------------
-def end_to_end(results: dict, args) -> None:
+def build_models(results: dict, args) -> dict[str, Any]:
+    """The backbone and reward every run copies (fp32 on the CPU), and their config sections."""
     from fastvader.backbones import build_backbone
-    from fastvader.config import parse_bytes
     from fastvader.rewards import build_reward
 
-    dry = args.dry_run
-    backbone_cfg, reward_cfg, note = _backbone_and_reward(dry)
+    backbone_cfg, reward_cfg, note = _backbone_and_reward(args.dry_run)
     results["models_note"] = note
-    configs = DRY_CONFIGS if dry else FULL_CONFIGS
+    configs = DRY_CONFIGS if args.dry_run else FULL_CONFIGS
+    probe = make_config(configs[0], "baseline", backbone_cfg, reward_cfg, args.out_dir, args.dry_run, args.steps, None)
+    t0 = time.perf_counter()
+    models = {"backbone_cfg": backbone_cfg, "reward_cfg": reward_cfg,
+              "backbone": build_backbone(probe.backbone).freeze(), "reward": build_reward(probe.reward).freeze()}
+    results["build_s"] = round(time.perf_counter() - t0, 1)
+    return models
+
+
+def end_to_end(results: dict, args, models: dict[str, Any]) -> None:
+    from fastvader.config import parse_bytes
+
+    configs = DRY_CONFIGS if args.dry_run else FULL_CONFIGS
     if args.only:
         configs = [c for c in configs if any(s in c.name for s in args.only)]
-    out_dir = args.out_dir
-    probe = make_config(configs[0], "baseline", backbone_cfg, reward_cfg, out_dir, dry, args.steps, None)
-    t0 = time.perf_counter()
-    base_backbone = build_backbone(probe.backbone).freeze()  # fp32 on the CPU; each run copies it
-    base_reward = build_reward(probe.reward).freeze()
-    results["build_s"] = round(time.perf_counter() - t0, 1)
-    caps = [None] if dry or args.no_cap else [None, args.cap]
+    caps = [None] if args.dry_run or args.no_cap else [None, args.cap]
     rows = results.setdefault("runs", [])
     for cap in caps:  # every uncapped run first: a suite cut short still has the main table
         for sc in configs:
             budget_bytes = None if cap is None else parse_bytes(cap, "--cap")
-            lora_state, grads = None, {}
-            for path in ("baseline", "fastvader"):
-                name = f"{sc.name} | {path}" + (f" | cap {cap}" if cap else "")
+            runs = [_one_run(results, args, models, sc, path, cap, budget_bytes)
+                    for path in (PATHS if cap is None else CAPPED_PATHS)]
+            for row in runs:
+                row.pop("_lora", None)
+            grads = {row["path"]: row.pop("_grad", None) for row in runs}
+            for row in runs:
+                row["lora_grad_cosine"] = cosine(grads.get("baseline"), grads[row["path"]])
+                row["cosine_vs_bf16_plain"] = cosine(grads.get("bf16 plain"), grads[row["path"]])
+            rows.extend(runs)
 
-                def one(sc=sc, path=path, cap=cap, budget_bytes=budget_bytes, lora_state=lora_state):
-                    cfg = make_config(sc, path, backbone_cfg, reward_cfg, out_dir, dry, args.steps,
-                                      cap if path == "fastvader" else None)
-                    with _cap(budget_bytes):
-                        return run_once(cfg, path, base_backbone, base_reward, lora_state, dry)
 
-                row = section(results, name, one)
-                if row is None:
-                    err = results["sections"][name]["error"]
-                    row = {"path": path, "error": "OOM" if "OutOfMemory" in err else err}
-                else:
-                    grads[path] = row.pop("_grad")
-                    if row.get("_lora") is not None:
-                        lora_state = row["_lora"]
-                    row.pop("_lora", None)
-                row.update(config=sc.name, cap=cap)
-                rows.append(row)
-                print(f"[gpu_suite] {name}: " + ", ".join(
-                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                    if k in ("peak_bytes", "step_s", "error")), flush=True)
-            cos = cosine(grads.get("baseline"), grads.get("fastvader"))
-            for r in rows[-2:]:
-                r["lora_grad_cosine"] = cos
+def _one_run(results: dict, args, models: dict[str, Any], sc: SuiteConfig, path: str, cap: str | None,
+             budget_bytes: int | None) -> dict[str, Any]:
+    """One row of the end-to-end table (a failed run is a row naming its error). Every path of a
+    config starts from the first path's LoRA weights."""
+    name = f"{sc.name} | {path}" + (f" | cap {cap}" if cap else "")
+    lora_state = models.get("lora_state") if path != "baseline" else None
+
+    def one():
+        cfg = make_config(sc, path, models["backbone_cfg"], models["reward_cfg"], args.out_dir, args.dry_run,
+                          args.steps, cap if path != "baseline" else None)
+        with _cap(budget_bytes):
+            return run_once(cfg, path, models["backbone"], models["reward"], lora_state, args.dry_run)
+
+    row = section(results, name, one)
+    if row is None:
+        err = results["sections"][name]["error"]
+        row = {"path": path, "error": "OOM" if "OutOfMemory" in err else err, "_grad": None}
+    elif row.get("_lora") is not None:
+        models["lora_state"] = row["_lora"]
+    row.update(config=sc.name, cap=cap)
+    print(f"[gpu_suite] {name}: " + ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+        if k in ("peak_bytes", "step_s", "error")), flush=True)
+    return row
+
+
+def speed_sections(results: dict, args, models: dict[str, Any]) -> None:
+    """The no-grad call and the pipeline (benchmarks/gpu_speed.py), each a section of its own."""
+    from fastvader.backbones import build_backbone
+    from fastvader.config import BackboneConfig
+
+    if args.dry_run:  # the toy backbone has no text encoder for a diffusers pipeline
+        backbone = build_backbone(BackboneConfig(name="modelscope", random_init=True, dtype="fp32",
+                                                 options={"tiny": True})).freeze()
+        size, device, dtype = dict(frames=2, height=32, width=32), torch.device("cpu"), torch.float32
+    else:
+        backbone = models["backbone"]
+        size, device, dtype = dict(frames=16, height=384, width=384), torch.device("cuda"), torch.bfloat16
+    section(results, "nograd_call", lambda: gpu_speed.nograd_call(results, args, backbone, guidance_scale=9.0,
+                                                                  calls=2 if args.dry_run else 20, **size))
+
+    def pipe():
+        copy_ = copy.deepcopy(backbone)
+        copy_.to(device, dtype)
+        return gpu_speed.pipeline(results, args, copy_, steps=args.steps, guidance_scale=9.0, **size)
+
+    section(results, "pipeline", pipe)
 
 
 def families(results: dict, args) -> None:
@@ -392,23 +452,26 @@ def _fmt_s(x) -> str:
 
 def table(results: dict) -> str:
     head = ("config", "cap", "path", "peak GiB", "step s", "nograd s", "grad s", "decode s", "reward s",
-            "backward s", "speedup", "cos")
+            "backward s", "speedup", "cos", "cos plain", "speed")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     runs = results.get("runs", [])
     for r in runs:
         base = next((b for b in runs if b["config"] == r["config"] and b["cap"] == r["cap"]
                      and b["path"] == "baseline" and "step_s" in b), None)
         speed = "-"
-        if r["path"] == "fastvader" and base is not None and r.get("step_s"):
+        if r["path"] != "baseline" and base is not None and r.get("step_s"):
             speed = f"{base['step_s'] / r['step_s']:.2f}x"
         if "error" in r:
-            cells = (r["config"], r["cap"] or "-", r["path"], r["error"][:40], *["-"] * 8)
+            cells = (r["config"], r["cap"] or "-", r["path"], r["error"][:40], *["-"] * 10)
         else:
-            cos = r.get("lora_grad_cosine")
+            cos, plain = r.get("lora_grad_cosine"), r.get("cosine_vs_bf16_plain")
             cells = (r["config"], r["cap"] or "-", r["path"], _fmt_bytes(r["peak_bytes"]), _fmt_s(r["step_s"]),
                      _fmt_s(r["nograd_sampling_s"]), _fmt_s(r["grad_steps_s"]), _fmt_s(r["decode_s"]),
-                     _fmt_s(r["reward_s"]), _fmt_s(r["backward_s"]), speed, "-" if cos is None else f"{cos:.4f}")
+                     _fmt_s(r["reward_s"]), _fmt_s(r["backward_s"]), speed, "-" if cos is None else f"{cos:.4f}",
+                     "-" if plain is None else f"{plain:.4f}", r.get("speed", "-"))
         lines.append(" | ".join(str(c) for c in cells))
+    for name in ("nograd_call", "pipeline"):
+        lines += _speed_table(name, results.get(name) or [])
     failed = [n for n, s in results.get("sections", {}).items() if not s["ok"]]
     kt = results.get("kernel_tests")
     lines.append(f"kernel tests on the GPU: {kt.get('summary') if isinstance(kt, dict) else kt}")
@@ -416,19 +479,33 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def environment() -> dict[str, Any]:
-    env = {"python": platform.python_version(), "torch": torch.__version__, "date_utc": time.strftime(
-        "%Y-%m-%d %H:%M", time.gmtime()), "cuda": torch.cuda.is_available()}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        env.update(card=props.name, total_memory_bytes=props.total_memory)
-    try:
-        import triton
+def _speed_table(name: str, rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    columns = list(rows[0])
+    lines = ["", f"{name}:", " | ".join(columns), " | ".join("---" for _ in columns)]
+    return lines + [" | ".join(f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-"))
+                               for c in columns) for r in rows]
 
-        env["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return env
+
+#: the JSON tables (benchmarks/results/): results key -> columns
+TABLE_COLUMNS = {
+    "runs": ["config", "cap", "path", "peak_bytes", "step_s", "nograd_sampling_s", "grad_steps_s", "decode_s",
+             "reward_s", "backward_s", "lora_grad_cosine", "cosine_vs_bf16_plain", "speed", "error"],
+    "nograd_call": ["variant", "ms_per_call", "speedup_vs_eager", "first_call_s", "second_call_s",
+                    "compile_s", "graph_record_s", "engaged",
+                    "shape", "dtype"],
+    "pipeline": ["variant", "s_per_video", "speedup_vs_eager", "latent_rel_error", "frames_psnr_db", "engaged",
+                 "steps", "size"],
+}
+
+
+def write_tables(results: dict, args) -> list[Path]:
+    """Each table of this run as JSON: under benchmarks/results/, or beside --json in a dry run."""
+    out_dir = Path(args.json).parent / "results" if args.dry_run else RESULTS_DIR
+    names = {"runs": "end_to_end"}
+    return [write_table(names.get(key, key), columns, results[key], results["environment"], out_dir, args.dry_run)
+            for key, columns in TABLE_COLUMNS.items() if results.get(key)]
 
 
 def parse_args(argv=None):
@@ -453,6 +530,7 @@ def parse_args(argv=None):
     p.add_argument("--results-dir", default=None,
                    help="where kernel benchmarks write their JSON (default benchmarks/results/; a dry run: a temporary folder)")
     p.add_argument("--kernel-test-timeout", type=int, default=480)
+    p.add_argument("--skip-speed", action="store_true", help="skip the no-grad call and pipeline sections")
     p.add_argument("--out-dir", default=None, help="scratch run directory (default: a temporary folder)")
     args = p.parse_args(argv)
     if args.steps is None:
@@ -482,7 +560,11 @@ def timed_results(args, measure: Callable[[dict[str, Any]], None]) -> dict[str, 
 
 def measure_suite(results: dict[str, Any], args) -> None:
     if not args.kernels_only:
-        section(results, "end_to_end", lambda: end_to_end(results, args))
+        models = section(results, "build", lambda: build_models(results, args))
+        if models is not None:
+            section(results, "end_to_end", lambda: end_to_end(results, args, models))
+            if not args.skip_speed:
+                speed_sections(results, args, models)
         if args.families:
             section(results, "families", lambda: families(results, args))
     if not args.skip_kernels:
@@ -500,6 +582,8 @@ def main(argv=None) -> dict[str, Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1, default=str))
     print(f"[gpu_suite] wrote {path} ({results['total_s']} s)")
+    for table_file in write_tables(results, args):
+        print(f"[gpu_suite] wrote {table_file}")
     if results.get("models_note"):
         print(f"[gpu_suite] {results['models_note']}")
     print(table(results))

@@ -1,5 +1,6 @@
-"""The GPU suite's wiring, checked on the CPU: --dry-run measures both paths on the toy backbone,
-gradients of the two paths agree, a failing section does not stop the table."""
+"""The GPU suite's wiring, checked on the CPU: --dry-run measures every path on the toy backbone
+(their gradients agree) and the speed sections on tiny ModelScope models, writes one JSON file
+per table, and a failing section does not stop the table."""
 import sys
 from pathlib import Path
 
@@ -23,13 +24,14 @@ def _suite():
     return module
 
 
-def test_dry_run_measures_both_paths(tmp_path):
+@pytest.mark.slow
+def test_dry_run_measures_every_path_and_speed_section(tmp_path):
     suite = _suite()
     out = tmp_path / "suite.json"
     results = suite.main(["--dry-run", "--only", "K=1 one frame", "--skip-kernels", "--json", str(out)])
     saved = json.loads(out.read_text())
     runs = saved["runs"]
-    assert [r["path"] for r in runs] == ["baseline", "fastvader"]
+    assert [r["path"] for r in runs] == list(suite.PATHS)
     for r in runs:
         assert "error" not in r, r
         assert r["step_s"] > 0 and r["backward_s"] > 0 and r["grad_steps"] == 1
@@ -37,9 +39,43 @@ def test_dry_run_measures_both_paths(tmp_path):
         parts = r["nograd_sampling_s"] + r["grad_steps_s"] + r["decode_s"] + r["reward_s"] + r["backward_s"]
         assert 0 < parts <= r["step_s"] + 1e-6
         assert r["peak_bytes"] is None  # no GPU: no memory figure is invented
-    # same seed, same LoRA start, same math in fp32 (eager vs checkpointed decode): same gradient
-    assert runs[0]["lora_grad_cosine"] > 0.9999
-    assert results["sections"]["end_to_end"]["ok"]
+        # same seed, same LoRA start, same math in fp32 (eager vs checkpointed decode, compiled
+        # blocks traced by dynamo): same gradient
+        assert r["lora_grad_cosine"] > 0.9999 and r["cosine_vs_bf16_plain"] > 0.9999
+    assert runs[3]["speed"] == runs[4]["speed"] == "compile" and runs[2]["speed"] == "-"
+    assert all(s["ok"] for s in results["sections"].values()), results["sections"]
+
+    calls = {r["variant"]: r for r in saved["nograd_call"]}
+    assert list(calls) == ["eager", "torch.compile alone", "fastvader fast path"]
+    assert all(r["ms_per_call"] > 0 and r["first_call_s"] > 0 for r in calls.values())
+    assert calls["eager"]["engaged"] == "-" and calls["fastvader fast path"]["engaged"] == "compile"
+    assert calls["fastvader fast path"]["compile_s"] > 0 and calls["eager"]["compile_s"] is None
+    pipes = saved["pipeline"]
+    assert [r["variant"] for r in pipes] == ["eager", "fastvader.accelerate_pipeline"]
+    assert pipes[1]["engaged"] == "compile" and pipes[1]["latent_rel_error"] < 1e-5
+
+    # one JSON file per table, beside --json in a dry run, with the table's columns on every row
+    files = {json.loads(f.read_text())["table"]: json.loads(f.read_text()) for f in (tmp_path / "results").iterdir()}
+    assert set(files) == {"end_to_end", "nograd_call", "pipeline"}
+    for name, key in (("end_to_end", "runs"), ("nograd_call", "nograd_call"), ("pipeline", "pipeline")):
+        table = files[name]
+        assert table["dry_run"] and table["torch"] == torch.__version__ and table["card"].startswith("cpu")
+        assert table["columns"] == suite.TABLE_COLUMNS[key] and len(table["rows"]) == len(saved[key])
+        assert all(list(row) == table["columns"] for row in table["rows"])
+    assert files["end_to_end"]["rows"][0]["error"] is None
+
+
+def test_result_files_hold_the_columns_of_every_row(tmp_path):
+    _suite()  # puts the repository root's benchmarks/ within reach
+    from benchmarks.result_files import write_table
+
+    env = {"card": "NVIDIA H200", "date": "2026-12-02 14:05", "torch": "2.13.0", "triton": "3.7.1"}
+    path = write_table("nograd_call", ["variant", "ms"], [{"variant": "eager", "ms": 120.0, "extra": 1},
+                                                          {"variant": "fast"}], env, tmp_path)
+    assert path.name == "2026-12-02T1405_nvidia-h200_nograd_call.json"
+    saved = json.loads(path.read_text())
+    assert saved["rows"] == [{"variant": "eager", "ms": 120.0}, {"variant": "fast", "ms": None}]
+    assert (saved["card"], saved["triton"], saved["dry_run"]) == ("NVIDIA H200", "3.7.1", False)
 
 
 def test_table_survives_failed_runs():
