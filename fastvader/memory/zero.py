@@ -30,7 +30,8 @@ from fastvader.config import ConfigError, TrainConfig
 
 #: what a launcher (torchrun, accelerate) sets and DeepSpeed expects, set here for a single process
 _LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-#: marks those variables as set by fastvader rather than by a launcher
+#: marks those variables as set by fastvader rather than by a launcher; it holds the port chosen,
+#: so that a child process started by a launcher (which inherits the marker) keeps the launcher's
 _SINGLE_PROCESS = "FASTVADER_SINGLE_PROCESS_ZERO"
 #: entries of DeepSpeed's ZeRO optimizer state that are Python objects: the loss scaler is saved
 #: as its attributes; the stage enum and the parameter-slice map (universal checkpoints only)
@@ -71,7 +72,7 @@ def deepspeed_plugin(cfg: TrainConfig, amp_dtype: torch.dtype, device: torch.dev
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(port), _SINGLE_PROCESS: "1"})
+                           "MASTER_PORT": str(port), _SINGLE_PROCESS: str(port)})
     if device.type == "cpu":
         _cpu_ranks_talk_over_gloo()
     return DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, amp_dtype, world_size))
@@ -79,8 +80,10 @@ def deepspeed_plugin(cfg: TrainConfig, amp_dtype: torch.dtype, device: torch.dev
 
 def forget_single_process_env() -> None:
     """Remove the launcher variables :func:`deepspeed_plugin` set for a single process: a later
-    accelerator without DeepSpeed would take them for a multi-process CPU launch."""
-    if os.environ.pop(_SINGLE_PROCESS, None):
+    accelerator without DeepSpeed would take them for a multi-process CPU launch. Variables that a
+    launcher set since (torchrun starting a child of such a process) are kept."""
+    port = os.environ.pop(_SINGLE_PROCESS, None)
+    if port is not None and os.environ.get("MASTER_PORT") == port:
         for key in _LAUNCH_VARIABLES:
             os.environ.pop(key, None)
 

@@ -3,6 +3,7 @@ like plain AdamW; a ZeRO-2 run resumed from its checkpoint continues exactly lik
 one; the checkpoint holds the optimizer state after ``prepare`` (the partition's fp32 master
 weights and Adam moments) as tensors and plain values. DeepSpeed's shared-memory CPU op is never
 built (fastvader.memory.zero): these tests need no compiler."""
+import os
 import sys
 from pathlib import Path
 
@@ -100,3 +101,20 @@ def test_zero3_is_refused_by_name(tmp_path):
 
     with pytest.raises(ConfigError, match="memory.zero_stage=3 is not supported yet.*use memory.zero_stage=2"):
         Trainer(_config(tmp_path, 3))
+
+
+@pytest.mark.parametrize("launched_since", [False, True])
+def test_single_process_variables_are_forgotten_unless_a_launcher_set_its_own(monkeypatch, launched_since):
+    """A Trainer without ZeRO drops the launcher variables a single-process ZeRO Trainer set; a
+    child process started by torchrun inherits the marker, and keeps torchrun's variables."""
+    from fastvader.memory import zero
+
+    monkeypatch.setenv(zero._SINGLE_PROCESS, "41000")
+    monkeypatch.setenv("MASTER_PORT", "29500" if launched_since else "41000")
+    monkeypatch.setenv("RANK", "1" if launched_since else "0")
+    monkeypatch.setenv("WORLD_SIZE", "2" if launched_since else "1")
+    zero.forget_single_process_env()
+    assert zero._SINGLE_PROCESS not in os.environ
+    kept = {key: os.environ.get(key) for key in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
+    expected = {"MASTER_PORT": "29500", "RANK": "1", "WORLD_SIZE": "2"} if launched_since else dict.fromkeys(kept)
+    assert kept == expected
