@@ -1,6 +1,6 @@
 """GPU rows for the big models of issue 16: Wan 2.1 14B and Open-Sora 1.2 360p on one 24 GB card.
 
-    python -m benchmarks.gpu_big_models              # every row; JSON under benchmarks/results/
+    python -m benchmarks.gpu_big_models              # every row; JSON under benchmarks/results/ (table big_models)
     python -m benchmarks.gpu_big_models --dry-run    # CPU, tiny Wan and Open-Sora: checks the wiring
 
 (``python -m benchmarks.gpu_suite`` runs it as its ``big_models`` section.) Random weights, built
@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmarks.result_files import record, write  # (before the root leaves sys.path, below)
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2 ** 30
@@ -285,12 +287,6 @@ def _in_fresh_process(index: int, args) -> list[dict[str, Any]]:
         return json.loads(Path(out.name).read_text())
 
 
-def environment() -> dict[str, Any]:
-    from benchmarks.gpu_suite import environment as suite_environment
-
-    return suite_environment()
-
-
 def _cell(value) -> str:
     if value is None:
         return "-"
@@ -303,17 +299,13 @@ def table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def results_path(env: dict[str, Any], dry: bool) -> Path:
-    card = "".join(ch if ch.isalnum() else "-" for ch in env.get("card", "cpu")).strip("-").lower()
-    name = f"big_models_{env['date_utc'][:10]}_{card}{'_dry_run' if dry else ''}.json"
-    return ROOT / "benchmarks" / "results" / name
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_big_models", description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny models: checks the wiring only")
     p.add_argument("--steps", type=int, default=8, help="sampler steps of the training rows")
-    p.add_argument("--json", default=None, help="where to write the results (default: benchmarks/results/)")
+    p.add_argument("--json", default=None, help="where to write the results (default: in --results-dir)")
+    p.add_argument("--results-dir", default=None,
+                   help="where the JSON goes without --json (default benchmarks/results/; dry run: a temporary folder)")
     p.add_argument("--only", action="append", default=[], help="rows whose name contains this (repeatable)")
     p.add_argument("--row-timeout", type=int, default=1800, help="seconds one row may take")
     p.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)  # inside the row's own process
@@ -340,15 +332,12 @@ def main(argv=None) -> dict[str, Any]:
             records.append({"row": row.name, "cap": row.cap, "error": f"{type(err).__name__}: {err}"[:300],
                             "traceback": traceback.format_exc()[-1500:]})
         print(f"[gpu_big_models] {records[-1]}", flush=True)
-    env = environment()
-    results = {"environment": env, "dry_run": args.dry_run, "steps": None if args.dry_run else args.steps,
-               "columns": list(COLUMNS), "records": [{c: r.get(c) for c in COLUMNS} for r in records],
-               "total_s": round(time.perf_counter() - start, 1)}
-    path = Path(args.json) if args.json else results_path(env, args.dry_run)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1, default=str))
+    results = record("big_models", records, columns=COLUMNS, dry_run=args.dry_run,
+                     extra={"steps": None if args.dry_run else args.steps,
+                            "total_s": round(time.perf_counter() - start, 1)})
+    path = write(results, args.results_dir, args.json)
     print(f"[gpu_big_models] wrote {path} ({results['total_s']} s)")
-    print(table(results["records"]))
+    print(table(results["rows"]))
     return results
 
 

@@ -25,23 +25,28 @@ Per row, in one process, one warm-up training step and one measured step for eac
 
 The sampler runs ``--steps`` steps (default 4, K=1): the row records the time of one no-grad CFG
 call, so a 50-step (CogVideoX) or 25-step (SVD) step time is ``step_s + (steps_full - steps) *
-nograd_call_s``; ``full_step_s`` says it. Writes ``benchmarks/results/gpu_families.json`` (card, date,
-torch/triton/diffusers versions, one record per row and path).
+nograd_call_s``; ``full_step_s`` says it. Writes the table ``families`` (benchmarks/result_files.py:
+``<date>_<card>_families.json`` under benchmarks/results/, with the diffusers version; one record
+per row and path).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.gpu_suite import GradStepTimer, ROOT, _cap, environment, section, timed_results
+from benchmarks.gpu_suite import GradStepTimer, ROOT, _cap, section, timed_results
+from benchmarks.result_files import record, write as write_record
 
 GiB = 2 ** 30
 IMAGES = ROOT / "configs" / "images"
+#: the table's columns, in order: every record of the JSON has these keys
+COLUMNS = ("config", "path", "cap", "steps", "grad_steps", "peak_bytes", "step_s", "full_step_s", "nograd_call_s",
+           "nograd_sampling_s", "grad_steps_s", "decode_s", "reward_s", "backward_s", "plan_peak_gib", "plan_best",
+           "plan_best_peak_gib", "kernels", "error")
 
 
 @dataclasses.dataclass
@@ -216,7 +221,10 @@ def table(records: list[dict]) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_families", description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny configurations: checks the wiring only")
-    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "gpu_families.json"))
+    p.add_argument("--json", default=None, help="where the JSON goes (default: <date>_<card>_families.json "
+                   "in --results-dir)")
+    p.add_argument("--results-dir", default=None,
+                   help="where the JSON goes without --json (default benchmarks/results/; dry run: a temporary folder)")
     p.add_argument("--steps", type=int, default=4, help="sampler steps per training step (K=1)")
     p.add_argument("--cap", default="24GiB", help="the hard memory cap of the capped runs (GiB)")
     p.add_argument("--no-cap", action="store_true", help="skip the capped runs")
@@ -228,21 +236,20 @@ def parse_args(argv=None):
     return args
 
 
-def write(results: dict, path: str | Path) -> Path:
-    """The JSON record: the environment (card, date, versions) and one record per row and path."""
+def write(records: list[dict], env: dict, dry_run: bool, out_dir: str | None = None, path: str | None = None) -> Path:
+    """The table ``families``: one record per row and path, with the diffusers version."""
     import diffusers
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    results.setdefault("environment", environment())["diffusers"] = diffusers.__version__
-    path.write_text(json.dumps(results, indent=1, default=str))
-    return path
+    rec = record("families", records, columns=COLUMNS, env=env, dry_run=dry_run,
+                 extra={"diffusers": diffusers.__version__})
+    return write_record(rec, out_dir, path)
 
 
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     results = timed_results(args, lambda results: measure(results, args))
-    print(f"[gpu_families] wrote {write(results, args.json)} ({results['total_s']} s)")
+    path = write(results["family_runs"], results["environment"], args.dry_run, args.results_dir, args.json)
+    print(f"[gpu_families] wrote {path} ({results['total_s']} s)")
     print(table(results["family_runs"]))
     return results
 

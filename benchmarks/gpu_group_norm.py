@@ -41,7 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_bench import copy_bandwidth, floor_pct, kernel_generation, markdown_table, time_ms, write_results  # noqa: E402,E501
+from kernel_bench import copy_bandwidth, floor_pct, kernel_generation, markdown_table, time_ms  # noqa: E402
+from result_files import record, write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ("modelscope", "animatediff", "videocrafter2")
@@ -280,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=50, help="calls per timed CUDA graph")
     parser.add_argument("--dry-run", action="store_true", help="CPU, the tiny ModelScope: the wiring only")
     parser.add_argument("--decode", action="store_true", help="also measure checkpointed decoding's peak memory")
-    parser.add_argument("--results-dir", default=None, help="where the JSON goes (default benchmarks/results/)")
+    parser.add_argument("--results-dir", default=None,
+                        help="where the JSON goes (default benchmarks/results/; a dry run: a temporary folder)")
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("no CUDA device (use --dry-run to check the wiring on a CPU)")
@@ -288,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode and not args.dry_run:
         meta["decode"] = measure_decode()
         print(json.dumps(meta["decode"]))
-    print(f"wrote {write_results('group_norm', rows, meta, args.results_dir)}")
+    print(f"wrote {write(record('group_norm', rows, dry_run=args.dry_run, extra=meta), args.results_dir)}")
     return 0
 
 

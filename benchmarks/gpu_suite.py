@@ -35,8 +35,8 @@ GroupNorm shape of three video models), the kernel tests compiled on the GPU (py
 TRITON_INTERPRET unset) and the big-model rows (benchmarks/gpu_big_models.py: Wan 2.1 14B and
 Open-Sora 1.2 360p under a 24 GiB cap, block swap cost, fp8 fidelity). Each section runs in its
 own try/except: a failure is recorded and the rest still runs. The table prints last; every
-table is also written as JSON under benchmarks/results/ (a dry run writes them to a temporary
-folder or next to --json instead).
+table is also written as JSON under benchmarks/results/ by benchmarks/result_files.py (or under
+--results-dir; a dry run's go to a temporary folder unless --results-dir says where).
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # loaded from its file (the tests): its siblings import from the root
     sys.path.insert(0, str(ROOT))
 from benchmarks import gpu_speed  # noqa: E402  (before the root leaves sys.path, below)
-from benchmarks.result_files import RESULTS_DIR, environment, write_table  # noqa: E402
+from benchmarks.result_files import environment, record, write  # noqa: E402
 
 GiB = 2 ** 30
 #: steps before the measured one, the same on every path (so all measure the same draw): the
@@ -381,15 +381,15 @@ def speed_sections(results: dict, args, models: dict[str, Any]) -> None:
 
 
 def families(results: dict, args) -> None:
-    """The CogVideoX and image-to-video rows (benchmarks/gpu_families.py), also written to
-    benchmarks/results/gpu_families.json."""
+    """The CogVideoX and image-to-video rows (benchmarks/gpu_families.py), also written as their
+    own table (``--families-json``, else under ``--results-dir``)."""
     from benchmarks import gpu_families
 
     family_args = argparse.Namespace(dry_run=args.dry_run, steps=args.family_steps, cap=args.cap, no_cap=args.no_cap,
                                      only=[], out_dir=args.out_dir)
     gpu_families.measure(results, family_args)
-    gpu_families.write({"environment": results["environment"], "dry_run": args.dry_run,
-                        "family_runs": results["family_runs"]}, args.families_json)
+    gpu_families.write(results["family_runs"], results["environment"], args.dry_run, args.results_dir,
+                       args.families_json)
 
 
 def kernel_benchmarks(results: dict, args) -> None:
@@ -399,7 +399,6 @@ def kernel_benchmarks(results: dict, args) -> None:
     shapes on the CPU (wiring only, no figure)."""
     import gpu_group_norm
     import gpu_temporal_attention
-    from kernel_bench import write_results
 
     out = results.setdefault("kernel_benchmarks", {})
     device = "cpu" if args.dry_run else "cuda"
@@ -407,8 +406,8 @@ def kernel_benchmarks(results: dict, args) -> None:
                                  ("group_norm", gpu_group_norm, {})):
         def run(module=module, kwargs=kwargs, name=name):
             rows, meta = module.measure(device, dry=args.dry_run, **kwargs)
-            return {"json": str(write_results(name, rows, meta, args.results_dir)), "rows": rows,
-                    **{k: v for k, v in meta.items() if k != "rows"}}
+            rec = record(name, rows, env=results["environment"], dry_run=args.dry_run, extra=meta)
+            return {"json": str(write(rec, args.results_dir)), "rows": rows, **meta}
         out[name] = section(results, f"kernel benchmark {name}", run)
     if not args.dry_run:
         out["decode"] = section(results, "kernel benchmark decode", gpu_group_norm.measure_decode)
@@ -436,7 +435,8 @@ def big_models(results: dict, args) -> None:
     """The big-model rows, each in its own process (benchmarks/gpu_big_models.py)."""
     from benchmarks import gpu_big_models
 
-    results["big_models"] = gpu_big_models.main(["--steps", str(args.big_model_steps)])
+    results_dir = [] if args.results_dir is None else ["--results-dir", args.results_dir]
+    results["big_models"] = gpu_big_models.main(["--steps", str(args.big_model_steps), *results_dir])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,10 +501,10 @@ TABLE_COLUMNS = {
 
 
 def write_tables(results: dict, args) -> list[Path]:
-    """Each table of this run as JSON: under benchmarks/results/, or beside --json in a dry run."""
-    out_dir = Path(args.json).parent / "results" if args.dry_run else RESULTS_DIR
+    """Each table of this run as JSON under --results-dir (default: result_files.default_dir)."""
     names = {"runs": "end_to_end"}
-    return [write_table(names.get(key, key), columns, results[key], results["environment"], out_dir, args.dry_run)
+    return [write(record(names.get(key, key), results[key], columns=columns, env=results["environment"],
+                         dry_run=args.dry_run), args.results_dir)
             for key, columns in TABLE_COLUMNS.items() if results.get(key)]
 
 
@@ -521,14 +521,15 @@ def parse_args(argv=None):
     p.add_argument("--families", action="store_true",
                    help="also the CogVideoX-5b, SVD-xt and CogVideoX-5b-I2V rows (benchmarks/gpu_families.py)")
     p.add_argument("--family-steps", type=int, default=4, help="sampler steps of the family rows")
-    p.add_argument("--families-json", default=str(ROOT / "benchmarks" / "results" / "gpu_families.json"))
+    p.add_argument("--families-json", default=None,
+                   help="where the family rows' JSON goes (default: <date>_<card>_families.json in --results-dir)")
     p.add_argument("--skip-big-models", action="store_true", help="skip the Wan 14B / Open-Sora 360p rows")
     p.add_argument("--big-model-steps", type=int, default=8, help="sampler steps of the big-model rows")
     p.add_argument("--kernels-only", action="store_true", help="only the kernel benchmarks and kernel tests")
     p.add_argument("--kernel-grid", choices=["suite", "full"], default="suite",
                    help="temporal-attention shapes: a cross-section (default) or the issue's whole F x head_dim grid")
     p.add_argument("--results-dir", default=None,
-                   help="where kernel benchmarks write their JSON (default benchmarks/results/; a dry run: a temporary folder)")
+                   help="where every table's JSON goes (default benchmarks/results/; a dry run: a temporary folder)")
     p.add_argument("--kernel-test-timeout", type=int, default=480)
     p.add_argument("--skip-speed", action="store_true", help="skip the no-grad call and pipeline sections")
     p.add_argument("--out-dir", default=None, help="scratch run directory (default: a temporary folder)")
@@ -551,8 +552,6 @@ def timed_results(args, measure: Callable[[dict[str, Any]], None]) -> dict[str, 
     results: dict[str, Any] = {"environment": environment(), "dry_run": args.dry_run}
     with tempfile.TemporaryDirectory() as tmp:
         args.out_dir = args.out_dir or tmp
-        if args.dry_run and args.results_dir is None:  # a dry run writes no results into the repository
-            args.results_dir = os.path.join(tmp, "results")
         measure(results)
     results["total_s"] = round(time.perf_counter() - start, 1)
     return results

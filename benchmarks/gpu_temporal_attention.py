@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_bench import copy_bandwidth, floor_pct, kernel_generation, markdown_table, time_ms, write_results  # noqa: E402,E501
+from kernel_bench import copy_bandwidth, floor_pct, kernel_generation, markdown_table, time_ms  # noqa: E402
+from result_files import record, write  # noqa: E402
 
 GRID_FRAMES = (7, 8, 12, 16, 20, 24, 33, 51, 64)
 GRID_HEAD_DIMS = (40, 64, 80, 128, 160)
@@ -269,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impls", nargs="*", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--reps", type=int, default=50, help="calls per timed CUDA graph")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: the wiring only")
-    parser.add_argument("--results-dir", default=None, help="where the JSON goes (default benchmarks/results/)")
+    parser.add_argument("--results-dir", default=None,
+                        help="where the JSON goes (default benchmarks/results/; a dry run: a temporary folder)")
     parser.add_argument("--tests", action="store_true", help="run the unit tests on the GPU instead")
     args = parser.parse_args(argv)
     if args.tests:
@@ -278,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("no CUDA device (use --dry-run to check the wiring on a CPU)")
     rows, meta = measure(device, args.grid, args.impls, args.reps, dry=args.dry_run)
-    print(f"wrote {write_results('temporal_attention', rows, meta, args.results_dir)}")
+    print(f"wrote {write(record('temporal_attention', rows, dry_run=args.dry_run, extra=meta), args.results_dir)}")
     return 0
 
 

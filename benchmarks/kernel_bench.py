@@ -1,6 +1,6 @@
 """What the kernel benchmarks (gpu_temporal_attention.py, gpu_group_norm.py) share: GPU timing,
-copy bandwidth, the environment record, switching kernel generations, and the JSON files under
-benchmarks/results/.
+copy bandwidth, switching kernel generations and markdown tables (their JSON files under
+benchmarks/results/ are written by result_files.py, as every benchmark's are).
 
 Timing: on a GPU, ``reps`` calls are captured in one CUDA graph and the graph is replayed with
 CUDA events around it, so the figure is GPU time per call without Python launch overhead; where
@@ -11,33 +11,12 @@ check only.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import platform
-import re
 import statistics
 import time
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def environment() -> dict:
-    """Card, date, versions: what makes figures from different runs comparable."""
-    env = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "python": platform.python_version(),
-           "torch": torch.__version__, "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-           "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    env["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return env
 
 
 @contextlib.contextmanager
@@ -125,18 +104,6 @@ def copy_bandwidth(device: torch.device) -> float:
 def floor_pct(nbytes: int, bandwidth: float, ms: float | None) -> float | None:
     """The memory-bandwidth floor (bytes over copy bandwidth) as a percentage of ``ms``."""
     return None if not ms else 100.0 * (nbytes / bandwidth * 1e3) / ms
-
-
-def write_results(name: str, rows: list[dict], meta: dict, out_dir: str | os.PathLike | None = None) -> Path:
-    """benchmarks/results/<name>_<card>_<date>.json: the environment, ``meta`` (bandwidth,
-    autotuned configurations...) and one record per table row."""
-    env = environment()
-    folder = Path(out_dir) if out_dir is not None else RESULTS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    card = re.sub(r"[^A-Za-z0-9]+", "-", env["card"]).strip("-").lower()
-    path = folder / f"{name}_{card}_{env['date_utc'][:10]}.json"
-    path.write_text(json.dumps({"benchmark": name, "environment": env, **meta, "rows": rows}, indent=1, default=str))
-    return path
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

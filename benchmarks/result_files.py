@@ -1,40 +1,47 @@
-"""GPU benchmark tables as JSON files under benchmarks/results/, so that runs on other days and
-cards can be compared (benchmarks/RESULTS.md is the readable view of them).
+"""The one writer of GPU benchmark results: JSON files under benchmarks/results/, so that runs on
+other days and cards can be compared (benchmarks/RESULTS.md is the readable view of them).
+Every benchmark (the suite's tables, the kernel benchmarks, the big-model and family rows) writes
+through ``record`` and ``write``; benchmarks/results/README.md describes the format.
 
-One file per table and run: ``<date>_<card>_<table>.json`` holding the card, the date (UTC),
-the torch and triton versions, the table's columns and one record per row with exactly those
-columns (a value a row does not have is null)::
+One file per table and run, ``<date>_<card>_<table>.json``::
 
-    {"table": "nograd_call", "card": "NVIDIA H200", "date": "2026-12-02 14:05", "torch": "2.13.0+cu130",
-     "triton": "3.7.1", "dry_run": false, "columns": ["variant", "ms_per_call", ...],
-     "rows": [{"variant": "eager bf16", "ms_per_call": 120.1, ...}, ...]}
+    {"table": "nograd_call", "dry_run": false,
+     "environment": {"card": "NVIDIA H200", "date_utc": "2026-12-02 14:05", "torch": "2.13.0+cu130",
+                     "triton": "3.7.1", "cuda": "13.0", "python": "3.12.3", "triton_interpret": false},
+     "columns": ["variant", "ms_per_call", ...],
+     "rows": [{"variant": "eager bf16", "ms_per_call": 120.1, ...}, ...],
+     ...}                     # the benchmark's own metadata (copy bandwidth, autotuned configs...)
 
-A dry run (CPU, toy sizes) is marked ``"dry_run": true`` and its card is the CPU's; its files
-never belong in benchmarks/results/ (the suite writes them elsewhere unless told).
+Every row has exactly the table's columns (null where a row has no value). A dry run (CPU, toy
+sizes) is marked ``"dry_run": true``; unless told where to go, it is written to a temporary
+folder, never into benchmarks/results/.
 """
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: the keys of every record; a benchmark's own metadata may not reuse them
+RECORD_KEYS = ("table", "dry_run", "environment", "columns", "rows")
 
 
 def environment() -> dict[str, Any]:
-    """Card, date and versions of this process (the header of every results file)."""
+    """Card, date (UTC) and versions of this process: what makes figures of two runs comparable."""
     import torch
 
-    env: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "torch": torch.__version__,
-                           "python": platform.python_version(), "triton": None}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        env.update(card=props.name, total_memory_bytes=props.total_memory)
-    else:
-        env["card"] = f"cpu ({platform.machine()})"
+    cuda = torch.cuda.is_available()
+    env: dict[str, Any] = {"card": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.machine()})",
+                           "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "torch": torch.__version__,
+                           "triton": None, "cuda": torch.version.cuda if cuda else None,
+                           "python": platform.python_version(),
+                           "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1"}
     try:
         import triton
 
@@ -44,19 +51,48 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def default_dir(dry_run: bool) -> Path:
+    """benchmarks/results/ for a measured run; a temporary folder for a dry run."""
+    return Path(tempfile.gettempdir()) / "fastvader-dry-run-results" if dry_run else RESULTS_DIR
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
-def write_table(table: str, columns: Sequence[str], rows: Sequence[dict[str, Any]], env: dict[str, Any],
-                out_dir: Path = RESULTS_DIR, dry_run: bool = False) -> Path:
-    """Write one table; returns the file's path."""
-    record = {"table": table, "card": env["card"], "date": env["date"], "torch": env["torch"],
-              "triton": env["triton"], "dry_run": dry_run, "columns": list(columns),
-              "rows": [{column: row.get(column) for column in columns} for row in rows]}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = env["date"].replace(" ", "T").replace(":", "")
-    path = out_dir / f"{stamp}_{_slug(env['card'])}_{table}.json"
-    path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+def results_path(table: str, env: dict[str, Any], out_dir: str | os.PathLike) -> Path:
+    """``<out_dir>/<date>_<card>_<table>.json``."""
+    stamp = env["date_utc"].replace(" ", "T").replace(":", "")
+    return Path(out_dir) / f"{stamp}_{_slug(env['card'])}_{table}.json"
+
+
+def columns_of(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Every key of ``rows``, in the order they first appear (for tables without fixed columns)."""
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
+def record(table: str, rows: Sequence[dict[str, Any]], *, columns: Sequence[str] | None = None,
+           env: dict[str, Any] | None = None, dry_run: bool = False,
+           extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One table as a record: ``rows`` cut to ``columns`` (default: every key of the rows), the
+    environment (default: this process's) and ``extra``, the benchmark's own metadata."""
+    columns = list(columns) if columns is not None else columns_of(rows)
+    clashing = set(extra or {}) & set(RECORD_KEYS)
+    if clashing:
+        raise ValueError(f"fastvader: the extra metadata of table {table!r} reuses the record's keys "
+                         f"{sorted(clashing)}; rename them")
+    return {"table": table, "dry_run": dry_run, "environment": env or environment(), "columns": columns,
+            "rows": [{column: row.get(column) for column in columns} for row in rows], **(extra or {})}
+
+
+def write(rec: dict[str, Any], out_dir: str | os.PathLike | None = None,
+          path: str | os.PathLike | None = None) -> Path:
+    """Write ``rec`` to ``path``, else to its standard name in ``out_dir`` (default: ``default_dir``);
+    returns the file's path."""
+    if path is None:
+        path = results_path(rec["table"], rec["environment"],
+                            out_dir if out_dir is not None else default_dir(rec["dry_run"]))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec, indent=1, default=str) + "\n")
     return path

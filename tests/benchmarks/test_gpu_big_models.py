@@ -33,8 +33,9 @@ def test_dry_run_writes_a_record_per_row(tmp_path):
     out = tmp_path / "big.json"
     rows.main(["--dry-run", "--json", str(out)])
     saved = json.loads(out.read_text())
-    records = {r["row"]: r for r in saved["records"]}
-    assert saved["columns"] == list(rows.COLUMNS) and all(list(r) == list(rows.COLUMNS) for r in saved["records"])
+    records = {r["row"]: r for r in saved["rows"]}
+    assert saved["table"] == "big_models" and saved["dry_run"] and saved["environment"]["card"]
+    assert saved["columns"] == list(rows.COLUMNS) and all(list(r) == list(rows.COLUMNS) for r in saved["rows"])
     assert all(r["error"] is None for r in records.values()), records
     trained = records["tiny Wan, fp8 + block swap 1"]
     assert trained["block_swap"] == 1 and trained["step_s"] > 0 and trained["host_peak_gib"] > 0
@@ -50,17 +51,11 @@ def test_a_failing_row_is_recorded_and_the_table_shows_it(tmp_path):
     rows = _rows_module()
     out = tmp_path / "big.json"
     rows.main(["--dry-run", "--only", "fidelity", "--row-timeout", "1", "--json", str(out)])  # killed after 1 s
-    record = json.loads(out.read_text())["records"][0]
+    record = json.loads(out.read_text())["rows"][0]
     assert record["row"] == "fp8 fidelity, tiny Wan" and record["error"].startswith("TimeoutExpired")
     text = rows.table([record, {"row": "ok", "peak_gib": 21.5, "lora_grad_cosine": 0.995}])
     assert text.splitlines()[0].startswith("row | cap | block_swap | peak_gib")
     assert "| 21.5 |" in text and "0.995" in text and "TimeoutExpired" in text
-
-
-def test_results_go_under_benchmarks_results_by_card_and_date():
-    rows = _rows_module()
-    path = rows.results_path({"card": "NVIDIA H200", "date_utc": "2026-11-30 10:00"}, dry=False)
-    assert path == ROOT / "benchmarks" / "results" / "big_models_2026-11-30_nvidia-h200.json"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

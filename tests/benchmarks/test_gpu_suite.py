@@ -11,6 +11,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 
 import importlib.util  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -28,7 +29,8 @@ def _suite():
 def test_dry_run_measures_every_path_and_speed_section(tmp_path):
     suite = _suite()
     out = tmp_path / "suite.json"
-    results = suite.main(["--dry-run", "--only", "K=1 one frame", "--skip-kernels", "--json", str(out)])
+    results = suite.main(["--dry-run", "--only", "K=1 one frame", "--skip-kernels", "--json", str(out),
+                          "--results-dir", str(tmp_path / "results")])
     saved = json.loads(out.read_text())
     runs = saved["runs"]
     assert [r["path"] for r in runs] == list(suite.PATHS)
@@ -54,12 +56,13 @@ def test_dry_run_measures_every_path_and_speed_section(tmp_path):
     assert [r["variant"] for r in pipes] == ["eager", "fastvader.accelerate_pipeline"]
     assert pipes[1]["engaged"] == "compile" and pipes[1]["latent_rel_error"] < 1e-5
 
-    # one JSON file per table, beside --json in a dry run, with the table's columns on every row
+    # one JSON file per table, in --results-dir, with the table's columns on every row
     files = {json.loads(f.read_text())["table"]: json.loads(f.read_text()) for f in (tmp_path / "results").iterdir()}
     assert set(files) == {"end_to_end", "nograd_call", "pipeline"}
     for name, key in (("end_to_end", "runs"), ("nograd_call", "nograd_call"), ("pipeline", "pipeline")):
         table = files[name]
-        assert table["dry_run"] and table["torch"] == torch.__version__ and table["card"].startswith("cpu")
+        env = table["environment"]
+        assert table["dry_run"] and env["torch"] == torch.__version__ and env["card"].startswith("cpu")
         assert table["columns"] == suite.TABLE_COLUMNS[key] and len(table["rows"]) == len(saved[key])
         assert all(list(row) == table["columns"] for row in table["rows"])
     assert files["end_to_end"]["rows"][0]["error"] is None
@@ -67,15 +70,35 @@ def test_dry_run_measures_every_path_and_speed_section(tmp_path):
 
 def test_result_files_hold_the_columns_of_every_row(tmp_path):
     _suite()  # puts the repository root's benchmarks/ within reach
-    from benchmarks.result_files import write_table
+    from benchmarks.result_files import record, write
 
-    env = {"card": "NVIDIA H200", "date": "2026-12-02 14:05", "torch": "2.13.0", "triton": "3.7.1"}
-    path = write_table("nograd_call", ["variant", "ms"], [{"variant": "eager", "ms": 120.0, "extra": 1},
-                                                          {"variant": "fast"}], env, tmp_path)
+    env = {"card": "NVIDIA H200", "date_utc": "2026-12-02 14:05", "torch": "2.13.0", "triton": "3.7.1"}
+    rec = record("nograd_call", [{"variant": "eager", "ms": 120.0, "extra": 1}, {"variant": "fast"}],
+                 columns=["variant", "ms"], env=env, extra={"copy_GBps": 3.5})
+    path = write(rec, tmp_path)
     assert path.name == "2026-12-02T1405_nvidia-h200_nograd_call.json"
     saved = json.loads(path.read_text())
     assert saved["rows"] == [{"variant": "eager", "ms": 120.0}, {"variant": "fast", "ms": None}]
-    assert (saved["card"], saved["triton"], saved["dry_run"]) == ("NVIDIA H200", "3.7.1", False)
+    assert (saved["environment"], saved["dry_run"], saved["copy_GBps"]) == (env, False, 3.5)
+    with pytest.raises(ValueError, match="rows"):
+        record("t", [], extra={"rows": 1})
+
+
+def test_result_files_header_and_dry_runs_stay_out_of_the_repository():
+    _suite()
+    from benchmarks import result_files
+
+    rec = result_files.record("demo", [{"impl": "a", "ms": 1.0}, {"impl": "b", "error": "boom"}], dry_run=True)
+    env = rec["environment"]
+    assert set(env) >= {"card", "date_utc", "torch", "triton", "cuda", "python", "triton_interpret"}
+    assert env["torch"] == torch.__version__ and env["triton_interpret"] == (os.environ.get("TRITON_INTERPRET") == "1")
+    assert rec["columns"] == ["impl", "ms", "error"] and rec["rows"][1] == {"impl": "b", "ms": None, "error": "boom"}
+    path = result_files.write(rec)
+    try:
+        assert result_files.RESULTS_DIR not in path.parents and path.parent == result_files.default_dir(True)
+        assert json.loads(path.read_text()) == json.loads(json.dumps(rec))
+    finally:
+        path.unlink()
 
 
 def test_table_survives_failed_runs():
@@ -114,12 +137,14 @@ def test_family_rows_dry_run(tmp_path):
                            "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     saved = json.loads(out.read_text())
-    assert {"torch", "date_utc", "diffusers"} <= set(saved["environment"])
-    runs = saved["family_runs"]
+    assert {"torch", "date_utc"} <= set(saved["environment"]) and saved["diffusers"]
+    assert saved["table"] == "families" and "plan_peak_gib" in saved["columns"]
+    assert all(list(r) == saved["columns"] for r in saved["rows"])
+    runs = saved["rows"]
     assert [(r["config"], r["path"]) for r in runs] == [("tiny svd 3x32x32 K=1", "baseline"),
                                                        ("tiny svd 3x32x32 K=1", "fastvader")]
     for r in runs:
-        assert "error" not in r, r
+        assert r["error"] is None, r
         assert r["peak_bytes"] is None and r["grad_steps"] == 1 and r["step_s"] > 0
         assert r["full_step_s"] == pytest.approx(r["step_s"] + (25 - 4) * r["nograd_call_s"])
     assert runs[1]["plan_peak_gib"] > 0 and "fastvader | speedup" not in proc.stdout
