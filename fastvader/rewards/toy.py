@@ -28,6 +28,18 @@ def _parse_color(reward_name: str, color: str | Sequence[float]) -> tuple[float,
     return rgb  # type: ignore[return-value]
 
 
+def _checked_threshold(reward_name: str, threshold: float) -> float:
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"{reward_name}.threshold must be in (0, 1); got {threshold}")
+    return float(threshold)
+
+
+def _register_target(reward: Reward, color: str | Sequence[float]) -> None:
+    """The target colour as a (1, 1, 3, 1, 1) buffer ``target``, broadcasting over (B, F, 3, H, W)."""
+    rgb = _parse_color(reward.name, color)
+    reward.register_buffer("target", torch.tensor(rgb).view(1, 1, 3, 1, 1), persistent=False)
+
+
 def difference_from_background(frames: torch.Tensor) -> torch.Tensor:
     """(B, F, 3, H, W) -> (B, F, H, W), detached: how far each pixel is from its frame's
     background (the per-channel median: the background covers most of every frame), largest over
@@ -51,8 +63,7 @@ class TargetColorReward(Reward):
 
     def __init__(self, color: str | Sequence[float] = "red"):
         super().__init__()
-        rgb = _parse_color(self.name, color)
-        self.register_buffer("target", torch.tensor(rgb).view(1, 1, 3, 1, 1), persistent=False)
+        _register_target(self, color)
 
     def score_frames(self, frames, prompts):
         return -((frames - self.target.to(frames)) ** 2).mean(dim=(2, 3, 4))
@@ -75,11 +86,8 @@ class ObjectColorReward(Reward):
     def __init__(self, color: str | Sequence[float] = "red", threshold: float = 0.15,
                  sharpness: float = 40.0):
         super().__init__()
-        rgb = _parse_color(self.name, color)
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"object_color.threshold must be in (0, 1); got {threshold}")
-        self.threshold, self.sharpness = float(threshold), float(sharpness)
-        self.register_buffer("target", torch.tensor(rgb).view(1, 1, 3, 1, 1), persistent=False)
+        _register_target(self, color)
+        self.threshold, self.sharpness = _checked_threshold(self.name, threshold), float(sharpness)
 
     def foreground_weights(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, F, 3, H, W) -> (B, F, H, W) in (0, 1), detached."""
@@ -133,13 +141,10 @@ class ObjectRecolorReward(Reward):
     def __init__(self, color: str | Sequence[float] = "red", threshold: float = 0.15,
                  background_weight: float = 1.0):
         super().__init__()
-        rgb = _parse_color(self.name, color)
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"object_recolor.threshold must be in (0, 1); got {threshold}")
+        _register_target(self, color)
         if background_weight < 0:
             raise ValueError(f"object_recolor.background_weight must be >= 0; got {background_weight}")
-        self.threshold, self.background_weight = float(threshold), float(background_weight)
-        self.register_buffer("target", torch.tensor(rgb).view(1, 1, 3, 1, 1), persistent=False)
+        self.threshold, self.background_weight = _checked_threshold(self.name, threshold), float(background_weight)
 
     def object_mask(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, F, 3, H, W) -> (B, F, H, W) bool: the largest region away from the background."""
@@ -173,9 +178,7 @@ class ObjectCompactnessReward(Reward):
 
     def __init__(self, threshold: float = 0.15):
         super().__init__()
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"object_compactness.threshold must be in (0, 1); got {threshold}")
-        self.threshold = float(threshold)
+        self.threshold = _checked_threshold(self.name, threshold)
 
     def score_frames(self, frames, prompts):
         # a hard mask: a soft one leaves a little weight on every far background pixel, and the
