@@ -106,6 +106,8 @@ def largest_component(mask: torch.Tensor) -> torch.Tensor:
     """(N, H, W) bool -> the largest 8-connected region of each mask (empty where a mask is).
     Every pixel starts with its own label and takes the largest label among its neighbours
     until nothing changes; then the most frequent label per mask wins."""
+    if mask.is_meta:  # the planner's shape-only dry run: no values to label
+        return mask
     n, h, w = mask.shape
     pixel_ids = torch.arange(1, h * w + 1, dtype=torch.float32, device=mask.device).view(1, h, w)
     labels = pixel_ids * mask
