@@ -16,8 +16,11 @@ $(STAMP): $(REQS)
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# the demo trains, then compares the aligned model with the base one on the validation prompts
+# (reward, shape and background kept: runs/demo/alignment.json)
 demo: $(STAMP)
 	$(VENV)/bin/fastvader train --config configs/demo.yaml --overwrite
+	$(PY) -m fastvader.toy.quality --run runs/demo
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q -ra

@@ -1,6 +1,8 @@
-"""How good is a trained toy world? Measures what docs/toy_world.md reports.
+"""How good is a trained toy world, and what did alignment do to it? Measures what
+docs/toy_world.md and the README's demo section report.
 
     python -m fastvader.toy.quality [--weights DIR] [--videos N] [--grid FILE.png]
+    python -m fastvader.toy.quality --run runs/demo     # the demo: before vs after alignment
 
 - VAE: mean squared reconstruction error of held-out synthetic frames (pixels in [0, 1]), and
   the share of held-out videos whose round trip through the VAE still shows each attribute
@@ -8,6 +10,9 @@
 - Samples (DDIM 25 steps, guidance 7.5): for N prompts spread over the scenes, the share whose
   pixels show the prompt's colour, background, motion direction and shape, as measured by
   fastvader.toy.world.describe_video (the same measures score the generator at 100%).
+- Alignment (``--run``): the validation prompts and seeds of a finished run sampled by the base
+  model and by the aligned one from the same noise; per prompt the reward before and after and
+  how much of the object and the background the aligned model kept (``fidelity``).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -66,6 +72,106 @@ def prompt_accuracy(world: ToyWorld, prompts: list[str], seed: int = 0, steps: i
     return attribute_accuracy(prompts, videos), videos
 
 
+# -- alignment: what the aligned model kept ----------------------------------------------------
+def fidelity(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
+    """What alignment kept of one video (F, 3, H, W), against the base model's video from the same
+    prompt and noise:
+
+    - ``shape_iou``: intersection over union of the two foreground masks (pixels away from the
+      frame's background colour, all frames). 1 is the same object in the same place; halos and
+      spots grow the union, a shrinking or broken-up object shrinks the intersection.
+    - ``background_change``: mean absolute change (largest over the channels) of the pixels that
+      are background in both videos; 0 is an untouched background.
+    """
+    mask_before, mask_after = synthetic.foreground_mask(before), synthetic.foreground_mask(after)
+    union = mask_before | mask_after
+    if not union.any():  # nothing drawn before or after: nothing to lose
+        return {"shape_iou": 1.0, "background_change": float((after - before).abs().amax(dim=-3).mean())}
+    iou = float((mask_before & mask_after).sum()) / float(union.sum())
+    change = (after - before).abs().amax(dim=-3)[~union]
+    return {"shape_iou": iou, "background_change": float(change.mean()) if change.numel() else 0.0}
+
+
+def alignment_report(prompts: list[str], before: torch.Tensor, after: torch.Tensor,
+                     rewards_before: torch.Tensor, rewards_after: torch.Tensor) -> dict:
+    """Per prompt and overall: the reward before and after, ``fidelity``, and the object's colour
+    and shape as measured from the pixels. ``before``/``after``: videos (seeds, prompts, F, 3, H,
+    W); ``rewards_*``: their scores (seeds, prompts)."""
+    per_prompt = {}
+    for index, prompt in enumerate(prompts):
+        pair = before[:, index], after[:, index]
+        kept = [fidelity(b, a) for b, a in zip(*pair)]
+        named_shape = synthetic.parse_prompt(prompt)["shape"]
+        per_prompt[prompt] = {
+            "reward_before": float(rewards_before[:, index].mean()),
+            "reward_after": float(rewards_after[:, index].mean()),
+            "shape_iou": sum(k["shape_iou"] for k in kept) / len(kept),
+            "background_change": sum(k["background_change"] for k in kept) / len(kept),
+            "colour_before": [synthetic.dominant_color(v) for v in pair[0]],
+            "colour_after": [synthetic.dominant_color(v) for v in pair[1]],
+            "shape_as_prompted_before": sum(synthetic.shape_name(v) == named_shape for v in pair[0]) / len(kept),
+            "shape_as_prompted_after": sum(synthetic.shape_name(v) == named_shape for v in pair[1]) / len(kept),
+        }
+    mean = lambda key: sum(p[key] for p in per_prompt.values()) / len(per_prompt)  # noqa: E731
+    overall = {key: mean(key) for key in ("reward_before", "reward_after", "shape_iou", "background_change",
+                                          "shape_as_prompted_before", "shape_as_prompted_after")}
+    overall["prompts_improved"] = sum(p["reward_after"] > p["reward_before"] for p in per_prompt.values())
+    overall["prompts"] = len(per_prompt)
+    overall["min_shape_iou"] = min(p["shape_iou"] for p in per_prompt.values())
+    return {"overall": overall, "per_prompt": per_prompt}
+
+
+@torch.no_grad()
+def compare_with_base(trainer) -> dict:
+    """``alignment_report`` for a trainer's validation prompts and seeds: the same noise sampled
+    with its LoRA switched off (the base model) and on."""
+    from fastvader.monitoring.safeguards import adapters_disabled
+
+    prompts, seeds = trainer.val_prompts, trainer.cfg.validation.seeds
+    with adapters_disabled(trainer.backbone.denoiser):
+        before = [trainer.sample_videos(prompts, seed) for seed in seeds]
+    after = [trainer.sample_videos(prompts, seed) for seed in seeds]
+    scores = [torch.stack([trainer.reward(v, prompts) for v in videos]).cpu() for videos in (before, after)]
+    return alignment_report(prompts, torch.stack(before).cpu(), torch.stack(after).cpu(), *scores)
+
+
+def compare_run(run_dir: str | Path) -> dict:
+    """``compare_with_base`` for a finished run folder (its config.yaml and lora.safetensors);
+    also written to ``run_dir/alignment.json``."""
+    from peft.utils import set_peft_model_state_dict
+
+    from fastvader.config import load_config
+    from fastvader.io.checkpoint import write_json
+    from fastvader.lora import read_lora
+    from fastvader.training.trainer import Trainer
+
+    run_dir = Path(run_dir)
+    trainer = Trainer(load_config(run_dir / "config.yaml"))
+    try:
+        state, _ = read_lora(run_dir / "lora.safetensors")
+        loaded = set_peft_model_state_dict(trainer.backbone.denoiser, state)
+        if getattr(loaded, "unexpected_keys", None):
+            raise ValueError(f"{run_dir / 'lora.safetensors'} does not match the run's LoRA layout")
+        report = compare_with_base(trainer)
+    finally:
+        trainer.close()
+    write_json(run_dir / "alignment.json", report)
+    return report
+
+
+def print_alignment(report: dict) -> None:
+    """The report as a table a person reads."""
+    print(f"{'validation prompt':50s} {'reward before -> after':>24s} {'shape IoU':>9s} {'bg change':>9s}  colour after")
+    rows = list(report["per_prompt"].items()) + [("mean", report["overall"])]
+    for prompt, row in rows:
+        colours = ", ".join(str(c) for c in row.get("colour_after", []))
+        print(f"{prompt:50s} {row['reward_before']:>11.3f} -> {row['reward_after']:<9.3f} "
+              f"{row['shape_iou']:>9.2f} {row['background_change']:>9.3f}  {colours}")
+    overall = report["overall"]
+    print(f"{overall['prompts_improved']} of {overall['prompts']} prompts improved; "
+          f"shape as prompted {overall['shape_as_prompted_before']:.2f} -> {overall['shape_as_prompted_after']:.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastvader.toy.quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,7 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default: %(default)s)")
     parser.add_argument("--guidance", type=float, default=7.5, help="(default: %(default)s)")
     parser.add_argument("--grid", default=None, help="write the first 12 samples as a PNG grid here")
+    parser.add_argument("--run", default=None, help="a finished run folder: compare its LoRA with the base model "
+                        "on its validation prompts (writes alignment.json there)")
     args = parser.parse_args(argv)
+    if args.run:
+        missing = [name for name in ("config.yaml", "lora.safetensors") if not (Path(args.run) / name).is_file()]
+        if missing:
+            print(f"fastvader: --run {args.run} has no {' or '.join(missing)}; give the folder of a finished "
+                  "training run (runs/<name>)", file=sys.stderr)
+            return 2
+        print_alignment(compare_run(args.run))
+        return 0
     world = load_toy_world(args.weights)
     start = time.time()
     mse = vae_reconstruction_mse(world)

@@ -49,7 +49,8 @@ def test_describe_lists_kind_weights_defaults_and_real_param_counts():
         "aesthetic": 303_966_208 + AESTHETIC_MLP,  # the ViT-L/14 vision tower + projection, and the MLP
         "hpsv2": CLIP_H14, "hpsv2.1": CLIP_H14, "pickscore": CLIP_H14, "clip_score": CLIP_L14,
         "viclip": VICLIP_L14, "action": VIDEOMAE_K400, "objectness": YOLOS_TINY, "vjepa": VJEPA2_L,
-        "target_color": 0, "object_color": 0, "brightness": 0, "contrast": 0, "temporal_smoothness": 0,
+        "target_color": 0, "object_color": 0, "object_recolor": 0, "object_compactness": 0, "brightness": 0,
+        "contrast": 0, "temporal_smoothness": 0,
         "image_consistency": 86_580_480,  # DINOv2 ViT-B/14 at 518 px (published "86M")
     }
     for name, d in described.items():
