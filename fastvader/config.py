@@ -56,7 +56,8 @@ class BackboneConfig:
     pretrained: Optional[str] = None
     #: build the real architecture with random weights (benchmarks, tests); no download
     random_init: bool = False
-    #: a config file (JSON/YAML) for random_init, e.g. ../shared/model-configs/...
+    #: for random_init: a folder of architecture config files (JSON/YAML) to use instead of the
+    #: ones packaged in fastvader/model_configs
     config_path: Optional[str] = None
     #: dtype of frozen parts and the denoiser's base weights: auto (bf16 on GPU, fp32 on CPU)
     dtype: str = "auto"

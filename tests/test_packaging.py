@@ -74,6 +74,16 @@ def _read(path: Path):
     return yaml.safe_load(path.read_text()) if path.suffix == ".yaml" else json.loads(path.read_text())
 
 
+def test_the_package_never_points_at_the_shared_folder():
+    """What fastvader needs at run time ships inside it: no file of the installed packages
+    (fastvader/, kernels/) names the checkout's ../shared folder, in code, docstrings or messages."""
+    pattern = re.compile(r"\.\./share[d]|share[d]/model-configs")
+    found = [f"{path.relative_to(REPO)}:{number}: {line.strip()[:120]}"
+             for path in _tracked_files() if path.relative_to(REPO).parts[0] in ("fastvader", "kernels")
+             for number, line in enumerate((_text(path) or "").splitlines(), 1) if pattern.search(line)]
+    assert not found, "the package refers to ../shared (ship what it needs inside it):\n" + "\n".join(found)
+
+
 def test_packaged_configs_are_the_shared_files_and_each_folder_says_where_they_come_from():
     """Same content as the shared model-configs collection (the ModelScope files' ``_name_or_path``,
     a folder on the machine that exported them, is emptied), and every file named in its folder's
