@@ -73,7 +73,7 @@ class VideoConfig:
     fps: int = 8
 
 
-TRUNCATION_RE = re.compile(r"^(last|rand|specific:(\d+)|range:(\d+)-(\d+))$")
+TRUNCATION_RE = re.compile(r"^(last|rand|specific:(\d+)|range:(\d+)-(\d+)|x0:(\d+)-(\d+))$")
 
 
 @dataclass
@@ -84,7 +84,9 @@ class SamplerConfig:
     eta: float = 0.0
     guidance_scale: float = 7.5
     #: which denoising steps carry gradients: last (K=1), rand (K drawn in 1..steps once per
-    #: video), specific:K (the last K), range:A-B (K drawn in A..B once per video)
+    #: video), specific:K (the last K), range:A-B (K drawn in A..B once per video); x0:A-B stops
+    #: the chain K steps (drawn in A..B) before its end and scores the clean latents that step's
+    #: one gradient call predicts (ImageReward's ReFL; ddim and euler)
     truncation: str = "last"
 
 
@@ -556,10 +558,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # semantic validation
 # ---------------------------------------------------------------------------------------------
 def parse_truncation(spec: str, steps: int) -> tuple[str, int, int]:
-    """-> (mode, k_min, k_max): the number of grad steps is drawn in [k_min, k_max]."""
+    """-> (mode, k_min, k_max): the number of grad steps is drawn in [k_min, k_max]; for ``x0``
+    the chain stops K steps before its end and one gradient call predicts the clean latents."""
     m = TRUNCATION_RE.match(spec)
     if not m:
-        raise _err("sampler.truncation", spec, "use last, rand, specific:K or range:A-B")
+        raise _err("sampler.truncation", spec, "use last, rand, specific:K, range:A-B or x0:A-B")
+    if m.group(5) is not None:
+        a, b = int(m.group(5)), int(m.group(6))
+        if not 1 <= a <= b <= steps:
+            raise _err("sampler.truncation", spec, f"need 1 <= A <= B <= sampler.steps={steps}")
+        return "x0", a, b
     if spec == "last":
         return "last", 1, 1
     if spec == "rand":
@@ -649,7 +657,9 @@ def _validate_sampler(cfg: TrainConfig) -> None:
     if not 0.0 <= s.eta <= 1.0:
         raise _err("sampler.eta", s.eta, "must be in [0, 1]")
     _positive("sampler.guidance_scale", s.guidance_scale, allow_zero=True)
-    parse_truncation(s.truncation, s.steps)
+    if parse_truncation(s.truncation, s.steps)[0] == "x0" and s.name not in ("ddim", "euler"):
+        raise _err("sampler.truncation", s.truncation, f"x0:A-B needs a sampler that predicts the clean latents "
+                   f"at every step (ddim or euler), not sampler.name={s.name}")
 
 
 def _validate_frames(cfg: TrainConfig) -> None:

@@ -14,11 +14,12 @@ live diffusers model, including the UNet3DConditionModel families whose pipeline
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -67,6 +68,24 @@ def _no_match(denoiser: nn.Module, target_modules) -> ConfigError:
     names = sorted({short(n) for n, m in denoiser.named_modules() if isinstance(m, nn.Linear)})
     return ConfigError(f"config: lora.target_modules={list(target_modules)} matches no module of "
                        f"{type(denoiser).__name__}: name Linear layers by the end of their name, e.g. {names[:10]}")
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as the base model: every peft adapter layer bypassed. Only the layers' flag
+    changes (peft's public ``enable_adapters(False)`` would also flip requires_grad on the LoRA
+    weights in the middle of a step)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    previous = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
+    try:
+        yield
+    finally:
+        for m, was in zip(layers, previous):
+            m._disable_adapters = was
 
 
 def lora_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:

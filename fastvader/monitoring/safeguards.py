@@ -13,32 +13,15 @@ plus a first/middle/last-frame grid per validation round under ``samples/`` and 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
-
-@contextlib.contextmanager
-def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` as the base model: every peft adapter layer bypassed. Only the layers' flag
-    changes (peft's public ``enable_adapters(False)`` would also flip requires_grad on the LoRA
-    weights in the middle of a step)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    previous = [m._disable_adapters for m in layers]
-    for m in layers:
-        m._disable_adapters = True
-    try:
-        yield
-    finally:
-        for m, was in zip(layers, previous):
-            m._disable_adapters = was
+from fastvader.lora import adapters_disabled
 
 
 class BaseModelRegularizer:
@@ -119,6 +102,12 @@ class Safeguards:
 
             options = {s.second_reward: dict(s.second_reward_options)} if s.second_reward_options else {}
             self.second_reward = build_reward(RewardConfig(name=s.second_reward, options=options)).freeze().to(device)
+            if self.second_reward.needs_reference:
+                from fastvader.config import ConfigError
+
+                raise ConfigError(f"safeguards.second_reward: {s.second_reward} as configured scores a change against "
+                                  "the base model's videos; a second reward scores the validation videos alone "
+                                  "(for object_recolor, leave its anchor at frame)")
         self.stopper = EarlyStopper(s.early_stop_patience, s.early_stop_min_delta, s.second_reward_max_drop)
         self.regularizer: BaseModelRegularizer | None = None
         overlap = sorted(set(train_prompts) & set(val_prompts))

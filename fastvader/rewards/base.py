@@ -4,6 +4,11 @@ Videos arrive as (B, F, 3, H, W) float tensors in [0, 1] with gradients attached
 frames that carry them. Preprocessing (resize, crop, normalise) happens inside the reward, in
 torch, so gradients reach the pixels. Image rewards implement ``score_frames`` and are averaged
 over the frames they receive; video rewards implement ``score_videos`` over all frames.
+
+A reward with ``needs_reference`` also takes ``reference``: the same frames sampled by the base
+model (the adapters off) from the same prompts and noise, without gradients, so it can score a
+change ("recolour what the base model drew, keep the rest"). The rollout samples it; it costs one
+more no-grad rollout per video.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ class Reward(nn.Module):
     is_video_reward: ClassVar[bool] = False
     #: True when the reward needs no downloaded weights (usable in tests and the toy world)
     weightless: ClassVar[bool] = False
+    #: True when scoring needs the base model's video from the same noise (``reference``)
+    needs_reference: bool = False
 
     def score_frames(self, frames: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """frames (B, F, 3, H, W) in [0, 1] -> per-frame scores (B, F)."""
@@ -31,9 +38,17 @@ class Reward(nn.Module):
         """videos (B, F, 3, H, W) in [0, 1] -> scores (B,)."""
         return self.score_frames(videos, prompts).mean(dim=1)
 
-    def forward(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    def forward(self, videos: torch.Tensor, prompts: Sequence[str],
+                reference: torch.Tensor | None = None) -> torch.Tensor:
         check_videos(videos, prompts)
-        scores = self.score_videos(videos, prompts)
+        if self.needs_reference:
+            if reference is None or reference.shape != videos.shape:
+                raise ValueError(f"{self.name} scores a change against the base model's video: pass reference= "
+                                 f"shaped {tuple(videos.shape)} (got "
+                                 f"{None if reference is None else tuple(reference.shape)})")
+            scores = self.score_videos(videos, prompts, reference=reference)
+        else:
+            scores = self.score_videos(videos, prompts)
         if scores.shape != (videos.shape[0],):
             raise RuntimeError(f"{type(self).__name__} returned shape {tuple(scores.shape)}, "
                                f"expected ({videos.shape[0]},)")
@@ -86,15 +101,17 @@ class WeightedSum(Reward):
         self.terms = nn.ModuleDict(terms)
         self.weights = dict(weights)
         self.is_video_reward = any(r.is_video_reward for r in terms.values())  # type: ignore[misc]
+        self.needs_reference = any(r.needs_reference for r in terms.values())
         self.last_terms: dict[str, torch.Tensor] = {}
 
-    def score_videos(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    def score_videos(self, videos: torch.Tensor, prompts: Sequence[str],
+                     reference: torch.Tensor | None = None) -> torch.Tensor:
         if not self.terms:
             raise ValueError("a weighted sum needs at least one reward")
         total = 0.0
         self.last_terms = {}
         for key, reward in self.terms.items():
-            score = reward(videos, prompts)
+            score = reward(videos, prompts, reference if reward.needs_reference else None)
             self.last_terms[key] = score.detach()
             total = total + self.weights[key] * score
         return total  # type: ignore[return-value]

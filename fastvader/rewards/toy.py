@@ -135,34 +135,54 @@ class ObjectRecolorReward(Reward):
     detached. Compared with ``object_color``, whose soft mask also leaks a little gradient toward
     the target colour onto every background pixel and which pays for any stray target-coloured
     pixel, halos and spots here are background and are pulled back to it.
-    ``background_weight`` scales the background term (0 leaves only the object term)."""
+    ``background_weight`` scales the background term (0 leaves only the object term).
+
+    ``anchor`` says what the change is measured against. ``frame`` (above) reads the object and the
+    background from the scored video itself, so any red shape on an untouched background scores 0,
+    whatever its outline. ``base`` reads them from the base model's video from the same prompt and
+    noise (the rollout passes it as ``reference``): the object is the base video's object, and every
+    other pixel should stay as the base model drew it. Then 0 is exactly "the base model's video
+    with its object painted red": a changed outline, a fragment or a halo costs as much per pixel
+    as an off-colour object pixel, and only recolouring pays. The price is one more no-grad rollout
+    per video."""
 
     name = "object_recolor"
     weightless = True
 
     def __init__(self, color: str | Sequence[float] = "red", threshold: float = 0.15,
-                 background_weight: float = 1.0):
+                 background_weight: float = 1.0, anchor: str = "frame"):
         super().__init__()
         _register_target(self, color)
         if background_weight < 0:
             raise ValueError(f"object_recolor.background_weight must be >= 0; got {background_weight}")
+        if anchor not in ("frame", "base"):
+            raise ValueError(f"object_recolor.anchor must be 'frame' or 'base'; got {anchor!r}")
         self.threshold, self.background_weight = _checked_threshold(self.name, threshold), float(background_weight)
+        self.anchor = anchor
+        self.needs_reference = anchor == "base"
 
     def object_mask(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, F, 3, H, W) -> (B, F, H, W) bool: the largest region away from the background."""
         foreground = difference_from_background(frames) > self.threshold
         return largest_component(foreground.flatten(0, 1)).view_as(foreground)
 
-    def score_frames(self, frames, prompts):
+    def score_videos(self, videos, prompts, reference=None):
+        return self.score_frames(videos, prompts, reference).mean(dim=1)
+
+    def score_frames(self, frames, prompts, reference=None):
+        anchor = reference if self.anchor == "base" else frames
         with torch.no_grad():
-            obj = self.object_mask(frames).to(frames.dtype)
-            background = frames.flatten(3).median(dim=3).values[..., None, None]
+            obj = self.object_mask(anchor).to(frames.dtype)
+            # what every pixel off the object should stay: the base video's pixels, or the frame's background colour
+            kept = anchor.detach() if self.anchor == "base" else frames.flatten(3).median(dim=3).values[..., None, None]
         off_target = ((frames - self.target.to(frames)) ** 2).mean(dim=2)  # (B, F, H, W)
-        changed = ((frames - background) ** 2).mean(dim=2)
+        changed = ((frames - kept) ** 2).mean(dim=2)
         area = obj.sum(dim=(2, 3))
         cost = (obj * off_target).sum(dim=(2, 3)) + self.background_weight * ((1 - obj) * changed).sum(dim=(2, 3))
-        # a frame without an object scores as if all of it were the object: erasing it never pays
-        return torch.where(area >= 1.0, -cost / area.clamp_min(1.0), -off_target.mean(dim=(2, 3)))
+        # a frame without an object: anchored on itself, it scores as if all of it were the object
+        # (erasing the object never pays); anchored on a base frame without one, it should stay that frame
+        empty = changed if self.anchor == "base" else off_target
+        return torch.where(area >= 1.0, -cost / area.clamp_min(1.0), -empty.mean(dim=(2, 3)))
 
 
 @register_reward

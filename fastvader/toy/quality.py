@@ -122,39 +122,33 @@ def alignment_report(prompts: list[str], before: torch.Tensor, after: torch.Tens
 
 
 @torch.no_grad()
-def compare_with_base(trainer) -> dict:
-    """``alignment_report`` for a trainer's validation prompts and seeds: the same noise sampled
-    with its LoRA switched off (the base model) and on."""
-    from fastvader.monitoring.safeguards import adapters_disabled
-
-    prompts, seeds = trainer.val_prompts, trainer.cfg.validation.seeds
-    with adapters_disabled(trainer.backbone.denoiser):
-        before = [trainer.sample_videos(prompts, seed) for seed in seeds]
-    after = [trainer.sample_videos(prompts, seed) for seed in seeds]
-    scores = [torch.stack([trainer.reward(v, prompts) for v in videos]).cpu() for videos in (before, after)]
+def compare_with_base(rollout, prompts: list[str], seeds: list[int]) -> dict:
+    """``alignment_report`` for ``prompts`` and ``seeds``: the same noise sampled by a
+    :class:`~fastvader.training.rollout.Rollout` (a Trainer's or a VideoPipeline's) with its
+    LoRA switched off (the base model) and on."""
+    with rollout.base_model():
+        before = [rollout.sample_videos(prompts, seed) for seed in seeds]
+    after = [rollout.sample_videos(prompts, seed) for seed in seeds]
+    # a reward that scores a change (``needs_reference``) measures it against the base model's video
+    reference = before if rollout.reward.needs_reference else [None] * len(before)
+    scores = [torch.stack([rollout.reward(v, prompts, r) for v, r in zip(videos, reference)]).cpu()
+              for videos in (before, after)]
     return alignment_report(prompts, torch.stack(before).cpu(), torch.stack(after).cpu(), *scores)
 
 
 def compare_run(run_dir: str | Path) -> dict:
-    """``compare_with_base`` for a finished run folder (its config.yaml and lora.safetensors);
-    also written to ``run_dir/alignment.json``."""
-    from peft.utils import set_peft_model_state_dict
-
+    """``compare_with_base`` for a finished run folder (its config.yaml and lora.safetensors) on
+    its validation prompts and seeds; also written to ``run_dir/alignment.json``."""
     from fastvader.config import load_config
+    from fastvader.inference import VideoPipeline
     from fastvader.io.checkpoint import write_json
-    from fastvader.lora import read_lora
-    from fastvader.training.trainer import Trainer
+    from fastvader.training.prompts import validation_prompts
 
     run_dir = Path(run_dir)
-    trainer = Trainer(load_config(run_dir / "config.yaml"))
-    try:
-        state, _ = read_lora(run_dir / "lora.safetensors")
-        loaded = set_peft_model_state_dict(trainer.backbone.denoiser, state)
-        if getattr(loaded, "unexpected_keys", None):
-            raise ValueError(f"{run_dir / 'lora.safetensors'} does not match the run's LoRA layout")
-        report = compare_with_base(trainer)
-    finally:
-        trainer.close()
+    cfg = load_config(run_dir / "config.yaml")
+    # no Trainer: the run folder belongs to the finished run, and only alignment.json is added to it
+    pipe = VideoPipeline(cfg, lora=run_dir / "lora.safetensors")
+    report = compare_with_base(pipe.rollout, validation_prompts(cfg), list(cfg.validation.seeds))
     write_json(run_dir / "alignment.json", report)
     return report
 

@@ -4,6 +4,7 @@ micro-batch; :meth:`Rollout.sample_videos` and :meth:`Rollout.score` sample whol
 gradients, for validation, ``fastvader sample`` and ``fastvader eval``."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager
@@ -12,6 +13,7 @@ import torch
 
 from fastvader.backbones import Backbone
 from fastvader.config import TrainConfig
+from fastvader.lora import adapters_disabled
 from fastvader.memory.offload import FrozenPlacement
 from fastvader.rewards import Reward
 from fastvader.training.draws import BatchDraws
@@ -96,18 +98,42 @@ class Rollout:
                            for g in draws.videos])
         k = self.truncation.draw(draws.shared)
         frames, grad_frames = self.frames.draw(draws.shared)
+        reference = None
+        if self.reward.needs_reference:
+            t0 = self.clock()
+            # the same noise, and the same draws of a stochastic sampler: a copy of the shared stream
+            shared = torch.Generator().set_state(draws.shared.get_state())
+            with torch.no_grad(), self.autocast(), self.base_model():
+                # the base model's chain, ending where the trained one ends (x0: the same prediction step)
+                base_latents = self.sampler.sample(embeds, noise, grad_steps=k if self.truncation.predicts_x0 else 0,
+                                                   generator=shared, predict_x0=self.truncation.predicts_x0)
+                self.frozen.load()
+                reference = self.backbone.decode_frames(base_latents, frames, [], chunk=self.decode_chunk).float()
+            timings["reference"] = timings.get("reference", 0.0) + self.clock() - t0
         t0 = self.clock()
         with self.autocast():
-            latents = self.sampler.sample(embeds, noise, grad_steps=k, generator=draws.shared)
+            latents = self.sampler.sample(embeds, noise, grad_steps=k, generator=draws.shared,
+                                          predict_x0=self.truncation.predicts_x0)
             t1 = self.clock()
             self.frozen.load()
             video = self.backbone.decode_frames(latents, frames, grad_frames, chunk=self.decode_chunk)
             t2 = self.clock()
-        rewards = self.reward(video.float(), prompts)
+        rewards = self.reward(video.float(), prompts, reference)
         t3 = self.clock()
         for key, dt in (("sample", t1 - t0), ("decode", t2 - t1), ("reward", t3 - t2)):
             timings[key] = timings.get(key, 0.0) + dt
         return rewards, k
+
+    @contextlib.contextmanager
+    def base_model(self):
+        """Sample as the base model: the adapters off, and the speed path's compiled or
+        graph-replayed call bypassed (it may have captured them on)."""
+        fast, self.sampler.nograd_denoise = self.sampler.nograd_denoise, None
+        try:
+            with adapters_disabled(self.backbone.denoiser):
+                yield
+        finally:
+            self.sampler.nograd_denoise = fast
 
     @torch.no_grad()
     def sample_videos(self, prompts: list[str], seed: int) -> torch.Tensor:
@@ -120,6 +146,16 @@ class Rollout:
             self.frozen.load()
             return self.backbone.decode_frames(latents).float()
 
+    @torch.no_grad()
+    def score_videos(self, videos: torch.Tensor, prompts: list[str], seed: int) -> torch.Tensor:
+        """The reward of ``videos`` sampled by ``sample_videos(prompts, seed)``; a reward that
+        scores a change gets the base model's videos from the same seed."""
+        reference = None
+        if self.reward.needs_reference:
+            with self.base_model():
+                reference = self.sample_videos(prompts, seed)
+        return self.reward(videos, prompts, reference)
+
     def score(self, prompts: list[str], seeds: list[int], desc: str = "validation"
               ) -> tuple[dict[str, Any], list[torch.Tensor]]:
         """The reward of no-grad samples averaged over ``seeds``: ``{"reward", "per_prompt"}``, and
@@ -129,7 +165,7 @@ class Rollout:
         scores, videos = [], []
         for seed in progress(seeds, f"{desc}: {len(prompts)} prompt(s) a seed", enabled=self.progress, unit="seed"):
             video = self.sample_videos(prompts, seed)
-            scores.append(self.reward(video, prompts).float().cpu())
+            scores.append(self.score_videos(video, prompts, seed).float().cpu())
             videos.append(video.cpu())
         self.frozen.park()
         per_prompt = torch.stack(scores).mean(0)

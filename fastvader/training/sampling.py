@@ -45,11 +45,17 @@ def make_scheduler(name: str, config: dict):
 @dataclass
 class TruncationPolicy:
     """How many of the last denoising steps carry gradients: K in [k_min, k_max], drawn once
-    per video (``rand``, ``range``) or fixed (``last`` = 1, ``specific:K``)."""
+    per video (``rand``, ``range``) or fixed (``last`` = 1, ``specific:K``). ``x0`` draws K the
+    same way but stops the chain there: the K-th step from the end is the only gradient call, and
+    the reward scores the clean latents it predicts."""
 
     mode: str
     k_min: int
     k_max: int
+
+    @property
+    def predicts_x0(self) -> bool:
+        return self.mode == "x0"
 
     @classmethod
     def parse(cls, spec: str, steps: int) -> "TruncationPolicy":
@@ -115,10 +121,14 @@ class Sampler:
         return (noise * sigma).to(device=device, dtype=dtype)
 
     def sample(self, embeds: PromptEmbeddings, latents: torch.Tensor, grad_steps: int = 0,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Denoise ``latents`` over ``self.steps``; the last ``grad_steps`` calls carry gradients."""
+               generator: torch.Generator | None = None, predict_x0: bool = False) -> torch.Tensor:
+        """Denoise ``latents`` over ``self.steps``; the last ``grad_steps`` calls carry gradients.
+        With ``predict_x0`` the chain ends at the first of those calls and returns the clean
+        latents it predicts (the scheduler's ``pred_original_sample``)."""
         if not 0 <= grad_steps <= self.steps:
             raise ValueError(f"grad_steps={grad_steps} must be in [0, {self.steps}]")
+        if predict_x0 and grad_steps < 1:
+            raise ValueError("predict_x0 needs the step that predicts them: grad_steps >= 1")
         self.scheduler.set_timesteps(self.steps, device=latents.device)
         timesteps = self.scheduler.timesteps
         first_grad = len(timesteps) - grad_steps
@@ -133,11 +143,20 @@ class Sampler:
             return classifier_free_guidance(self.backbone, x_in, t, embeds, guidance, denoise)
 
         grad_step = self.grad_step_wrapper(denoise_step) if self.grad_step_wrapper else denoise_step
+        # under an outer no_grad (a reference chain) no call carries gradients: nothing to wrap
+        wrap_grad_steps = torch.is_grad_enabled()
         for i, t in enumerate(timesteps):
             with_grad = i >= first_grad
             ctx = contextlib.nullcontext() if with_grad else torch.no_grad()
             with ctx:
-                model_out = grad_step(latents, t) if with_grad else denoise_step(latents, t, self.nograd_denoise)
+                model_out = (grad_step(latents, t) if with_grad and wrap_grad_steps
+                             else denoise_step(latents, t, self.nograd_denoise))
+                if predict_x0 and with_grad:
+                    predicted = getattr(self.scheduler.step(model_out, t, latents, **step_kwargs), "pred_original_sample", None)
+                    if predicted is None:
+                        raise ValueError(f"sampler {self.name} does not predict the clean latents; "
+                                         "sampler.truncation=x0:A-B needs ddim or euler")
+                    return predicted
                 latents = self.scheduler.step(model_out, t, latents, **step_kwargs, return_dict=False)[0]
             if i + 1 == first_grad:
                 latents = latents.detach()

@@ -12,7 +12,8 @@ import torch  # noqa: E402
 
 from fastvader.rewards.base import Reward  # noqa: E402
 from fastvader.rewards.toy import BrightnessReward  # noqa: E402
-from fastvader.monitoring.safeguards import EarlyStopper, adapters_disabled  # noqa: E402
+from fastvader.lora import adapters_disabled  # noqa: E402
+from fastvader.monitoring.safeguards import EarlyStopper  # noqa: E402
 from fastvader.training.trainer import Trainer, train  # noqa: E402
 
 
@@ -109,3 +110,15 @@ def test_the_regulariser_lowers_the_loras_effect_at_a_fixed_step_count(tmp_path)
     assert effects[0.0] > 0
     assert effects[1e4] < 0.5 * effects[0.0], effects
     assert penalties[0.0] is None and penalties[1e4] > 0
+
+
+def test_a_second_reward_that_needs_the_base_models_video_is_refused_in_one_line(tmp_path):
+    from fastvader.config import ConfigError
+    from fastvader.monitoring.safeguards import Safeguards
+
+    cfg = tiny_config(tmp_path, safeguards={"second_reward": "object_recolor",
+                                            "second_reward_options": {"anchor": "base"}})
+    with pytest.raises(ConfigError, match="safeguards.second_reward: object_recolor as configured scores a change"):
+        Safeguards(cfg, [], [], torch.device("cpu"))
+    cfg = tiny_config(tmp_path, safeguards={"second_reward": "object_recolor"})
+    assert not Safeguards(cfg, [], [], torch.device("cpu")).second_reward.needs_reference

@@ -86,3 +86,36 @@ def test_object_compactness_ranks_shapes_and_flags_spots():
     assert 0.75 < triangle < square
     assert float(compact(_with_spots(_video(RED), RED), ["p"])) < 0.5 * square  # spread-out foreground
     assert float(compact(torch.full((1, 2, 3, 8, 8), 0.5), ["p"])) == 0.0  # nothing drawn
+
+
+def test_object_recolor_anchored_on_the_base_video_pays_only_for_recolouring_it():
+    base = _video(synthetic.COLORS["blue"])
+    reward = ObjectRecolorReward("red", anchor="base")
+    assert reward.needs_reference
+    recoloured = _video(RED)                                   # the base's object, painted red
+    reshaped = _video(RED, shape="circle", size=6.5)           # red, but another outline
+    moved = torch.roll(recoloured, shifts=4, dims=-1)          # red, but elsewhere
+    scores = {name: float(reward(v, ["p"], reference=base))
+              for name, v in (("base", base), ("recoloured", recoloured), ("reshaped", reshaped), ("moved", moved))}
+    assert scores["recoloured"] > -0.05, scores                # only the anti-aliased edge is off
+    # anchored on itself, the reward cannot tell a red square from a red circle or a moved square
+    on_itself = ObjectRecolorReward("red")
+    assert abs(float(on_itself(reshaped, ["p"])) - float(on_itself(recoloured, ["p"]))) < 0.05
+    # anchored on the base, a changed outline or place costs, and more than it gains in colour
+    assert scores["reshaped"] < scores["recoloured"] - 0.1, scores
+    assert scores["moved"] < scores["recoloured"] - 0.1, scores
+    assert scores["base"] < min(scores.values()) + 1e-6, scores  # and the base's blue object costs most
+    # the gradient on a pixel the base drew as background pulls it back to the base's pixel
+    frames = reshaped.clone().requires_grad_(True)
+    reward(frames, ["p"], reference=base).sum().backward()
+    corner = (slice(None), 16, 16 + 6)  # inside the big circle, outside the base's square
+    assert reshaped[0, 0][corner].tolist() == list(RED)
+    assert (frames.grad[0, 0][corner] * (base[0, 0][corner] - reshaped[0, 0][corner])).sum() > 0
+
+
+def test_a_reward_that_scores_a_change_refuses_to_score_without_the_base_video():
+    video = _video(RED)
+    with pytest.raises(ValueError, match="object_recolor scores a change against the base model's video"):
+        ObjectRecolorReward(anchor="base")(video, ["p"])
+    with pytest.raises(ValueError, match="object_recolor.anchor"):
+        ObjectRecolorReward(anchor="prompt")

@@ -1,5 +1,8 @@
 """The demo's before/after measures (fastvader.toy.quality): fidelity and the alignment report,
 on hand-built videos whose answers are known."""
+import json
+
+import pytest
 import torch
 
 from fastvader.toy import world as synthetic
@@ -40,3 +43,31 @@ def test_alignment_report_counts_improved_prompts_and_averages_over_seeds():
     overall = report["overall"]
     assert overall["prompts_improved"] == 1 and overall["prompts"] == 2  # -0.65 vs -0.6 did not improve
     assert overall["shape_as_prompted_before"] == overall["shape_as_prompted_after"] == 1.0
+
+
+def test_quality_run_compares_a_finished_run_and_only_adds_alignment_json(tmp_path):
+    """`python -m fastvader.toy.quality --run RUN` on a finished run: the base and aligned videos
+    of its validation prompts, written to RUN/alignment.json; nothing else in the folder changes
+    (the run folder belongs to its run: no Trainer may claim it)."""
+    from fastvader.config import load_config
+    from fastvader.toy.quality import main
+    from fastvader.training.trainer import train
+    from tests.helpers.disk import tree_state
+
+    cfg = load_config(None, ["backbone.random_init=true", "video.frames=3", "video.height=16", "video.width=16",
+                             "sampler.steps=3", "sampler.truncation=x0:1-2", "train.steps=2", "train.progress=false",
+                             "prompts.items=[a red square moving left]", "validation.prompts=[a green circle moving up]",
+                             "validation.save_videos=false", "logging.tensorboard=false", "optim.lr=0.05",
+                             "reward.name=object_recolor", "reward.options.object_recolor.anchor=base",
+                             f"train.output_dir={tmp_path}", "train.run_name=run"])
+    train(cfg)
+    run = tmp_path / "run"
+    before = tree_state(run)
+    assert main(["--run", str(run)]) == 0
+    after = tree_state(run)
+    assert set(after) - set(before) == {"alignment.json"} and {k: after[k] for k in before} == before
+    report = json.loads((run / "alignment.json").read_text())
+    row = report["per_prompt"]["a green circle moving up"]
+    # the aligned videos are the run's LoRA's, not the base model's again
+    assert abs(row["reward_after"] - row["reward_before"]) > 1e-4, row
+    assert report["overall"]["prompts"] == 1 and 0.0 <= row["shape_iou"] <= 1.0

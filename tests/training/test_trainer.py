@@ -10,9 +10,12 @@ import pytest
 import torch
 
 from fastvader.config import load_config
+from fastvader.lora import adapters_disabled
+from fastvader.rewards.base import Reward
+from fastvader.training.draws import BatchDraws
 from fastvader.training.frames import FrameSelector
 from fastvader.memory.decode import decode_frames
-from fastvader.training.sampling import TruncationPolicy
+from fastvader.training.sampling import TruncationPolicy, classifier_free_guidance
 from fastvader.training.trainer import Trainer
 
 
@@ -226,3 +229,87 @@ def test_grad_accumulation_averages_the_micro_batches_gradients(tmp_path):
     for p, p0, g in zip(trainer.lora_params, before, mean):
         torch.testing.assert_close(p.detach() - p0, -lr * g / (g.abs() + eps), rtol=1e-4, atol=1e-9)
     assert max(float(g.abs().max()) for g in mean) > 0
+
+
+class _RecordingChangeReward(Reward):
+    """Scores a change (needs the base model's video) and remembers what it was given."""
+
+    name = "recording_change_test_reward"
+    weightless = True
+    needs_reference = True
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def score_videos(self, videos, prompts, reference):
+        self.seen.append((videos.detach().clone(), reference.clone()))
+        return -((videos - reference) ** 2).mean(dim=(1, 2, 3, 4))
+
+
+def test_a_reward_that_scores_a_change_gets_the_base_models_video_from_the_same_noise(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "sampler.steps=3", "sampler.truncation=specific:2",
+                                  "frames.reward=list:0,2", "train.batch_size=2"))
+    try:
+        with torch.no_grad():  # a LoRA that changes the videos (a fresh one starts as the base model)
+            for name, p in trainer.backbone.denoiser.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+        reward = trainer.rollout.reward = _RecordingChangeReward()
+        prompts = ["a red square moving left", "a blue circle moving up"]
+        rewards, _ = trainer.rollout(prompts, BatchDraws.for_step(0, 0, 0, 0, 2), {})
+        rewards.sum().backward()
+        video, reference = reward.seen[0]
+        # what the base model draws from the same noise (the same draws, replayed)
+        draws = BatchDraws.for_step(0, 0, 0, 0, 2)
+        noise = torch.cat([trainer.sampler.initial_noise(1, trainer.latent_shape, g, "cpu") for g in draws.videos])
+        with torch.no_grad(), adapters_disabled(trainer.backbone.denoiser):
+            base = trainer.sampler.sample(trainer.prompt_cache(prompts), noise)
+            expected = trainer.backbone.decode_frames(base, [0, 2])
+        torch.testing.assert_close(reference, expected)
+        assert (video - reference).abs().max() > 1e-3  # the trained video is the LoRA's, not the base's
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.lora_params)
+        # validation scores against the base model's videos from the validation seed
+        reward.seen.clear()
+        trainer.rollout.score(prompts, seeds=[3])
+        video, reference = reward.seen[0]
+        with adapters_disabled(trainer.backbone.denoiser):
+            torch.testing.assert_close(reference, trainer.rollout.sample_videos(prompts, 3))
+        torch.testing.assert_close(video, trainer.rollout.sample_videos(prompts, 3))
+    finally:
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.close()
+
+
+def test_x0_truncation_stops_the_chain_and_scores_the_clean_latents_one_gradient_call_predicts(trainer):
+    """sampler.truncation=x0:A-B (ReFL): no-grad steps up to the K-th step from the end, then one
+    call with gradients, whose DDIM prediction of the clean latents is what gets decoded."""
+    embeds = trainer.prompt_cache(["a red square moving left"])
+    noise = trainer.sampler.initial_noise(1, trainer.latent_shape, torch.Generator().manual_seed(0), "cpu")
+    steps, k = trainer.sampler.steps, 3
+    calls, got_grad, handle = _record_denoiser_calls(trainer)
+    try:
+        predicted = trainer.sampler.sample(embeds, noise, grad_steps=k, predict_x0=True)
+        predicted.mean().backward()
+    finally:
+        handle.remove()
+        trainer.optimizer.zero_grad(set_to_none=True)
+    assert calls == [False] * (steps - k) + [True] and got_grad == {steps - k}
+    # the reference: the same chain by hand, and x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) at its last step
+    scheduler = trainer.sampler.scheduler
+    scheduler.set_timesteps(steps)
+    latents = noise
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps[:steps - k + 1]):
+            eps = classifier_free_guidance(trainer.backbone, latents, t, embeds, trainer.sampler.guidance_scale)
+            if i == steps - k:
+                alpha = scheduler.alphas_cumprod[int(t)].double()
+                expected = (latents.double() - (1 - alpha).sqrt() * eps.double()) / alpha.sqrt()
+            else:
+                latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+    torch.testing.assert_close(predicted.detach().double(), expected, rtol=1e-4, atol=1e-4)
+    # the plain chain, for contrast, goes on to the end
+    with torch.no_grad():
+        assert (trainer.sampler.sample(embeds, noise) - predicted).abs().max() > 1e-3
+    assert TruncationPolicy.parse("x0:2-3", steps).predicts_x0
+    assert {TruncationPolicy.parse("x0:2-3", steps).draw(torch.Generator().manual_seed(s)) for s in range(20)} == {2, 3}
