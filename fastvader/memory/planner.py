@@ -408,8 +408,10 @@ def _measure_reward(backbone, reward: nn.Module, latents: torch.Tensor, prompts:
     px = pixels.float().detach().requires_grad_(True)
     kept = []
     for n in ((1, 2) if px.shape[1] > 1 else (1,)):
+        # a reward that scores a change gets a reference of the same shape (the base model's frames)
+        reference = px[:, :n].detach() if reward.needs_reference else None
         with record_saved([reward]) as log, CpuIndicesFollowMeta():
-            reward(px[:, :n], prompts)
+            reward(px[:, :n], prompts, reference)
         kept.append(log.total)
     per_frame = kept[1] - kept[0] if len(kept) > 1 else kept[0]
     return max(kept[0] - per_frame, 0), per_frame
@@ -500,7 +502,7 @@ def predict(cfg: TrainConfig, m: Measurements, setting: Setting | None = None) -
     target = target_device_type(cfg)
     wbytes = _DTYPE_BYTES[weight_dtype_name(cfg, target)]
     act_bytes = torch.tensor([], dtype=activation_dtype(cfg, target)).element_size()
-    _, k = parse_truncation(cfg.sampler.truncation, cfg.sampler.steps)[1:]
+    k = denoiser_calls(cfg)[1]
     seen, grad_frames = _frames_with_grad(cfg)
     p = m.params
     parts: dict[str, int] = {}
@@ -551,8 +553,7 @@ def predict(cfg: TrainConfig, m: Measurements, setting: Setting | None = None) -
     parts.update({f"phase: {name}": v for name, v in phases.items()})
     peak = static + max(phases.values())
 
-    steps = cfg.sampler.steps
-    cost = (steps - k) + k * GRAD_STEP_COST[s.checkpointing]
+    cost = denoiser_calls(cfg)[0] + k * GRAD_STEP_COST[s.checkpointing]
     cost += k * OFFLOAD_COST_PER_GRAD_STEP if s.offload_activations else 0
     cost += ON_DEMAND_COST if s.frozen_placement == "on_demand" else 0
     added = frozen_weight_seconds(cfg, m, s, wbytes)
@@ -582,12 +583,21 @@ def frozen_weight_parts(m: Measurements, block_swap: int, wbytes: int) -> dict[s
     return {"resident": total - sum(swapped), "swapped": sum(swapped), "in flight": sum(swapped[:2])}
 
 
+def denoiser_calls(cfg: TrainConfig) -> tuple[int, int]:
+    """(no-grad, gradient-carrying) denoiser calls of the longest rollout ``cfg`` draws: the last K
+    steps carry gradients; ``x0:A-B`` stops the chain with one gradient call, A steps from the end."""
+    steps = cfg.sampler.steps
+    mode, k_min, k_max = parse_truncation(cfg.sampler.truncation, steps)
+    if mode == "x0":
+        return steps - k_min, 1
+    return steps - k_max, k_max
+
+
 def frozen_weight_seconds(cfg: TrainConfig, m: Measurements, s: Setting, wbytes: int) -> dict[str, float]:
     """Seconds per training step that block swap transfers (beyond what overlaps compute) and fp8
     dequantisation add, at the assumed rates; one entry per technique in use."""
-    steps = cfg.sampler.steps
-    k = parse_truncation(cfg.sampler.truncation, steps)[2]
-    passes = (steps - k) + k * (1 + RECOMPUTE_PASSES[s.checkpointing])  # denoiser passes that swap blocks in
+    nograd, k = denoiser_calls(cfg)
+    passes = nograd + k * (1 + RECOMPUTE_PASSES[s.checkpointing])  # denoiser passes that swap blocks in
     out: dict[str, float] = {}
     if s.block_swap and m.blocks:
         block_compute = m.call_flops / GPU_FLOPS / len(m.blocks)
@@ -687,8 +697,8 @@ def frozen_weight_notes(cfg: TrainConfig, m: Measurements, pred: Prediction) -> 
                      f"~{pred.added_seconds.get('fp8 dequantisation', 0.0):.2f} s per step")
     n = pred.setting.block_swap
     if n:
-        steps, k = cfg.sampler.steps, parse_truncation(cfg.sampler.truncation, cfg.sampler.steps)[2]
-        passes = (steps - k) + k * (1 + RECOMPUTE_PASSES[pred.setting.checkpointing])
+        nograd, k = denoiser_calls(cfg)
+        passes = nograd + k * (1 + RECOMPUTE_PASSES[pred.setting.checkpointing])
         transfer = passes * pred.host_bytes / HOST_TO_GPU_BYTES_PER_S
         shown = pred.added_seconds.get("block swap", 0.0)
         notes.append(f"block swap: memory.block_swap={n} of {len(m.blocks)} blocks, {format_size(pred.host_bytes)} in "

@@ -358,3 +358,13 @@ def test_fp8_and_block_swap_on_a_unet_say_they_cannot_engage(tmp_path):
                           "repeated transformer blocks"]
     with pytest.raises(ConfigError, match="cannot engage"):
         Trainer(cfg)
+
+
+def test_x0_truncation_plans_one_gradient_call_and_a_chain_that_stops_early():
+    from fastvader.config import load_config
+    from fastvader.memory.planner import denoiser_calls
+
+    cfg = lambda spec: load_config(None, ["sampler.steps=20", f"sampler.truncation={spec}", "prompts.items=[a cat]"])  # noqa: E731
+    assert denoiser_calls(cfg("x0:6-12")) == (14, 1)  # the longest chain: 14 no-grad steps, then the gradient call
+    assert denoiser_calls(cfg("specific:3")) == (17, 3)
+    assert denoiser_calls(cfg("range:2-5")) == (15, 5)
