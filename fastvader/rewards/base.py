@@ -144,7 +144,14 @@ def build_reward_from_spec(terms: dict[str, float], options: dict[str, dict[str,
         if unknown:
             raise ValueError(f"reward.options.{key}: {unknown} are not options of {key!r}; "
                              f"its options are {sorted(accepted)}")
-        built[key] = REWARDS[key](**kwargs).freeze()
+        try:
+            built[key] = REWARDS[key](**kwargs).freeze()
+        except ValueError as err:  # an option's value the reward refuses: a user's mistake, in one line
+            from fastvader.config import ConfigError
+
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(f"config: reward.options.{key}: {err}") from None
     if len(built) == 1 and next(iter(terms.values())) == 1.0:
         return next(iter(built.values()))
     return WeightedSum(built, terms).freeze()
